@@ -1,0 +1,45 @@
+# stockhold: `make run` serves (embedded Redis unless STOCKHOLD_REDIS_URL is set), `make test` tests.
+# Both create .venv, install, and generate the gRPC stubs as needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-install
+STUBS  := src/stockhold/v1/inventory_pb2.py
+PROTOS := $(shell find proto -name '*.proto')
+PYTEST_ARGS ?=
+
+.PHONY: all install stubs run test lint fmt clean
+
+all: lint test
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+$(STUBS): $(STAMP) $(PROTOS) scripts/gen_protos.py
+	$(BIN)/python scripts/gen_protos.py
+
+install: $(STAMP) $(STUBS)
+
+stubs: $(STUBS)
+
+run: install
+	$(BIN)/stockhold serve $(ARGS)
+
+test: install
+	bash scripts/ensure-redis.sh
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests scripts bench loadtest
+	$(BIN)/ruff format --check src tests scripts bench loadtest
+	$(BIN)/mypy
+
+fmt: install
+	$(BIN)/ruff format src tests scripts bench loadtest
+	$(BIN)/ruff check --fix src tests scripts bench loadtest
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info src/stockhold/v1 .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,38 @@
+"""Generate the Python gRPC stubs for proto/ into src/stockhold/v1 (used by setup.py and make)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+OUT_DIR = ROOT / "src"
+GENERATED = OUT_DIR / "stockhold" / "v1"
+
+
+def generate() -> None:
+    """Run grpc_tools.protoc; add .pyi type stubs when the mypy-protobuf plugin is installed."""
+    import grpc_tools
+    from grpc_tools import protoc
+
+    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    include = str(Path(grpc_tools.__file__).parent / "_proto")
+    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={OUT_DIR}",
+            f"--grpc_python_out={OUT_DIR}"]
+    plugin_dir = Path(sys.executable).parent
+    if (plugin_dir / "protoc-gen-mypy").exists():
+        args += [f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
+                 f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
+                 f"--mypy_out={OUT_DIR}", f"--mypy_grpc_out={OUT_DIR}"]
+    if GENERATED.exists():
+        shutil.rmtree(GENERATED)
+    GENERATED.mkdir(parents=True)
+    if protoc.main([*args, *protos]) != 0:
+        raise SystemExit("protoc failed")
+    (GENERATED / "__init__.py").write_text('"""Generated gRPC stubs (make stubs)."""\n')
+
+
+if __name__ == "__main__":
+    generate()
