@@ -1,0 +1,124 @@
+"""Domain errors and the one table that maps them onto gRPC status codes.
+
+Every failure a client can see is a DomainError with a stable ErrorInfo reason (domain
+`stockhold`); the servicer turns it into a google.rpc.Status with ErrorInfo (and BadRequest
+field violations for malformed requests) through `to_rpc_status`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from stockhold.constants import ERROR_DOMAIN
+
+
+class Reason(StrEnum):
+    """ErrorInfo reasons; the scripts return these names verbatim."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    INSUFFICIENT_STOCK = "INSUFFICIENT_STOCK"
+    ORDER_CONFLICT = "ORDER_CONFLICT"
+    ADJUSTMENT_CONFLICT = "ADJUSTMENT_CONFLICT"
+    RESERVATION_NOT_FOUND = "RESERVATION_NOT_FOUND"
+    RESERVATION_RELEASED = "RESERVATION_RELEASED"
+    RESERVATION_EXPIRED = "RESERVATION_EXPIRED"
+    RESERVATION_COMMITTED = "RESERVATION_COMMITTED"
+    BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+# The one table: domain reason -> gRPC status code.
+STATUS_FOR_REASON: Final[Mapping[Reason, grpc.StatusCode]] = {
+    Reason.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.INSUFFICIENT_STOCK: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.ORDER_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.ADJUSTMENT_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.RESERVATION_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.RESERVATION_RELEASED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.RESERVATION_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.RESERVATION_COMMITTED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.BACKEND_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+_MESSAGES: Final[Mapping[Reason, str]] = {
+    Reason.INVALID_ARGUMENT: "the request is malformed",
+    Reason.INSUFFICIENT_STOCK: "not enough stock",
+    Reason.ORDER_CONFLICT: "order_id was already used for a different reservation",
+    Reason.ADJUSTMENT_CONFLICT: "adjustment_id was already used with different contents",
+    Reason.RESERVATION_NOT_FOUND: "no reservation with this order_id",
+    Reason.RESERVATION_RELEASED: "the reservation was released",
+    Reason.RESERVATION_EXPIRED: "the reservation expired",
+    Reason.RESERVATION_COMMITTED: "the reservation was committed",
+    Reason.BACKEND_UNAVAILABLE: "the stock store (Redis) is unavailable; retry",
+    Reason.INTERNAL: "internal error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One malformed field: a path such as `lines[2].unit.sku` and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """A failure with a stable reason, metadata for ErrorInfo, and (for bad input) violations."""
+
+    def __init__(
+        self,
+        reason: Reason,
+        message: str | None = None,
+        metadata: Mapping[str, object] | None = None,
+        violations: Iterable[FieldViolation] = (),
+    ) -> None:
+        self.reason = reason
+        self.message = message or _MESSAGES[reason]
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.violations = tuple(violations)
+        super().__init__(f"{reason}: {self.message}")
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        """The gRPC status code from the table."""
+        return STATUS_FOR_REASON[self.reason]
+
+
+def invalid(violations: Iterable[FieldViolation]) -> DomainError:
+    """An INVALID_ARGUMENT error carrying BadRequest field violations."""
+    vs = tuple(violations)
+    summary = "; ".join(f"{v.field}: {v.description}" for v in vs[:5])
+    return DomainError(Reason.INVALID_ARGUMENT, f"invalid request: {summary}", violations=vs)
+
+
+def to_rpc_status(err: DomainError) -> status_pb2.Status:
+    """Pack a DomainError as google.rpc.Status with ErrorInfo and, if any, BadRequest."""
+    code = err.code.value[0]
+    details: list[any_pb2.Any] = []
+    info = error_details_pb2.ErrorInfo(
+        reason=err.reason.value, domain=ERROR_DOMAIN, metadata=err.metadata
+    )
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    details.append(packed)
+    if err.violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in err.violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad)
+        details.append(packed)
+    return status_pb2.Status(code=code, message=err.message, details=details)
