@@ -1,0 +1,293 @@
+"""The engine: every operation is one atomic Lua script call against Redis.
+
+The engine holds no locks and no state beyond its Redis client: it turns validated commands
+into script calls and script replies into domain objects or DomainErrors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
+
+from stockhold.errors import DomainError, Reason
+from stockhold.model import Reservation, StockLevel
+from stockhold.resolver import KeyResolver, OrderKeys, ResolvedOrder, Unit, escape
+from stockhold.scripts import Scripts
+from stockhold.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# ResponseError prefixes that mean "Redis cannot serve right now", not "the script is wrong".
+_TRANSIENT = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+# How often a commit/release re-reads a record whose stock keys changed under it.
+_KEYS_CHANGED_RETRIES = 3
+
+
+class PartitionMismatch(RuntimeError):
+    """The configured partition count differs from the one this Redis was set up with."""
+
+
+def make_client(url: str, settings: Settings) -> Redis:
+    """A Redis client on a bounded, blocking connection pool with short, bounded retries.
+
+    Retrying a script after a broken connection is safe: every script is idempotent by its
+    order or adjustment id.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout_seconds,
+        socket_connect_timeout=settings.redis_connect_timeout_seconds,
+        socket_timeout=settings.redis_socket_timeout_seconds,
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=2),
+        retry_on_error=[RedisConnectionError],
+        health_check_interval=0,
+    )
+    return Redis(connection_pool=pool)
+
+
+def backend_error(exc: BaseException) -> DomainError:
+    """Translate a Redis client failure into the domain error a client sees."""
+    if isinstance(exc, ResponseError) and not str(exc).startswith(_TRANSIENT):
+        log.error("redis refused a script call: %s", exc)
+        return DomainError(Reason.INTERNAL, "the stock store refused the operation")
+    return DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": type(exc).__name__})
+
+
+def _raise_for(result: dict[str, Any]) -> None:
+    err = result.get("err")
+    if err is not None:
+        meta = result.get("meta") or {}
+        raise DomainError(Reason(err), metadata=meta)
+
+
+class Engine:
+    """Reservation operations over one Redis deployment."""
+
+    def __init__(self, client: Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.resolver = KeyResolver(settings.key_prefix, settings.partitions)
+        self.scripts = Scripts(client)
+        self._reserve_header = orjson.dumps(
+            {"maxlen": settings.event_stream_maxlen, "priority": list(settings.warehouse_priority)}
+        )
+        retention_ms = settings.record_retention_seconds * 1000
+        self._transition_headers = {
+            op: orjson.dumps(
+                {"op": op, "maxlen": settings.event_stream_maxlen, "retention": retention_ms}
+            )
+            for op in ("commit", "release", "expire")
+        }
+
+    @classmethod
+    def connect(cls, url: str, settings: Settings) -> Engine:
+        """An engine on a new client for `url`."""
+        return cls(make_client(url, settings), settings)
+
+    async def close(self) -> None:
+        """Close the client and its pool."""
+        await self.client.aclose()
+
+    async def _call(self, script: Any, keys: Sequence[str], args: Sequence[bytes | str]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise backend_error(exc) from exc
+
+    # -- set-up and health -------------------------------------------------------------------
+    async def check_partitions(self) -> None:
+        """Record the partition count on first use; refuse to run with a different one."""
+        key = self.resolver.meta_partitions_key()
+        try:
+            await self.client.set(key, self.settings.partitions, nx=True)
+            stored = int(await self.client.get(key) or 0)
+        except (RedisError, OSError) as exc:
+            raise backend_error(exc) from exc
+        if stored != self.settings.partitions:
+            raise PartitionMismatch(
+                f"this Redis holds data for {stored} partitions; "
+                f"stockhold is configured with {self.settings.partitions}"
+            )
+
+    async def ping(self) -> int:
+        """Run the health script; returns Redis's clock in ms."""
+        return int(await self._call(self.scripts.health, (), ()))
+
+    # -- reservations ------------------------------------------------------------------------
+    async def reserve(self, order: ResolvedOrder) -> tuple[Reservation, bool]:
+        """Hold stock for every line of the order, all or nothing; idempotent by order id."""
+        k = order.keys
+        keys = [k.order_key, k.expiry_key, k.events_key, *(u.stock_key for u in order.units)]
+        arg = orjson.dumps(
+            {
+                "oid": k.order_id,
+                "fp": order.fingerprint,
+                "hold": order.hold_seconds or self.settings.default_hold_seconds,
+                "units": [(u.sku, u.spec, u.barcode) for u in order.units],
+                "lines": [(i + 1, wh, q) for i, wh, q in order.lines],
+            }
+        )
+        raw = await self._call(self.scripts.reserve, keys, (self._reserve_header, arg))
+        result = orjson.loads(raw)[0]
+        _raise_for(result)
+        return Reservation.from_record(result["rec"]), bool(result["replayed"])
+
+    async def commit(self, order_id: str, payment_ref: str = "") -> Reservation:
+        """HELD -> COMMITTED; a COMMITTED reservation is returned unchanged."""
+        return await self._transition("commit", self.resolver.order(order_id), payment_ref)
+
+    async def release(self, order_id: str, reason: str = "") -> Reservation:
+        """HELD -> RELEASED (EXPIRED at or past the deadline); a finished release is unchanged."""
+        return await self._transition("release", self.resolver.order(order_id), reason)
+
+    async def _transition(self, op: str, k: OrderKeys, arg: str) -> Reservation:
+        for _ in range(_KEYS_CHANGED_RETRIES):
+            try:
+                stored = await self.client.hget(k.order_key, "keys")
+            except (RedisError, OSError) as exc:
+                raise backend_error(exc) from exc
+            if stored is None:
+                raise DomainError(Reason.RESERVATION_NOT_FOUND, metadata={"order_id": k.order_id})
+            stock_keys: list[str] = orjson.loads(stored)
+            keys = [k.order_key, k.expiry_key, k.events_key, *stock_keys]
+            one = orjson.dumps({"oid": k.order_id, "n": len(stock_keys), "arg": arg})
+            raw = await self._call(
+                self.scripts.transition, keys, (self._transition_headers[op], one)
+            )
+            result = orjson.loads(raw)[0]
+            if result.get("err") == "KEYS_CHANGED":
+                continue
+            if result.get("err") == Reason.RESERVATION_NOT_FOUND:
+                result["meta"] = {"order_id": k.order_id}
+            _raise_for(result)
+            return Reservation.from_record(result["rec"])
+        raise DomainError(Reason.INTERNAL, "the reservation kept changing under the call")
+
+    async def get_reservation(self, order_id: str) -> Reservation:
+        """The reservation as it stands; HELD past its deadline reads as EXPIRED."""
+        k = self.resolver.order(order_id)
+        result = orjson.loads(await self._call(self.scripts.get, (k.order_key,), ()))
+        if "rec" not in result:
+            raise DomainError(Reason.RESERVATION_NOT_FOUND, metadata={"order_id": order_id})
+        return Reservation.from_record(result["rec"], now_ms=int(result["now"]))
+
+    # -- stock -------------------------------------------------------------------------------
+    async def availability(self, units: Sequence[Unit]) -> list[StockLevel]:
+        """Stock levels, one per unit and warehouse (units without stock give none)."""
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for u in units:
+                    pipe.hgetall(u.stock_key)
+                hashes = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise backend_error(exc) from exc
+        levels: list[StockLevel] = []
+        for u, h in zip(units, hashes, strict=True):
+            fields = {f.decode(): int(v) for f, v in h.items()}
+            for wh in sorted(f[2:] for f in fields if f.startswith("a:")):
+                levels.append(
+                    StockLevel(
+                        u.sku, u.spec, u.barcode, wh, fields[f"a:{wh}"], fields.get(f"r:{wh}", 0)
+                    )
+                )
+        return levels
+
+    async def adjust(
+        self, adjustment_id: str, unit: Unit, warehouse: str, delta: int, reason: str
+    ) -> tuple[StockLevel, bool]:
+        """Receipt (+) or shrinkage (-) of available stock; idempotent by adjustment id."""
+        k = self.resolver.adjustment(adjustment_id)
+        fp = hashlib.blake2b(
+            "\x00".join((unit.unit_id, escape(warehouse), str(delta), reason)).encode(),
+            digest_size=16,
+        ).hexdigest()
+        arg = orjson.dumps(
+            {
+                "aid": adjustment_id,
+                "fp": fp,
+                "wh": warehouse,
+                "delta": delta,
+                "reason": reason,
+                "unit": (unit.sku, unit.spec, unit.barcode),
+                "maxlen": self.settings.event_stream_maxlen,
+                "retention": self.settings.record_retention_seconds * 1000,
+            }
+        )
+        keys = (k.record_key, k.events_key, unit.stock_key)
+        result = orjson.loads(await self._call(self.scripts.adjust, keys, (arg,)))
+        _raise_for(result)
+        level = StockLevel(
+            unit.sku,
+            unit.spec,
+            unit.barcode,
+            warehouse,
+            int(result["available"]),
+            int(result["reserved"]),
+        )
+        return level, bool(result["replayed"])
+
+    # -- expiry ------------------------------------------------------------------------------
+    async def expire_due(self, max_rounds: int = 20) -> int:
+        """Expire every due hold in every partition; returns how many this call expired.
+
+        Safe in every process at once: the transition script re-checks state and deadline.
+        """
+        batch = self.settings.sweep_batch
+        partitions = list(range(self.settings.partitions))
+        expired = 0
+        for _ in range(max_rounds):
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for p in partitions:
+                        await self.scripts.due(
+                            keys=(self.resolver.expiry_key(p),), args=(batch,), client=pipe
+                        )
+                    due_lists: list[list[bytes]] = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                raise backend_error(exc) from exc
+            due = [oid.decode() for ids in due_lists for oid in ids]
+            for i in range(0, len(due), batch):
+                expired += await self._expire_batch(due[i : i + batch])
+            # Another round only for partitions that had a full batch (more may be due).
+            partitions = [
+                p for p, ids in zip(partitions, due_lists, strict=True) if len(ids) >= batch
+            ]
+            if not partitions:
+                break
+        return expired
+
+    async def _expire_batch(self, order_ids: Sequence[str]) -> int:
+        order_keys = [self.resolver.order(oid) for oid in order_ids]
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for k in order_keys:
+                    pipe.hget(k.order_key, "keys")
+                stored = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise backend_error(exc) from exc
+        keys: list[str] = []
+        args: list[bytes] = [self._transition_headers["expire"]]
+        for k, raw in zip(order_keys, stored, strict=True):
+            if raw is None:  # finished and gone meanwhile; drop the stale index entry
+                await self.client.zrem(k.expiry_key, k.order_id)
+                continue
+            stock_keys = orjson.loads(raw)
+            keys += [k.order_key, k.expiry_key, k.events_key, *stock_keys]
+            args.append(orjson.dumps({"oid": k.order_id, "n": len(stock_keys), "arg": ""}))
+        if len(args) == 1:
+            return 0
+        results = orjson.loads(await self._call(self.scripts.transition, keys, args))
+        for r in results:
+            if r.get("err"):
+                log.error("expiry refused: %s", r)
+        return sum(1 for r in results if r.get("changed"))

@@ -1,0 +1,36 @@
+"""The Lua scripts, loaded and registered in one place.
+
+Each operation is one `.lua` file beginning with its KEYS/ARGV header; `_prelude.lua` (shared
+helpers) is prepended to each. redis-py `Script` objects run EVALSHA and reload on NOSCRIPT, so
+a flushed script cache or a restarted Redis never surfaces as an error.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+OPERATIONS = ("reserve", "transition", "adjust", "due", "get", "health")
+
+
+@cache
+def source(name: str) -> str:
+    """The full source of one operation script, prelude included."""
+    files = resources.files(__name__)
+    prelude = (files / "_prelude.lua").read_text(encoding="utf-8")
+    return prelude + (files / f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Scripts:
+    """One registered Script object per operation, bound to a client."""
+
+    def __init__(self, client: Redis) -> None:
+        self.reserve: AsyncScript = client.register_script(source("reserve"))
+        self.transition: AsyncScript = client.register_script(source("transition"))
+        self.adjust: AsyncScript = client.register_script(source("adjust"))
+        self.due: AsyncScript = client.register_script(source("due"))
+        self.get: AsyncScript = client.register_script(source("get"))
+        self.health: AsyncScript = client.register_script(source("health"))

@@ -1,0 +1,143 @@
+-- reserve.lua: hold stock for a batch of orders; each order is all-or-nothing on its own.
+--
+-- KEYS, one group per order, groups back to back:
+--   [g+1] the order's reservation record (hash)
+--   [g+2] the expiry index (zset) of the order's partition
+--   [g+3] the event stream of the order's partition
+--   [g+4 .. g+3+n] the stock hashes of the order's n distinct sales units
+-- ARGV[1]   JSON header: {"maxlen": int, "priority": [warehouse, ...]}
+-- ARGV[1+i] JSON of order i: {"oid": str, "fp": str, "hold": seconds,
+--             "units": [[sku, spec, barcode], ...]   (parallel to the n stock keys),
+--             "lines": [[unit index 1..n, warehouse or "", quantity], ...]}
+-- Returns a JSON array, one entry per order:
+--   {"ok": 1, "replayed": 0|1, "rec": record}  or  {"err": REASON, "meta": {...}}
+-- An order is checked completely before its first write; a refused order writes nothing.
+
+local header = cjson.decode(ARGV[1])
+local prio = {}
+for i, wh in ipairs(header.priority) do prio[wh] = i end
+local now = now_ms()
+local results = {}
+local base = 0
+
+local function load_stock(key)
+  local flat = redis.call('HGETALL', key)
+  local avail, whs = {}, {}
+  for j = 1, #flat, 2 do
+    local f = flat[j]
+    if string.sub(f, 1, 2) == 'a:' then
+      local wh = string.sub(f, 3)
+      avail[wh] = tonumber(flat[j + 1])
+      whs[#whs + 1] = wh
+    end
+  end
+  return {avail = avail, whs = whs}
+end
+
+local function insufficient(unit, wh, requested, available)
+  return {err = 'INSUFFICIENT_STOCK', meta = {sku = unit[1], spec = unit[2], barcode = unit[3],
+    warehouse = wh, requested = requested, available = available}}
+end
+
+local function reserve_one(o, rk, xk, ek, first_stock)
+  local existing = redis.call('HGET', rk, 'fp')
+  if existing then
+    if existing ~= o.fp then return {err = 'ORDER_CONFLICT', meta = {order_id = o.oid}} end
+    return {ok = 1, replayed = 1, rec = hash_table(redis.call('HGETALL', rk))}
+  end
+  local n = #o.units
+  local stock, need = {}, {}
+  for u = 1, n do
+    stock[u] = load_stock(KEYS[first_stock + u - 1])
+    need[u] = {}
+  end
+  -- Allocations in first-appearance order of (unit, warehouse).
+  local order, seen = {}, {}
+  local function take(u, wh, q)
+    need[u][wh] = (need[u][wh] or 0) + q
+    local tag = u .. '\0' .. wh
+    if not seen[tag] then
+      seen[tag] = true
+      order[#order + 1] = {u, wh}
+    end
+  end
+  -- Lines naming a warehouse first: lines for the same unit and warehouse count as their sum.
+  for _, l in ipairs(o.lines) do
+    if l[2] ~= '' then take(l[1], l[2], l[3]) end
+  end
+  for _, l in ipairs(o.lines) do
+    local u, wh = l[1], l[2]
+    if wh ~= '' then
+      local a = stock[u].avail[wh] or 0
+      if need[u][wh] > a then return insufficient(o.units[u], wh, need[u][wh], a) end
+    end
+  end
+  -- Lines without a warehouse: the first warehouse (priority, then most available, then name)
+  -- that covers the whole line, else a split across warehouses in that order.
+  for _, l in ipairs(o.lines) do
+    local u, q = l[1], l[3]
+    if l[2] == '' then
+      local avail = stock[u].avail
+      local function rem(w) return avail[w] - (need[u][w] or 0) end
+      local cand = {}
+      for i, w in ipairs(stock[u].whs) do cand[i] = w end
+      table.sort(cand, function(x, y)
+        local px, py = prio[x] or 1e9, prio[y] or 1e9
+        if px ~= py then return px < py end
+        local rx, ry = rem(x), rem(y)
+        if rx ~= ry then return rx > ry end
+        return x < y
+      end)
+      local picked, total = nil, 0
+      for _, w in ipairs(cand) do
+        local r = rem(w)
+        if r >= q then picked = w break end
+        if r > 0 then total = total + r end
+      end
+      if picked then
+        take(u, picked, q)
+      elseif total < q then
+        return insufficient(o.units[u], '', q, total)
+      else
+        local left = q
+        for _, w in ipairs(cand) do
+          local r = rem(w)
+          if r > 0 then
+            local t = math.min(r, left)
+            take(u, w, t)
+            left = left - t
+            if left == 0 then break end
+          end
+        end
+      end
+    end
+  end
+  -- Everything checked: write.
+  local keys, alloc, payload = {}, {}, {}
+  for u = 1, n do keys[u] = KEYS[first_stock + u - 1] end
+  for i, a in ipairs(order) do
+    local u, wh = a[1], a[2]
+    local q = need[u][wh]
+    redis.call('HINCRBY', keys[u], 'a:' .. wh, -q)
+    redis.call('HINCRBY', keys[u], 'r:' .. wh, q)
+    alloc[i] = {u, wh, q}
+    local unit = o.units[u]
+    payload[i] = {unit[1], unit[2], unit[3], wh, q}
+  end
+  local deadline = now + o.hold * 1000
+  local rec = {st = 'H', oid = o.oid, fp = o.fp, cr = now, dl = deadline, hold = o.hold,
+    keys = cjson.encode(keys), units = cjson.encode(o.units), alloc = cjson.encode(alloc)}
+  redis.call('HSET', rk, 'st', rec.st, 'oid', rec.oid, 'fp', rec.fp, 'cr', rec.cr,
+    'dl', rec.dl, 'hold', rec.hold, 'keys', rec.keys, 'units', rec.units, 'alloc', rec.alloc)
+  redis.call('ZADD', xk, deadline, o.oid)
+  emit(ek, header.maxlen, 'ORDER_RESERVED', 'order_id', o.oid, now,
+    {allocations = payload, expires_at = deadline})
+  return {ok = 1, replayed = 0, rec = rec}
+end
+
+for i = 2, #ARGV do
+  local o = cjson.decode(ARGV[i])
+  results[i - 1] = reserve_one(o, KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], base + 4)
+  base = base + 3 + #o.units
+end
+return cjson.encode(results)
