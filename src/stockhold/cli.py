@@ -1,0 +1,255 @@
+"""`stockhold`: run the server, or talk to a running one (JSON out, rich errors on stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from stockhold.constants import SERVICE_NAME
+from stockhold.settings import Settings
+from stockhold.v1 import inventory_pb2 as pb
+from stockhold.v1 import inventory_pb2_grpc as pb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from stockhold import logs
+    from stockhold.server import serve
+
+    settings = Settings.from_env(
+        listen=args.listen,
+        redis_url=args.redis_url,
+        data_dir=args.data_dir,
+        partitions=args.partitions,
+        default_hold_seconds=args.default_hold_seconds,
+        warehouse_priority=tuple(args.warehouse_priority.split(","))
+        if args.warehouse_priority
+        else None,
+        log_level=args.log_level,
+    )
+    logs.configure(settings.log_level)
+    return uvloop.run(serve(settings))
+
+
+# -- client commands ---------------------------------------------------------------------------
+def _unit(args: argparse.Namespace) -> pb.SalesUnit:
+    return pb.SalesUnit(sku=args.sku, spec=args.spec, barcode=args.barcode)
+
+
+def _line(text: str) -> pb.ReserveLine:
+    """Parse `sku=A,spec=B,barcode=C,warehouse=W,qty=N` (spec/barcode/warehouse optional)."""
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {part!r}")
+        fields[key.strip()] = value
+    unknown = set(fields) - {"sku", "spec", "barcode", "warehouse", "qty", "quantity"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown line field(s): {', '.join(sorted(unknown))}")
+    try:
+        qty = int(fields.get("qty", fields.get("quantity", "1")))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("qty must be an integer") from exc
+    unit = pb.SalesUnit(
+        sku=fields.get("sku", ""), spec=fields.get("spec", ""), barcode=fields.get("barcode", "")
+    )
+    return pb.ReserveLine(unit=unit, warehouse=fields.get("warehouse", ""), quantity=qty)
+
+
+def _client_call(args: argparse.Namespace, call: Callable[[pb_grpc.InventoryStub], Message]) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = call(pb_grpc.InventoryStub(channel))
+        except grpc.RpcError as err:
+            _print_error(err)
+            return 1
+    print(json_format.MessageToJson(reply, preserving_proto_field_name=True, indent=2))
+    return 0
+
+
+def _print_error(err: grpc.RpcError) -> None:
+    """CODE: message, then ErrorInfo reason/metadata and BadRequest violations, on stderr."""
+    code = err.code()
+    print(f"error: {code.name}: {err.details()}", file=sys.stderr)
+    status = rpc_status.from_call(err)
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            meta = " ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
+            print(f"  reason: {info.reason} {meta}".rstrip(), file=sys.stderr)
+        elif detail.Unpack(bad):
+            for v in bad.field_violations:
+                print(f"  field {v.field}: {v.description}", file=sys.stderr)
+
+
+def _health(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as err:
+            _print_error(err)
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(name)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _commands(sub: Any) -> None:
+    def client(name: str, help_: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
+        p.add_argument(
+            "--address",
+            default=os.environ.get("STOCKHOLD_ADDRESS", DEFAULT_ADDRESS),
+            help="server address (env STOCKHOLD_ADDRESS, default %(default)s)",
+        )
+        p.add_argument("--timeout", type=float, default=5.0, help="call deadline in seconds")
+        return p
+
+    def unit_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("sku")
+        p.add_argument("--spec", default="")
+        p.add_argument("--barcode", default="")
+
+    p = client("adjust", "receipt (+) or shrinkage (-) of stock in one warehouse")
+    unit_args(p)
+    p.add_argument("--warehouse", required=True)
+    p.add_argument("--delta", type=int, required=True)
+    p.add_argument("--reason", default="")
+    p.add_argument("--id", dest="adjustment_id", help="idempotency key (default: a new UUID)")
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.AdjustStock(
+                pb.AdjustStockRequest(
+                    adjustment_id=a.adjustment_id or str(uuid.uuid4()),
+                    unit=_unit(a),
+                    warehouse=a.warehouse,
+                    delta=a.delta,
+                    reason=a.reason,
+                ),
+                timeout=a.timeout,
+            ),
+        )
+    )
+
+    p = client("availability", "stock levels of a sales unit, per warehouse")
+    unit_args(p)
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.GetAvailability(
+                pb.GetAvailabilityRequest(units=[_unit(a)]), timeout=a.timeout
+            ),
+        )
+    )
+
+    p = client("reserve", "hold stock for an order (all lines or nothing)")
+    p.add_argument("order_id")
+    p.add_argument(
+        "--line",
+        dest="lines",
+        type=_line,
+        action="append",
+        required=True,
+        help="sku=A,spec=B,barcode=C,warehouse=W,qty=N (warehouse empty: stockhold allocates)",
+    )
+    p.add_argument("--hold-seconds", type=int, default=0, help="0: the default hold (48 h)")
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.Reserve(
+                pb.ReserveRequest(order_id=a.order_id, lines=a.lines, hold_seconds=a.hold_seconds),
+                timeout=a.timeout,
+            ),
+        )
+    )
+
+    p = client("commit", "payment succeeded: turn the hold into a deduction")
+    p.add_argument("order_id")
+    p.add_argument("--payment-ref", default="")
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.Commit(
+                pb.CommitRequest(order_id=a.order_id, payment_ref=a.payment_ref), timeout=a.timeout
+            ),
+        )
+    )
+
+    p = client("release", "order cancelled: give the held stock back")
+    p.add_argument("order_id")
+    p.add_argument("--reason", default="")
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.Release(
+                pb.ReleaseRequest(order_id=a.order_id, reason=a.reason), timeout=a.timeout
+            ),
+        )
+    )
+
+    p = client("get", "show a reservation")
+    p.add_argument("order_id")
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.GetReservation(
+                pb.GetReservationRequest(order_id=a.order_id), timeout=a.timeout
+            ),
+        )
+    )
+
+    p = client("health", "exit 0 when the server reports SERVING")
+    p.add_argument("--service", default=SERVICE_NAME)
+    p.set_defaults(run=_health)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    top = argparse.ArgumentParser(prog="stockhold", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the gRPC server")
+    p.add_argument("--listen", help="HOST:PORT (env STOCKHOLD_LISTEN, default 127.0.0.1:50051)")
+    p.add_argument(
+        "--redis-url",
+        help="redis:// or unix:// URL (env STOCKHOLD_REDIS_URL); none: embedded redis-server",
+    )
+    p.add_argument("--data-dir", type=Path, help="embedded Redis data (default ./.stockhold)")
+    p.add_argument("--partitions", type=int, help="partition count, fixed per deployment")
+    p.add_argument("--default-hold-seconds", type=int, help="hold length when none is asked")
+    p.add_argument("--warehouse-priority", help="comma-separated allocation order")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    p.set_defaults(run=_serve)
+    _commands(sub)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `stockhold` console script."""
+    args = parser().parse_args(argv)
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

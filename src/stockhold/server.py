@@ -1,0 +1,162 @@
+"""The grpc.aio server: servicer, health, reflection, background tasks, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from stockhold.constants import SERVICE_NAME
+from stockhold.embedded import EmbeddedRedis
+from stockhold.engine import Engine, PartitionMismatch
+from stockhold.errors import DomainError
+from stockhold.servicer import InventoryServicer
+from stockhold.settings import Settings
+from stockhold.v1 import inventory_pb2, inventory_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StockholdServer:
+    """One server process: the gRPC server, its engine and its background tasks."""
+
+    def __init__(self, settings: Settings, redis_url: str) -> None:
+        self.settings = settings
+        self.engine = Engine.connect(redis_url, settings)
+        self.health = health.aio.HealthServicer()
+        # grpc core cancels calls beyond its pending-request limit with a bare CANCELLED; keep
+        # that limit above our own admission limit, so overload is an explicit
+        # RESOURCE_EXHAUSTED from maximum_concurrent_rpcs instead.
+        pending = settings.max_concurrent_rpcs * 2
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.server.max_pending_requests", pending),
+                ("grpc.server.max_pending_requests_hard_limit", pending * 2),
+                ("grpc.max_concurrent_streams", 10_000),
+            ],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        inventory_pb2_grpc.add_InventoryServicer_to_server(
+            InventoryServicer(self.engine, settings), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        services = (
+            inventory_pb2.DESCRIPTOR.services_by_name["Inventory"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, self.server)
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._serving: bool | None = None
+        self._partitions_checked = False
+        # Set by a signal or by a fatal condition (see `failure`): serve() then stops.
+        self.stop_requested = asyncio.Event()
+        self.failure: BaseException | None = None
+
+    async def start(self) -> int:
+        """Bind, start serving (NOT_SERVING until Redis answers) and start background tasks."""
+        self.port = self.server.add_insecure_port(self.settings.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.listen}")
+        await self._set_serving(False)
+        await self.server.start()
+        await self._probe()
+        self._tasks = [
+            asyncio.create_task(self._every(self.settings.health_interval_seconds, self._probe)),
+            asyncio.create_task(self._every(self.settings.sweep_interval_seconds, self._sweep)),
+        ]
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, stop background work, drain calls, close Redis."""
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self.engine.close()
+
+    async def _set_serving(self, ok: bool) -> None:
+        if ok == self._serving:
+            return
+        status = SERVING if ok else NOT_SERVING
+        status_name = "SERVING" if ok else "NOT_SERVING"
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        if self._serving is not None:
+            log.log(logging.INFO if ok else logging.WARNING, "health: %s", status_name)
+        self._serving = ok
+
+    async def _probe(self) -> None:
+        """SERVING only while a real script call succeeds."""
+        try:
+            await self.engine.ping()
+            if not self._partitions_checked:
+                await self.engine.check_partitions()
+                self._partitions_checked = True
+        except DomainError as err:
+            log.debug("health probe failed: %s", err)
+            await self._set_serving(False)
+            return
+        except PartitionMismatch as err:
+            log.critical("%s", err)
+            await self._set_serving(False)
+            self.failure = err
+            self.stop_requested.set()
+            return
+        await self._set_serving(True)
+
+    async def _sweep(self) -> None:
+        try:
+            n = await self.engine.expire_due()
+        except DomainError as err:
+            log.debug("sweep skipped: %s", err)
+            return
+        if n:
+            log.info("expired holds", extra={"count": n})
+
+    @staticmethod
+    async def _every(interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await step()
+            except Exception:  # a background task must outlive any single failure
+                log.exception("background step failed")
+
+
+async def serve(settings: Settings) -> int:
+    """Run one server until SIGTERM/SIGINT; starts an embedded Redis when no URL is given."""
+    embedded: EmbeddedRedis | None = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        url = embedded.start()
+        log.info("embedded redis started", extra={"url": url, "data_dir": str(settings.data_dir)})
+    try:
+        server = StockholdServer(settings, url)
+        port = await server.start()
+        log.info("stockhold serving", extra={"listen": settings.listen, "port": port})
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop_requested.set)
+        await server.stop_requested.wait()
+        log.info("stockhold stopping")
+        await server.stop()
+        log.info("stockhold stopped")
+        return 1 if server.failure is not None else 0
+    finally:
+        if embedded is not None:
+            embedded.stop()
