@@ -22,4 +22,8 @@ class BuildPyWithStubs(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithStubs})
+setup(
+    cmdclass={"build_py": BuildPyWithStubs},
+    package_dir={"": "src"},
+    packages=["stockhold", "stockhold.scripts", "stockhold.v1"],
+)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -22,13 +22,13 @@ def generate() -> None:
     args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={OUT_DIR}",
             f"--grpc_python_out={OUT_DIR}"]
     plugin_dir = Path(sys.executable).parent
-    if (plugin_dir / "protoc-gen-mypy").exists():
+    has_mypy_protobuf = importlib.util.find_spec("mypy_protobuf") is not None
+    if has_mypy_protobuf and (plugin_dir / "protoc-gen-mypy").exists():
         args += [f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
                  f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
                  f"--mypy_out={OUT_DIR}", f"--mypy_grpc_out={OUT_DIR}"]
-    if GENERATED.exists():
-        shutil.rmtree(GENERATED)
-    GENERATED.mkdir(parents=True)
+    # Overwrite in place (no rmtree): a running test or server may be importing these.
+    GENERATED.mkdir(parents=True, exist_ok=True)
     if protoc.main([*args, *protos]) != 0:
         raise SystemExit("protoc failed")
     (GENERATED / "__init__.py").write_text('"""Generated gRPC stubs (make stubs)."""\n')
