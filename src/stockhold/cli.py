@@ -79,7 +79,10 @@ def _client_call(args: argparse.Namespace, call: Callable[[pb_grpc.InventoryStub
         except grpc.RpcError as err:
             _print_error(err)
             return 1
-    print(json_format.MessageToJson(reply, preserving_proto_field_name=True, indent=2))
+    text = json_format.MessageToJson(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True, indent=2
+    )
+    print(text)
     return 0
 
 
