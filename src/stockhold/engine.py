@@ -9,15 +9,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.retry import Retry
 
+from stockhold.batcher import Batcher
 from stockhold.errors import DomainError, Reason
 from stockhold.model import Reservation, StockLevel
 from stockhold.resolver import KeyResolver, OrderKeys, ResolvedOrder, Unit, escape
@@ -30,6 +31,14 @@ log = logging.getLogger(__name__)
 _TRANSIENT = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 # How often a commit/release re-reads a record whose stock keys changed under it.
 _KEYS_CHANGED_RETRIES = 3
+
+
+class Transition(NamedTuple):
+    """One commit, release or expire request for the transition batcher."""
+
+    op: str
+    keys: OrderKeys
+    arg: str
 
 
 class PartitionMismatch(RuntimeError):
@@ -48,7 +57,13 @@ def make_client(url: str, settings: Settings) -> Redis:
         timeout=settings.redis_pool_timeout_seconds,
         socket_connect_timeout=settings.redis_connect_timeout_seconds,
         socket_timeout=settings.redis_socket_timeout_seconds,
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=2),
+        # Only broken connections are retried: a timeout means Redis is stuck, and waiting
+        # again would break the "UNAVAILABLE within 1 s" promise.
+        retry=Retry(
+            ExponentialBackoff(cap=0.05, base=0.01),
+            retries=2,
+            supported_errors=(RedisConnectionError,),
+        ),
         retry_on_error=[RedisConnectionError],
         health_check_interval=0,
     )
@@ -81,13 +96,19 @@ class Engine:
         self._reserve_header = orjson.dumps(
             {"maxlen": settings.event_stream_maxlen, "priority": list(settings.warehouse_priority)}
         )
-        retention_ms = settings.record_retention_seconds * 1000
-        self._transition_headers = {
-            op: orjson.dumps(
-                {"op": op, "maxlen": settings.event_stream_maxlen, "retention": retention_ms}
-            )
-            for op in ("commit", "release", "expire")
-        }
+        self._transition_header = orjson.dumps(
+            {
+                "maxlen": settings.event_stream_maxlen,
+                "retention": settings.record_retention_seconds * 1000,
+            }
+        )
+        # Concurrent reserves and commits/releases are coalesced into few script calls.
+        self.reserves: Batcher[ResolvedOrder, dict[str, Any]] = Batcher(
+            self._reserve_batch, settings.batch_max_orders, settings.batch_max_inflight
+        )
+        self.transitions: Batcher[Transition, dict[str, Any]] = Batcher(
+            self._transition_batch, settings.batch_max_orders, settings.batch_max_inflight
+        )
 
     @classmethod
     def connect(cls, url: str, settings: Settings) -> Engine:
@@ -95,8 +116,10 @@ class Engine:
         return cls(make_client(url, settings), settings)
 
     async def close(self) -> None:
-        """Close the client and its pool."""
-        await self.client.aclose()
+        """Let calls in flight finish, then close the client and its pool."""
+        await self.reserves.drain()
+        await self.transitions.drain()
+        await self.client.aclose(close_connection_pool=True)
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[bytes | str]) -> Any:
         try:
@@ -126,21 +149,34 @@ class Engine:
     # -- reservations ------------------------------------------------------------------------
     async def reserve(self, order: ResolvedOrder) -> tuple[Reservation, bool]:
         """Hold stock for every line of the order, all or nothing; idempotent by order id."""
-        k = order.keys
-        keys = [k.order_key, k.expiry_key, k.events_key, *(u.stock_key for u in order.units)]
-        arg = orjson.dumps(
-            {
-                "oid": k.order_id,
-                "fp": order.fingerprint,
-                "hold": order.hold_seconds or self.settings.default_hold_seconds,
-                "units": [(u.sku, u.spec, u.barcode) for u in order.units],
-                "lines": [(i + 1, wh, q) for i, wh, q in order.lines],
-            }
-        )
-        raw = await self._call(self.scripts.reserve, keys, (self._reserve_header, arg))
-        result = orjson.loads(raw)[0]
+        result = await self.reserves.submit(order)
         _raise_for(result)
         return Reservation.from_record(result["rec"]), bool(result["replayed"])
+
+    async def _reserve_batch(self, orders: Sequence[ResolvedOrder]) -> list[dict[str, Any]]:
+        """One reserve.lua call for a batch of orders; one result per order."""
+        keys: list[str] = []
+        args: list[bytes] = [self._reserve_header]
+        default_hold = self.settings.default_hold_seconds
+        for order in orders:
+            k = order.keys
+            keys += (k.order_key, k.expiry_key, k.events_key)
+            keys += (u.stock_key for u in order.units)
+            args.append(
+                orjson.dumps(
+                    {
+                        "oid": k.order_id,
+                        "fp": order.fingerprint,
+                        "hold": order.hold_seconds or default_hold,
+                        "units": [(u.sku, u.spec, u.barcode) for u in order.units],
+                        "lines": [(i + 1, wh, q) for i, wh, q in order.lines],
+                    }
+                )
+            )
+        results: list[dict[str, Any]] = orjson.loads(
+            await self._call(self.scripts.reserve, keys, args)
+        )
+        return results
 
     async def commit(self, order_id: str, payment_ref: str = "") -> Reservation:
         """HELD -> COMMITTED; a COMMITTED reservation is returned unchanged."""
@@ -152,19 +188,7 @@ class Engine:
 
     async def _transition(self, op: str, k: OrderKeys, arg: str) -> Reservation:
         for _ in range(_KEYS_CHANGED_RETRIES):
-            try:
-                stored = await self.client.hget(k.order_key, "keys")
-            except (RedisError, OSError) as exc:
-                raise backend_error(exc) from exc
-            if stored is None:
-                raise DomainError(Reason.RESERVATION_NOT_FOUND, metadata={"order_id": k.order_id})
-            stock_keys: list[str] = orjson.loads(stored)
-            keys = [k.order_key, k.expiry_key, k.events_key, *stock_keys]
-            one = orjson.dumps({"oid": k.order_id, "n": len(stock_keys), "arg": arg})
-            raw = await self._call(
-                self.scripts.transition, keys, (self._transition_headers[op], one)
-            )
-            result = orjson.loads(raw)[0]
+            result = await self.transitions.submit(Transition(op, k, arg))
             if result.get("err") == "KEYS_CHANGED":
                 continue
             if result.get("err") == Reason.RESERVATION_NOT_FOUND:
@@ -172,6 +196,35 @@ class Engine:
             _raise_for(result)
             return Reservation.from_record(result["rec"])
         raise DomainError(Reason.INTERNAL, "the reservation kept changing under the call")
+
+    async def _transition_batch(self, items: Sequence[Transition]) -> list[dict[str, Any]]:
+        """Read each record's stock keys (one pipeline), then one transition.lua call."""
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for t in items:
+                    pipe.hget(t.keys.order_key, "keys")
+                stored: list[bytes | None] = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise backend_error(exc) from exc
+        results: list[dict[str, Any]] = [{"err": Reason.RESERVATION_NOT_FOUND.value} for _ in items]
+        keys: list[str] = []
+        args: list[bytes] = [self._transition_header]
+        sent: list[int] = []
+        for i, (t, raw) in enumerate(zip(items, stored, strict=True)):
+            if raw is None:
+                continue
+            stock_keys = orjson.loads(raw)
+            k = t.keys
+            keys += (k.order_key, k.expiry_key, k.events_key, *stock_keys)
+            args.append(
+                orjson.dumps({"op": t.op, "oid": k.order_id, "n": len(stock_keys), "arg": t.arg})
+            )
+            sent.append(i)
+        if sent:
+            replies = orjson.loads(await self._call(self.scripts.transition, keys, args))
+            for i, reply in zip(sent, replies, strict=True):
+                results[i] = reply
+        return results
 
     async def get_reservation(self, order_id: str) -> Reservation:
         """The reservation as it stands; HELD past its deadline reads as EXPIRED."""
@@ -267,27 +320,12 @@ class Engine:
         return expired
 
     async def _expire_batch(self, order_ids: Sequence[str]) -> int:
-        order_keys = [self.resolver.order(oid) for oid in order_ids]
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for k in order_keys:
-                    pipe.hget(k.order_key, "keys")
-                stored = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise backend_error(exc) from exc
-        keys: list[str] = []
-        args: list[bytes] = [self._transition_headers["expire"]]
-        for k, raw in zip(order_keys, stored, strict=True):
-            if raw is None:  # finished and gone meanwhile; drop the stale index entry
-                await self.client.zrem(k.expiry_key, k.order_id)
-                continue
-            stock_keys = orjson.loads(raw)
-            keys += [k.order_key, k.expiry_key, k.events_key, *stock_keys]
-            args.append(orjson.dumps({"oid": k.order_id, "n": len(stock_keys), "arg": ""}))
-        if len(args) == 1:
-            return 0
-        results = orjson.loads(await self._call(self.scripts.transition, keys, args))
-        for r in results:
-            if r.get("err"):
-                log.error("expiry refused: %s", r)
+        items = [Transition("expire", self.resolver.order(oid), "") for oid in order_ids]
+        results = await self._transition_batch(items)
+        for t, r in zip(items, results, strict=True):
+            if r.get("err") == Reason.RESERVATION_NOT_FOUND:
+                # finished and gone (retention) meanwhile: drop the stale index entry
+                await self.client.zrem(t.keys.expiry_key, t.keys.order_id)
+            elif r.get("err"):
+                log.error("expiry refused", extra={"order_id": t.keys.order_id, "result": r})
         return sum(1 for r in results if r.get("changed"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -59,6 +58,7 @@ class StockholdServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._serving: bool | None = None
         self._partitions_checked = False
+        self._stopping = False
         # Set by a signal or by a fatal condition (see `failure`): serve() then stops.
         self.stop_requested = asyncio.Event()
         self.failure: BaseException | None = None
@@ -80,11 +80,16 @@ class StockholdServer:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, stop background work, drain calls, close Redis."""
         await self.health.enter_graceful_shutdown()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping = True
+        # On Python 3.11 a cancel can be lost inside asyncio.wait_for (which redis-py uses for
+        # every command), so ask again, a bounded number of times.
+        for _ in range(10):
+            pending = [t for t in self._tasks if not t.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.5)
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         await self.engine.close()
 
@@ -127,9 +132,8 @@ class StockholdServer:
         if n:
             log.info("expired holds", extra={"count": n})
 
-    @staticmethod
-    async def _every(interval: float, step: Callable[[], Awaitable[None]]) -> None:
-        while True:
+    async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        while not self._stopping:
             await asyncio.sleep(interval)
             try:
                 await step()

@@ -72,42 +72,48 @@ local function reserve_one(o, rk, xk, ek, first_stock)
       if need[u][wh] > a then return insufficient(o.units[u], wh, need[u][wh], a) end
     end
   end
-  -- Lines without a warehouse: the first warehouse (priority, then most available, then name)
-  -- that covers the whole line, else a split across warehouses in that order.
+  -- Lines without a warehouse, summed per unit: the first warehouse (priority, then most
+  -- available, then name) that covers the whole sum, else a split in that order.
+  local auto, auto_units = {}, {}
   for _, l in ipairs(o.lines) do
-    local u, q = l[1], l[3]
+    local u = l[1]
     if l[2] == '' then
-      local avail = stock[u].avail
-      local function rem(w) return avail[w] - (need[u][w] or 0) end
-      local cand = {}
-      for i, w in ipairs(stock[u].whs) do cand[i] = w end
-      table.sort(cand, function(x, y)
-        local px, py = prio[x] or 1e9, prio[y] or 1e9
-        if px ~= py then return px < py end
-        local rx, ry = rem(x), rem(y)
-        if rx ~= ry then return rx > ry end
-        return x < y
-      end)
-      local picked, total = nil, 0
+      if not auto[u] then auto_units[#auto_units + 1] = u end
+      auto[u] = (auto[u] or 0) + l[3]
+    end
+  end
+  for _, u in ipairs(auto_units) do
+    local q = auto[u]
+    local avail = stock[u].avail
+    local function rem(w) return avail[w] - (need[u][w] or 0) end
+    local cand = {}
+    for i, w in ipairs(stock[u].whs) do cand[i] = w end
+    table.sort(cand, function(x, y)
+      local px, py = prio[x] or 1e9, prio[y] or 1e9
+      if px ~= py then return px < py end
+      local rx, ry = rem(x), rem(y)
+      if rx ~= ry then return rx > ry end
+      return x < y
+    end)
+    local picked, total = nil, 0
+    for _, w in ipairs(cand) do
+      local r = rem(w)
+      if r >= q then picked = w break end
+      if r > 0 then total = total + r end
+    end
+    if picked then
+      take(u, picked, q)
+    elseif total < q then
+      return insufficient(o.units[u], '', q, total)
+    else
+      local left = q
       for _, w in ipairs(cand) do
         local r = rem(w)
-        if r >= q then picked = w break end
-        if r > 0 then total = total + r end
-      end
-      if picked then
-        take(u, picked, q)
-      elseif total < q then
-        return insufficient(o.units[u], '', q, total)
-      else
-        local left = q
-        for _, w in ipairs(cand) do
-          local r = rem(w)
-          if r > 0 then
-            local t = math.min(r, left)
-            take(u, w, t)
-            left = left - t
-            if left == 0 then break end
-          end
+        if r > 0 then
+          local t = math.min(r, left)
+          take(u, w, t)
+          left = left - t
+          if left == 0 then break end
         end
       end
     end

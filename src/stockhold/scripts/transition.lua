@@ -4,8 +4,9 @@
 --   [g+1] the reservation record   [g+2] the expiry index of its partition
 --   [g+3] the event stream of its partition
 --   [g+4 .. g+3+n] the stock hashes named in the record's "keys" field, in that order
--- ARGV[1]   JSON header: {"op": "commit"|"release"|"expire", "maxlen": int, "retention": ms}
--- ARGV[1+i] JSON of order i: {"oid": str, "n": int, "arg": payment_ref (commit) | reason (release)}
+-- ARGV[1]   JSON header: {"maxlen": int, "retention": ms}
+-- ARGV[1+i] JSON of order i: {"op": "commit"|"release"|"expire", "oid": str, "n": int,
+--                             "arg": payment_ref (commit) | reason (release)}
 -- Returns a JSON array, one entry per order:
 --   {"ok": 1, "changed": 0|1, "rec": record}   the reservation after the call
 --   {"err": REASON}                             refused, nothing written
@@ -14,7 +15,6 @@
 -- or after the deadline is refused, a release at or after it becomes the expiry.
 
 local header = cjson.decode(ARGV[1])
-local op = header.op
 local now = now_ms()
 local results = {}
 local base = 0
@@ -47,6 +47,7 @@ local function apply(rec, rk, xk, ek, keys, to, extra_field, extra)
 end
 
 local function transition_one(o, rk, xk, ek, first_stock)
+  local op = o.op
   local rec = hash_table(redis.call('HGETALL', rk))
   if rec.st == nil then
     if op == 'expire' then return {skip = 1} end

@@ -1,0 +1,101 @@
+"""Coalesce concurrent requests into few script calls, each request still answered alone.
+
+grpc.aio hands requests over one per event-loop turn, so "everything that arrived this turn"
+is almost always one request. The batcher instead bounds the number of script calls in
+flight: while they are, new requests queue, and the next call takes the whole queue (up to
+`max_batch`). An idle server therefore adds no delay (a lone request is sent at once), and a
+busy one sends bigger batches: the collect window is exactly as long as Redis is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+SendBatch = Callable[[Sequence[Item]], Awaitable[Sequence[Result]]]
+
+
+class Batcher(Generic[Item, Result]):
+    """Send queued items in batches through `send`, at most `max_inflight` calls at once.
+
+    `send` gets a batch and must return one result per item, in order; if it raises, every
+    item of that batch gets the exception. A request cancelled while still queued is dropped
+    before it is sent, so it changes nothing.
+    """
+
+    def __init__(self, send: SendBatch[Item, Result], max_batch: int, max_inflight: int) -> None:
+        if max_batch < 1 or max_inflight < 1:
+            raise ValueError("max_batch and max_inflight must be at least 1")
+        self._send = send
+        self._max_batch = max_batch
+        self._max_inflight = max_inflight
+        self._queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Figures for tests and metrics: calls made and items sent.
+        self.calls = 0
+        self.items = 0
+        self.largest = 0
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a call slot."""
+        return len(self._queue)
+
+    async def submit(self, item: Item) -> Result:
+        """Queue one item and wait for its own result."""
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, fut))
+        if self._inflight < self._max_inflight:
+            self._dispatch()
+        return await fut
+
+    def _dispatch(self) -> None:
+        batch: list[tuple[Item, asyncio.Future[Result]]] = []
+        while self._queue and len(batch) < self._max_batch:
+            entry = self._queue.popleft()
+            if not entry[1].done():  # cancelled while queued: never sent
+                batch.append(entry)
+        if not batch:
+            return
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        self.calls += 1
+        self.items += len(batch)
+        self.largest = max(self.largest, len(batch))
+        try:
+            results = await self._send([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch of {len(batch)} got {len(results)} results")
+        except asyncio.CancelledError:
+            for _, fut in batch:
+                fut.cancel()
+            raise
+        except Exception as exc:  # every waiter must learn of the failure
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+        else:
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+        finally:
+            self._inflight -= 1
+            if self._queue:
+                self._dispatch()
+
+    async def drain(self) -> None:
+        """Wait until every call in flight has finished."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
