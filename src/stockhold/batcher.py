@@ -22,6 +22,19 @@ Result = TypeVar("Result")
 SendBatch = Callable[[Sequence[Item]], Awaitable[Sequence[Result]]]
 
 
+class NotSent(Exception):
+    """The item waited longer than its limit and was dropped before it was sent."""
+
+
+class _Entry(Generic[Item, Result]):
+    __slots__ = ("fut", "item", "sent")
+
+    def __init__(self, item: Item, fut: asyncio.Future[Result]) -> None:
+        self.item = item
+        self.fut = fut
+        self.sent = False
+
+
 class Batcher(Generic[Item, Result]):
     """Send queued items in batches through `send`, at most `max_inflight` calls at once.
 
@@ -36,7 +49,7 @@ class Batcher(Generic[Item, Result]):
         self._send = send
         self._max_batch = max_batch
         self._max_inflight = max_inflight
-        self._queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
+        self._queue: deque[_Entry[Item, Result]] = deque()
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # Figures for tests and metrics: calls made and items sent.
@@ -49,19 +62,31 @@ class Batcher(Generic[Item, Result]):
         """Items waiting for a call slot."""
         return len(self._queue)
 
-    async def submit(self, item: Item) -> Result:
-        """Queue one item and wait for its own result."""
+    async def submit(self, item: Item, wait_limit: float | None = None) -> Result:
+        """Queue one item and wait for its own result.
+
+        If the item is still queued after `wait_limit` seconds it is dropped, never sent, and
+        NotSent is raised. Once sent, the item's true result is always awaited: a request is
+        never reported failed when its script call may have written.
+        """
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, fut))
+        entry = _Entry(item, fut)
+        self._queue.append(entry)
         if self._inflight < self._max_inflight:
             self._dispatch()
+        if wait_limit is not None and not entry.sent:
+            done, _ = await asyncio.wait((fut,), timeout=wait_limit)
+            if not done and not entry.sent:
+                fut.cancel()  # _dispatch skips it
+                raise NotSent(f"not sent within {wait_limit:.3f} s")
         return await fut
 
     def _dispatch(self) -> None:
-        batch: list[tuple[Item, asyncio.Future[Result]]] = []
+        batch: list[_Entry[Item, Result]] = []
         while self._queue and len(batch) < self._max_batch:
             entry = self._queue.popleft()
-            if not entry[1].done():  # cancelled while queued: never sent
+            if not entry.fut.done():  # cancelled while queued: never sent
+                entry.sent = True
                 batch.append(entry)
         if not batch:
             return
@@ -70,26 +95,26 @@ class Batcher(Generic[Item, Result]):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+    async def _run(self, batch: list[_Entry[Item, Result]]) -> None:
         self.calls += 1
         self.items += len(batch)
         self.largest = max(self.largest, len(batch))
         try:
-            results = await self._send([item for item, _ in batch])
+            results = await self._send([entry.item for entry in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} got {len(results)} results")
         except asyncio.CancelledError:
-            for _, fut in batch:
-                fut.cancel()
+            for entry in batch:
+                entry.fut.cancel()
             raise
         except Exception as exc:  # every waiter must learn of the failure
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+            for entry in batch:
+                if not entry.fut.done():
+                    entry.fut.set_exception(exc)
         else:
-            for (_, fut), result in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
+            for entry, result in zip(batch, results, strict=True):
+                if not entry.fut.done():
+                    entry.fut.set_result(result)
         finally:
             self._inflight -= 1
             if self._queue:

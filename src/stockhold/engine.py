@@ -18,7 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from stockhold.batcher import Batcher
+from stockhold.batcher import Batcher, NotSent
 from stockhold.errors import DomainError, Reason
 from stockhold.model import Reservation, StockLevel
 from stockhold.resolver import KeyResolver, OrderKeys, ResolvedOrder, Unit, escape
@@ -149,7 +149,7 @@ class Engine:
     # -- reservations ------------------------------------------------------------------------
     async def reserve(self, order: ResolvedOrder) -> tuple[Reservation, bool]:
         """Hold stock for every line of the order, all or nothing; idempotent by order id."""
-        result = await self.reserves.submit(order)
+        result = await self._submit(self.reserves, order)
         _raise_for(result)
         return Reservation.from_record(result["rec"]), bool(result["replayed"])
 
@@ -186,9 +186,16 @@ class Engine:
         """HELD -> RELEASED (EXPIRED at or past the deadline); a finished release is unchanged."""
         return await self._transition("release", self.resolver.order(order_id), reason)
 
+    async def _submit(self, batcher: Batcher[Any, dict[str, Any]], item: Any) -> dict[str, Any]:
+        """Submit to a batcher; a request stuck in its queue (Redis stuck) is refused unsent."""
+        try:
+            return await batcher.submit(item, self.settings.redis_socket_timeout_seconds)
+        except NotSent as exc:
+            raise DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": "queued"}) from exc
+
     async def _transition(self, op: str, k: OrderKeys, arg: str) -> Reservation:
         for _ in range(_KEYS_CHANGED_RETRIES):
-            result = await self.transitions.submit(Transition(op, k, arg))
+            result = await self._submit(self.transitions, Transition(op, k, arg))
             if result.get("err") == "KEYS_CHANGED":
                 continue
             if result.get("err") == Reason.RESERVATION_NOT_FOUND:
