@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from stockhold import logs
     from stockhold.server import serve
+    from stockhold.supervisor import Supervisor
 
     settings = Settings.from_env(
         listen=args.listen,
@@ -43,7 +44,26 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     logs.configure(settings.log_level)
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    if workers > 1:
+        # Workers get the same flags (minus --workers); the Redis URL comes from the parent.
+        argv: list[str] = []
+        for flag in _SERVE_FLAGS:
+            value = getattr(args, flag.lstrip("-").replace("-", "_"))
+            if value is not None:
+                argv += [flag, str(value)]
+        return Supervisor(settings, workers, argv).run()
     return uvloop.run(serve(settings))
+
+
+_SERVE_FLAGS = (
+    "--listen",
+    "--data-dir",
+    "--partitions",
+    "--default-hold-seconds",
+    "--warehouse-priority",
+    "--log-level",
+)
 
 
 # -- client commands ---------------------------------------------------------------------------
@@ -242,6 +262,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--default-hold-seconds", type=int, help="hold length when none is asked")
     p.add_argument("--warehouse-priority", help="comma-separated allocation order")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port (SO_REUSEPORT); default: the number of cores",
+    )
     p.set_defaults(run=_serve)
     _commands(sub)
     return top

@@ -41,6 +41,8 @@ class StockholdServer:
                 ("grpc.server.max_pending_requests", pending),
                 ("grpc.server.max_pending_requests_hard_limit", pending * 2),
                 ("grpc.max_concurrent_streams", 10_000),
+                # Several worker processes share one port (serve --workers N).
+                ("grpc.so_reuseport", 1),
             ],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )

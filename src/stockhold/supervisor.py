@@ -1,0 +1,106 @@
+"""`stockhold serve --workers N`: N server processes on one port (SO_REUSEPORT), supervised.
+
+The parent owns the embedded Redis (if any), starts each worker as a fresh interpreter running
+`stockhold serve --workers 1`, restarts a worker that dies, and on SIGTERM/SIGINT forwards
+SIGTERM to every worker, waits for them to drain, then stops the embedded Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from stockhold.embedded import EmbeddedRedis
+from stockhold.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A worker that dies this soon after its start, twice in a row, is not restarted again:
+# something is wrong with its configuration (for example a partition-count mismatch).
+_EARLY_EXIT_SECONDS = 5.0
+
+
+class Supervisor:
+    """Runs and watches the worker processes."""
+
+    def __init__(self, settings: Settings, workers: int, argv: Sequence[str]) -> None:
+        if workers < 2:
+            raise ValueError("the supervisor is for 2 or more workers")
+        if settings.listen.rsplit(":", 1)[-1] == "0":
+            raise ValueError("--workers needs a fixed port: with port 0 each would pick its own")
+        self.settings = settings
+        self.workers = workers
+        self.argv = list(argv)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.started_at: dict[int, float] = {}
+        self.early_exits: dict[int, int] = {}
+        self.stopping = False
+
+    def _spawn(self, slot: int, redis_url: str) -> None:
+        env = dict(os.environ, STOCKHOLD_REDIS_URL=redis_url, STOCKHOLD_WORKER=str(slot))
+        cmd = [sys.executable, "-m", "stockhold.cli", "serve", *self.argv, "--workers", "1"]
+        self.procs[slot] = subprocess.Popen(cmd, env=env)
+        self.started_at[slot] = time.monotonic()
+        log.info("worker started", extra={"worker": slot, "pid": self.procs[slot].pid})
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the process exit code."""
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        embedded: EmbeddedRedis | None = None
+        url = self.settings.redis_url
+        if url is None:
+            embedded = EmbeddedRedis(self.settings.data_dir)
+            url = embedded.start()
+            log.info("embedded redis started", extra={"url": url})
+        code = 0
+        try:
+            for slot in range(self.workers):
+                self._spawn(slot, url)
+            code = self._watch(url)
+        finally:
+            self._stop_workers()
+            if embedded is not None:
+                embedded.stop()
+        log.info("supervisor stopped")
+        return code
+
+    def _watch(self, url: str) -> int:
+        while not self.stopping:
+            time.sleep(0.1)
+            for slot, proc in list(self.procs.items()):
+                rc = proc.poll()
+                if rc is None or self.stopping:
+                    continue
+                lived = time.monotonic() - self.started_at[slot]
+                early = lived < _EARLY_EXIT_SECONDS
+                self.early_exits[slot] = self.early_exits.get(slot, 0) + 1 if early else 0
+                log.error("worker exited", extra={"worker": slot, "code": rc, "lived_s": lived})
+                if self.early_exits[slot] >= 2:
+                    log.critical("worker keeps failing at start; stopping", extra={"worker": slot})
+                    return 1
+                self._spawn(slot, url)
+        return 0
+
+    def _stop_workers(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace_seconds + 5.0
+        for slot, proc in self.procs.items():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker did not stop in time; killing", extra={"worker": slot})
+                proc.kill()
+                proc.wait()
