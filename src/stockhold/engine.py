@@ -155,6 +155,14 @@ class Engine:
 
     async def _reserve_batch(self, orders: Sequence[ResolvedOrder]) -> list[dict[str, Any]]:
         """One reserve.lua call for a batch of orders; one result per order."""
+        keys, args = self.reserve_call(orders)
+        results: list[dict[str, Any]] = orjson.loads(
+            await self._call(self.scripts.reserve, keys, args)
+        )
+        return results
+
+    def reserve_call(self, orders: Sequence[ResolvedOrder]) -> tuple[list[str], list[bytes]]:
+        """KEYS and ARGV of one reserve.lua call for a batch of orders."""
         keys: list[str] = []
         args: list[bytes] = [self._reserve_header]
         default_hold = self.settings.default_hold_seconds
@@ -173,10 +181,7 @@ class Engine:
                     }
                 )
             )
-        results: list[dict[str, Any]] = orjson.loads(
-            await self._call(self.scripts.reserve, keys, args)
-        )
-        return results
+        return keys, args
 
     async def commit(self, order_id: str, payment_ref: str = "") -> Reservation:
         """HELD -> COMMITTED; a COMMITTED reservation is returned unchanged."""
