@@ -6,9 +6,10 @@ into script calls and script replies into domain objects or DomainErrors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -70,6 +71,15 @@ def make_client(url: str, settings: Settings) -> Redis:
     return Redis(connection_pool=pool)
 
 
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Turn Redis client failures inside the block into the DomainError a client sees."""
+    try:
+        yield
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise backend_error(exc) from exc
+
+
 def backend_error(exc: BaseException) -> DomainError:
     """Translate a Redis client failure into the domain error a client sees."""
     if isinstance(exc, ResponseError) and not str(exc).startswith(_TRANSIENT):
@@ -122,20 +132,16 @@ class Engine:
         await self.client.aclose(close_connection_pool=True)
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[bytes | str]) -> Any:
-        try:
+        with redis_errors():
             return await script(keys=keys, args=args)
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise backend_error(exc) from exc
 
     # -- set-up and health -------------------------------------------------------------------
     async def check_partitions(self) -> None:
         """Record the partition count on first use; refuse to run with a different one."""
         key = self.resolver.meta_partitions_key()
-        try:
+        with redis_errors():
             await self.client.set(key, self.settings.partitions, nx=True)
             stored = int(await self.client.get(key) or 0)
-        except (RedisError, OSError) as exc:
-            raise backend_error(exc) from exc
         if stored != self.settings.partitions:
             raise PartitionMismatch(
                 f"this Redis holds data for {stored} partitions; "
@@ -211,13 +217,11 @@ class Engine:
 
     async def _transition_batch(self, items: Sequence[Transition]) -> list[dict[str, Any]]:
         """Read each record's stock keys (one pipeline), then one transition.lua call."""
-        try:
+        with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 for t in items:
                     pipe.hget(t.keys.order_key, "keys")
                 stored: list[bytes | None] = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise backend_error(exc) from exc
         results: list[dict[str, Any]] = [{"err": Reason.RESERVATION_NOT_FOUND.value} for _ in items]
         keys: list[str] = []
         args: list[bytes] = [self._transition_header]
@@ -249,13 +253,11 @@ class Engine:
     # -- stock -------------------------------------------------------------------------------
     async def availability(self, units: Sequence[Unit]) -> list[StockLevel]:
         """Stock levels, one per unit and warehouse (units without stock give none)."""
-        try:
+        with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 for u in units:
                     pipe.hgetall(u.stock_key)
                 hashes = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise backend_error(exc) from exc
         levels: list[StockLevel] = []
         for u, h in zip(units, hashes, strict=True):
             fields = {f.decode(): int(v) for f, v in h.items()}
@@ -311,15 +313,13 @@ class Engine:
         partitions = list(range(self.settings.partitions))
         expired = 0
         for _ in range(max_rounds):
-            try:
+            with redis_errors():
                 async with self.client.pipeline(transaction=False) as pipe:
                     for p in partitions:
                         await self.scripts.due(
                             keys=(self.resolver.expiry_key(p),), args=(batch,), client=pipe
                         )
                     due_lists: list[list[bytes]] = await pipe.execute()
-            except (RedisError, OSError) as exc:
-                raise backend_error(exc) from exc
             due = [oid.decode() for ids in due_lists for oid in ids]
             for i in range(0, len(due), batch):
                 expired += await self._expire_batch(due[i : i + batch])
