@@ -7,8 +7,12 @@ STAMP  := $(VENV)/.stamp-install
 STUBS  := src/stockhold/v1/inventory_pb2.py
 PROTOS := $(shell find proto -name '*.proto')
 PYTEST_ARGS ?=
+# The compiled hot path (native/*.pyx), built in place next to its pure-Python twin.
+EXT_SUFFIX := $(shell $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+NATIVE_SRC := $(wildcard native/*.pyx native/*.pxd)
+NATIVE_SO  := src/stockhold/_resolver_c$(EXT_SUFFIX)
 
-.PHONY: all install stubs run test lint fmt clean
+.PHONY: all install stubs native run test lint fmt clean
 
 all: lint test
 
@@ -21,7 +25,14 @@ $(STAMP): pyproject.toml setup.py
 $(STUBS): $(STAMP) $(PROTOS) scripts/gen_protos.py
 	$(BIN)/python scripts/gen_protos.py
 
-install: $(STAMP) $(STUBS)
+# setup.py build_ext only warns when it cannot compile (stockhold then runs pure Python);
+# make test fails in that case (tests/test_resolver_impls.py checks that it loaded).
+$(NATIVE_SO): $(STAMP) $(NATIVE_SRC) setup.py
+	$(BIN)/python setup.py -q build_ext --inplace --force
+
+native: $(NATIVE_SO)
+
+install: $(STAMP) $(STUBS) native
 
 stubs: $(STUBS)
 
@@ -43,3 +54,4 @@ fmt: install
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info src/stockhold/v1 .pytest_cache .mypy_cache .ruff_cache
+	rm -f src/stockhold/_resolver_c.*.so native/*.c

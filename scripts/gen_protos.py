@@ -19,14 +19,22 @@ def generate() -> None:
 
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
     include = str(Path(grpc_tools.__file__).parent / "_proto")
-    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={OUT_DIR}",
-            f"--grpc_python_out={OUT_DIR}"]
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{include}",
+        f"--python_out={OUT_DIR}",
+        f"--grpc_python_out={OUT_DIR}",
+    ]
     plugin_dir = Path(sys.executable).parent
     has_mypy_protobuf = importlib.util.find_spec("mypy_protobuf") is not None
     if has_mypy_protobuf and (plugin_dir / "protoc-gen-mypy").exists():
-        args += [f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
-                 f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
-                 f"--mypy_out={OUT_DIR}", f"--mypy_grpc_out={OUT_DIR}"]
+        args += [
+            f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
+            f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
+            f"--mypy_out={OUT_DIR}",
+            f"--mypy_grpc_out={OUT_DIR}",
+        ]
     # Overwrite in place (no rmtree): a running test or server may be importing these.
     GENERATED.mkdir(parents=True, exist_ok=True)
     if protoc.main([*args, *protos]) != 0:
