@@ -7,12 +7,14 @@ STAMP  := $(VENV)/.stamp-install
 STUBS  := src/stockhold/v1/inventory_pb2.py
 PROTOS := $(shell find proto -name '*.proto')
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+LOADTEST_ARGS ?=
 # The compiled hot path (native/*.pyx), built in place next to its pure-Python twin.
 EXT_SUFFIX := $(shell $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 NATIVE_SRC := $(wildcard native/*.pyx native/*.pxd)
 NATIVE_SO  := src/stockhold/_resolver_c$(EXT_SUFFIX)
 
-.PHONY: all install stubs native run test lint fmt clean
+.PHONY: all install stubs native run test lint fmt clean bench loadtest
 
 all: lint test
 
@@ -42,6 +44,20 @@ run: install
 test: install
 	bash scripts/ensure-redis.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Micro-benchmarks (pytest-benchmark), saved under .benchmarks/; compare with the last saved
+# run: make bench BENCH_ARGS=--benchmark-compare
+bench: install
+	$(BIN)/python -m pytest bench/test_bench_resolver.py bench/test_bench_engine.py \
+		--benchmark-only --benchmark-autosave $(BENCH_ARGS)
+
+$(VENV)/.stamp-loadtest: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,loadtest]'
+	touch $@
+
+# A short headless Locust run against a private stockhold + Redis (see loadtest/run.py).
+loadtest: install $(VENV)/.stamp-loadtest
+	$(BIN)/python loadtest/run.py $(LOADTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests scripts bench loadtest
