@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,12 @@ class _Entry(Generic[Item, Result]):
         self.item = item
         self.fut = fut
         self.sent = False
+
+
+def _drop_unsent(entry: _Entry[Any, Any], wait_limit: float) -> None:
+    """Timer callback: fail an entry that is still queued (_dispatch then skips it)."""
+    if not entry.sent and not entry.fut.done():
+        entry.fut.set_exception(NotSent(f"not sent within {wait_limit:.3f} s"))
 
 
 class Batcher(Generic[Item, Result]):
@@ -69,17 +75,20 @@ class Batcher(Generic[Item, Result]):
         NotSent is raised. Once sent, the item's true result is always awaited: a request is
         never reported failed when its script call may have written.
         """
-        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Result] = loop.create_future()
         entry = _Entry(item, fut)
         self._queue.append(entry)
         if self._inflight < self._max_inflight:
             self._dispatch()
-        if wait_limit is not None and not entry.sent:
-            done, _ = await asyncio.wait((fut,), timeout=wait_limit)
-            if not done and not entry.sent:
-                fut.cancel()  # _dispatch skips it
-                raise NotSent(f"not sent within {wait_limit:.3f} s")
-        return await fut
+        if wait_limit is None or entry.sent:
+            return await fut
+        # One timer handle, no extra task: the cheapest way to bound the queue wait.
+        timer = loop.call_later(wait_limit, _drop_unsent, entry, wait_limit)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
 
     def _dispatch(self) -> None:
         batch: list[_Entry[Item, Result]] = []
