@@ -39,7 +39,7 @@ class Settings:
     health_interval_seconds: float = 0.5
     # Coalescing of concurrent reserves / commits / releases (see batcher.py).
     batch_max_orders: int = 64
-    batch_max_inflight: int = 2
+    batch_max_inflight: int = 1
     redis_max_connections: int = 64
     # How long a request may wait for a pooled Redis connection before it is refused.
     redis_pool_timeout_seconds: float = 5.0
