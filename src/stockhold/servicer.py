@@ -99,6 +99,9 @@ def level_pb(s: StockLevel) -> pb.StockLevel:
     )
 
 
+_NOTE_BOUNDS = {"payment_ref": c.MAX_PAYMENT_REF, "reason": c.MAX_REASON}
+
+
 def _raise_if(out: list[FieldViolation]) -> None:
     if out:
         raise invalid(out)
@@ -111,6 +114,13 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         self.engine = engine
         self.settings = settings
         self.resolver = engine.resolver
+
+    def _check_order_and_note(self, order_id: str, field: str, note: str) -> None:
+        """Validate an order id and the free-text field of a Commit or Release, together."""
+        out: list[FieldViolation] = []
+        self.resolver.order(order_id, out=out)
+        check_text(note, field, 0, _NOTE_BOUNDS[field], out, normalise=False)
+        _raise_if(out)
 
     @rich_errors
     async def Reserve(
@@ -132,10 +142,7 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         self, request: pb.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CommitResponse:
         """HELD -> COMMITTED."""
-        out: list[FieldViolation] = []
-        self.resolver.order(request.order_id, out=out)
-        check_text(request.payment_ref, "payment_ref", 0, c.MAX_PAYMENT_REF, out, normalise=False)
-        _raise_if(out)
+        self._check_order_and_note(request.order_id, "payment_ref", request.payment_ref)
         reservation = await self.engine.commit(request.order_id, request.payment_ref)
         return pb.CommitResponse(reservation=reservation_pb(reservation))
 
@@ -144,10 +151,7 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReleaseResponse:
         """HELD -> RELEASED."""
-        out: list[FieldViolation] = []
-        self.resolver.order(request.order_id, out=out)
-        check_text(request.reason, "reason", 0, c.MAX_REASON, out, normalise=False)
-        _raise_if(out)
+        self._check_order_and_note(request.order_id, "reason", request.reason)
         reservation = await self.engine.release(request.order_id, request.reason)
         return pb.ReleaseResponse(reservation=reservation_pb(reservation))
 
