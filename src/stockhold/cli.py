@@ -48,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     if workers > 1:
         # Workers get the same flags (minus --workers); the Redis URL comes from the parent.
         argv: list[str] = []
-        for flag in _SERVE_FLAGS:
+        for flag, _, _ in _WORKER_FLAGS:
             value = getattr(args, flag.lstrip("-").replace("-", "_"))
             if value is not None:
                 argv += [flag, str(value)]
@@ -56,13 +56,14 @@ def _serve(args: argparse.Namespace) -> int:
     return uvloop.run(serve(settings))
 
 
-_SERVE_FLAGS = (
-    "--listen",
-    "--data-dir",
-    "--partitions",
-    "--default-hold-seconds",
-    "--warehouse-priority",
-    "--log-level",
+# The serve flags a supervisor passes on to its workers (the Redis URL goes by environment).
+_WORKER_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    ("--listen", str, "HOST:PORT (env STOCKHOLD_LISTEN, default 127.0.0.1:50051)"),
+    ("--data-dir", Path, "embedded Redis data (default ./.stockhold)"),
+    ("--partitions", int, "partition count, fixed per deployment"),
+    ("--default-hold-seconds", int, "hold length when none is asked"),
+    ("--warehouse-priority", str, "comma-separated allocation order"),
+    ("--log-level", str, "DEBUG, INFO, WARNING, ..."),
 )
 
 
@@ -252,16 +253,12 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="stockhold", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the gRPC server")
-    p.add_argument("--listen", help="HOST:PORT (env STOCKHOLD_LISTEN, default 127.0.0.1:50051)")
     p.add_argument(
         "--redis-url",
         help="redis:// or unix:// URL (env STOCKHOLD_REDIS_URL); none: embedded redis-server",
     )
-    p.add_argument("--data-dir", type=Path, help="embedded Redis data (default ./.stockhold)")
-    p.add_argument("--partitions", type=int, help="partition count, fixed per deployment")
-    p.add_argument("--default-hold-seconds", type=int, help="hold length when none is asked")
-    p.add_argument("--warehouse-priority", help="comma-separated allocation order")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    for flag, kind, help_ in _WORKER_FLAGS:
+        p.add_argument(flag, type=kind, help=help_)
     p.add_argument(
         "--workers",
         type=int,

@@ -19,6 +19,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
+from stockhold import constants as c
 from stockhold.batcher import Batcher, NotSent
 from stockhold.errors import DomainError, Reason
 from stockhold.model import Reservation, StockLevel
@@ -261,12 +262,11 @@ class Engine:
         levels: list[StockLevel] = []
         for u, h in zip(units, hashes, strict=True):
             fields = {f.decode(): int(v) for f, v in h.items()}
-            for wh in sorted(f[2:] for f in fields if f.startswith("a:")):
-                levels.append(
-                    StockLevel(
-                        u.sku, u.spec, u.barcode, wh, fields[f"a:{wh}"], fields.get(f"r:{wh}", 0)
-                    )
-                )
+            prefix = len(c.FIELD_AVAILABLE)
+            for wh in sorted(f[prefix:] for f in fields if f.startswith(c.FIELD_AVAILABLE)):
+                avail = fields[c.FIELD_AVAILABLE + wh]
+                held = fields.get(c.FIELD_RESERVED + wh, 0)
+                levels.append(StockLevel(u.sku, u.spec, u.barcode, wh, avail, held))
         return levels
 
     async def adjust(

@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 
 from stockhold import constants as c
 from stockhold.engine import Engine
-from stockhold.errors import DomainError, FieldViolation, invalid, to_rpc_status
+from stockhold.errors import DomainError, FieldViolation, Reason, invalid, to_rpc_status
 from stockhold.model import Reservation, StockLevel
 from stockhold.resolver import check_int, check_text
 from stockhold.settings import Settings
@@ -48,14 +48,14 @@ def rich_errors(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
 # Refusals that are part of normal business: not worth a log line each.
 _QUIET = frozenset(
     {
-        "INSUFFICIENT_STOCK",
-        "INVALID_ARGUMENT",
-        "RESERVATION_NOT_FOUND",
-        "ORDER_CONFLICT",
-        "ADJUSTMENT_CONFLICT",
-        "RESERVATION_EXPIRED",
-        "RESERVATION_RELEASED",
-        "RESERVATION_COMMITTED",
+        Reason.INSUFFICIENT_STOCK,
+        Reason.INVALID_ARGUMENT,
+        Reason.RESERVATION_NOT_FOUND,
+        Reason.ORDER_CONFLICT,
+        Reason.ADJUSTMENT_CONFLICT,
+        Reason.RESERVATION_EXPIRED,
+        Reason.RESERVATION_RELEASED,
+        Reason.RESERVATION_COMMITTED,
     }
 )
 

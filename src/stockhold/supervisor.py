@@ -43,7 +43,7 @@ class Supervisor:
         self.stopping = False
 
     def _spawn(self, slot: int, redis_url: str) -> None:
-        env = dict(os.environ, STOCKHOLD_REDIS_URL=redis_url, STOCKHOLD_WORKER=str(slot))
+        env = dict(os.environ, STOCKHOLD_REDIS_URL=redis_url)
         cmd = [sys.executable, "-m", "stockhold.cli", "serve", *self.argv, "--workers", "1"]
         self.procs[slot] = subprocess.Popen(cmd, env=env)
         self.started_at[slot] = time.monotonic()
