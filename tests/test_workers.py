@@ -23,8 +23,11 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def _established_on(pid: int, port: int) -> int:
-    """How many ESTABLISHED TCP sockets the process holds with local port `port`."""
+ESTABLISHED, LISTEN = "01", "0A"  # TCP states as /proc/net/tcp writes them
+
+
+def _sockets_on(pid: int, port: int, state: str = ESTABLISHED) -> int:
+    """How many TCP sockets in `state` the process holds with local port `port`."""
     inodes = set()
     fd_dir = Path(f"/proc/{pid}/fd")
     for fd in fd_dir.iterdir():
@@ -39,7 +42,7 @@ def _established_on(pid: int, port: int) -> int:
         for row in Path(table).read_text().splitlines()[1:]:
             cols = row.split()
             local_port = int(cols[1].rsplit(":", 1)[1], 16)
-            if local_port == port and cols[3] == "01" and cols[9] in inodes:
+            if local_port == port and cols[3] == state and cols[9] in inodes:
                 count += 1
     return count
 
@@ -58,6 +61,17 @@ def _wait_serving(address: str, timeout: float = 20.0) -> None:
     raise AssertionError(f"{address} never answered")
 
 
+def _wait_all_listening(parent: int, port: int, workers: int, timeout: float = 20.0) -> None:
+    """Wait until every worker has its own listening socket on the port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = _children(parent)
+        if len(children) == workers and all(_sockets_on(p, port, LISTEN) for p in children):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not all {workers} workers listen on {port}")
+
+
 @pytest.fixture
 def workers(redis_proc: Any, tmp_path: Path) -> Any:
     port = free_port()
@@ -68,6 +82,7 @@ def workers(redis_proc: Any, tmp_path: Path) -> Any:
         proc = subprocess.Popen(cmd, env=env, stderr=log)
         try:
             _wait_serving(f"127.0.0.1:{port}")
+            _wait_all_listening(proc.pid, port, workers=2)
             yield proc, port
         finally:
             if proc.poll() is None:
@@ -92,7 +107,7 @@ def test_two_workers_share_one_port_and_both_take_connections(workers: Any) -> N
             stub.GetAvailability(
                 pb.GetAvailabilityRequest(units=[pb.SalesUnit(sku=f"s{i}")]), timeout=5
             )
-        per_worker = {pid: _established_on(pid, port) for pid in children}
+        per_worker = {pid: _sockets_on(pid, port) for pid in children}
         assert sum(per_worker.values()) == 24, per_worker
         assert all(n > 0 for n in per_worker.values()), per_worker
     finally:
