@@ -58,3 +58,9 @@ MAX_DELTA: Final = 1_000_000_000
 MAX_REASON: Final = 256
 MAX_PAYMENT_REF: Final = 128
 MAX_AVAILABILITY_UNITS: Final = 500
+
+# WeChat Pay v3 notifications (issue 5, stockhold.payments.wechatpay): one key per nonce seen
+# in a verified notification, so a replay inside the timestamp window is refused.
+#     <prefix>:{meta}:wxnonce:<nonce>      string  "1", EX a little over twice the window
+WECHATPAY_NONCE: Final = "{meta}:wxnonce"
+MAX_WECHATPAY_NONCE: Final = 64
