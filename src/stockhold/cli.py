@@ -42,6 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
         if args.warehouse_priority
         else None,
         log_level=args.log_level,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        metrics_contention_top_n=args.metrics_top_n,
     )
     logs.configure(settings.log_level)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
@@ -64,6 +67,18 @@ _WORKER_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("--default-hold-seconds", int, "hold length when none is asked"),
     ("--warehouse-priority", str, "comma-separated allocation order"),
     ("--log-level", str, "DEBUG, INFO, WARNING, ..."),
+)
+
+# Serve flags a supervisor keeps to itself: with --workers N it alone serves /metrics (the
+# workers record into its multiprocess directory), so none of these go to the workers.
+_METRICS_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    (
+        "--metrics-port",
+        int,
+        "serve Prometheus /metrics on this port (env STOCKHOLD_METRICS_PORT; 0: off)",
+    ),
+    ("--metrics-host", str, "address the metrics endpoint binds (default 127.0.0.1)"),
+    ("--metrics-top-n", int, "top contended keys exported as gauges (default 20)"),
 )
 
 
@@ -257,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
         "--redis-url",
         help="redis:// or unix:// URL (env STOCKHOLD_REDIS_URL); none: embedded redis-server",
     )
-    for flag, kind, help_ in _WORKER_FLAGS:
+    for flag, kind, help_ in (*_WORKER_FLAGS, *_METRICS_FLAGS):
         p.add_argument(flag, type=kind, help=help_)
     p.add_argument(
         "--workers",

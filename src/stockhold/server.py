@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from stockhold import metrics
 from stockhold.constants import SERVICE_NAME
 from stockhold.embedded import EmbeddedRedis
 from stockhold.engine import Engine, PartitionMismatch
@@ -45,6 +46,7 @@ class StockholdServer:
                 ("grpc.so_reuseport", 1),
             ],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            interceptors=metrics.server_interceptors(settings),
         )
         inventory_pb2_grpc.add_InventoryServicer_to_server(
             InventoryServicer(self.engine, settings), self.server
@@ -57,6 +59,7 @@ class StockholdServer:
         )
         reflection.enable_server_reflection(services, self.server)
         self.port = 0
+        self.metrics: metrics.ProcessMetrics | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._serving: bool | None = None
         self._partitions_checked = False
@@ -70,6 +73,7 @@ class StockholdServer:
         self.port = self.server.add_insecure_port(self.settings.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.listen}")
+        self.metrics = metrics.start_process_metrics(self.settings, self.port)
         await self._set_serving(False)
         await self.server.start()
         await self._probe()
@@ -94,6 +98,8 @@ class StockholdServer:
             await asyncio.wait(pending, timeout=0.5)
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         await self.engine.close()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
 
     async def _set_serving(self, ok: bool) -> None:
         if ok == self._serving:

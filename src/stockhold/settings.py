@@ -47,6 +47,10 @@ class Settings:
     redis_socket_timeout_seconds: float = 0.8
     # Explicit admission limit: beyond it calls get RESOURCE_EXHAUSTED, never a bare CANCELLED.
     max_concurrent_rpcs: int = 20_000
+    # Prometheus /metrics (see metrics.py): port 0 is off; top-N keys of contention gauges.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    metrics_contention_top_n: int = 20
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
 

@@ -3,19 +3,27 @@
 The parent owns the embedded Redis (if any), starts each worker as a fresh interpreter running
 `stockhold serve --workers 1`, restarts a worker that dies, and on SIGTERM/SIGINT forwards
 SIGTERM to every worker, waits for them to drain, then stops the embedded Redis.
+
+With a metrics port the supervisor alone serves /metrics: it makes a fresh, private
+PROMETHEUS_MULTIPROC_DIR, hands it to the workers (which record into it, never binding the
+port), serves the sum of their files plus the contention gauges, marks each dead worker's
+files (`mark_process_dead`) and deletes the directory when it stops.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from types import FrameType
 
+from stockhold import metrics
 from stockhold.embedded import EmbeddedRedis
 from stockhold.settings import Settings
 
@@ -41,9 +49,16 @@ class Supervisor:
         self.started_at: dict[int, float] = {}
         self.early_exits: dict[int, int] = {}
         self.stopping = False
+        # The workers' prometheus_client multiprocess directory (None: metrics off).
+        self.metrics_dir: str | None = None
 
     def _spawn(self, slot: int, redis_url: str) -> None:
-        env = dict(os.environ, STOCKHOLD_REDIS_URL=redis_url)
+        # A worker never serves metrics itself (it would fight its siblings for the port);
+        # with metrics on it records into the supervisor's directory.
+        env = dict(os.environ, STOCKHOLD_REDIS_URL=redis_url, STOCKHOLD_METRICS_PORT="0")
+        env.pop(metrics.MULTIPROC_ENV, None)
+        if self.metrics_dir is not None:
+            env[metrics.MULTIPROC_ENV] = self.metrics_dir
         cmd = [sys.executable, "-m", "stockhold.cli", "serve", *self.argv, "--workers", "1"]
         self.procs[slot] = subprocess.Popen(cmd, env=env)
         self.started_at[slot] = time.monotonic()
@@ -64,12 +79,35 @@ class Supervisor:
             url = embedded.start()
             log.info("embedded redis started", extra={"url": url})
         code = 0
+        endpoint: metrics.MetricsEndpoint | None = None
+        contention: metrics.ContentionCollector | None = None
         try:
+            if self.settings.metrics_port:
+                self.metrics_dir = tempfile.mkdtemp(prefix="stockhold-metrics-")
+                contention = metrics.ContentionCollector(
+                    metrics.local_target(self.settings.listen),
+                    self.settings.metrics_contention_top_n,
+                )
+                endpoint = metrics.MetricsEndpoint(
+                    self.settings.metrics_host,
+                    self.settings.metrics_port,
+                    metrics.supervisor_registry(self.metrics_dir, contention),
+                )
+                log.info(
+                    "metrics serving",
+                    extra={"metrics_port": endpoint.port, "metrics_dir": self.metrics_dir},
+                )
             for slot in range(self.workers):
                 self._spawn(slot, url)
             code = self._watch(url)
         finally:
             self._stop_workers()
+            if endpoint is not None:
+                endpoint.close()
+            if contention is not None:
+                contention.close()
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
             if embedded is not None:
                 embedded.stop()
         log.info("supervisor stopped")
@@ -86,6 +124,8 @@ class Supervisor:
                 early = lived < _EARLY_EXIT_SECONDS
                 self.early_exits[slot] = self.early_exits.get(slot, 0) + 1 if early else 0
                 log.error("worker exited", extra={"worker": slot, "code": rc, "lived_s": lived})
+                if self.metrics_dir is not None:
+                    metrics.mark_process_dead(proc.pid, self.metrics_dir)
                 if self.early_exits[slot] >= 2:
                     log.critical("worker keeps failing at start; stopping", extra={"worker": slot})
                     return 1
