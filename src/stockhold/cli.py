@@ -8,7 +8,7 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from google.protobuf import json_format
@@ -17,6 +17,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from stockhold import top
 from stockhold.constants import SERVICE_NAME
 from stockhold.settings import Settings
 from stockhold.v1 import inventory_pb2 as pb
@@ -153,9 +154,74 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+# Optional SetSkuPolicyRequest fields: only those given on the command line are sent.
+_POLICY_FIELDS: Final = ("reserve_timeout_ms", "hold_seconds", "max_line_quantity", "hot", "pinned")
+# `policy list --all` follows next_page_token at most this many pages.
+_MAX_POLICY_PAGES: Final = 1000
+
+
+def policy_set_request(args: argparse.Namespace) -> pb.SetSkuPolicyRequest:
+    """The SetSkuPolicy request of `policy set`: an optional field is present iff its flag is."""
+    request = pb.SetSkuPolicyRequest(sku=args.sku, reset=args.reset)
+    for name in _POLICY_FIELDS:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(request, name, value)
+    return request
+
+
+def _policy_list(args: argparse.Namespace, stub: pb_grpc.InventoryStub) -> Message:
+    request = pb.ListSkuPoliciesRequest(
+        page_size=args.page_size, page_token=args.page_token, hot_only=args.hot_only
+    )
+    reply = stub.ListSkuPolicies(request, timeout=args.timeout)
+    if not args.all:
+        return reply
+    merged = pb.ListSkuPoliciesResponse(policies=reply.policies)
+    seen = {request.page_token}
+    pages = 1
+    while reply.next_page_token and pages < _MAX_POLICY_PAGES:
+        if reply.next_page_token in seen:  # a token seen before would loop forever
+            raise SystemExit(f"error: the server repeated page token {reply.next_page_token!r}")
+        seen.add(reply.next_page_token)
+        request.page_token = reply.next_page_token
+        reply = stub.ListSkuPolicies(request, timeout=args.timeout)
+        merged.policies.extend(reply.policies)
+        pages += 1
+    merged.next_page_token = reply.next_page_token
+    if merged.next_page_token:
+        print(
+            f"warning: stopped after {pages} pages; continue with --page-token",
+            file=sys.stderr,
+        )
+    return merged
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+        return value
+
+    return parse
+
+
+def _top(args: argparse.Namespace) -> int:
+    return top.run(
+        args.address,
+        interval=args.interval,
+        top_n=args.top,
+        window_s=args.window,
+        since_start=args.since_start,
+        iterations=1 if args.once else args.iterations,
+        timeout=args.timeout,
+    )
+
+
 def _commands(sub: Any) -> None:
-    def client(name: str, help_: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
+    def client(name: str, help_: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_)
         p.add_argument(
             "--address",
             default=os.environ.get("STOCKHOLD_ADDRESS", DEFAULT_ADDRESS),
@@ -261,6 +327,76 @@ def _commands(sub: Any) -> None:
     p = client("health", "exit 0 when the server reports SERVING")
     p.add_argument("--service", default=SERVICE_NAME)
     p.set_defaults(run=_health)
+
+    policy = sub.add_parser("policy", help="per-SKU policies: reserve timeout, hold, hot flag")
+    psub = policy.add_subparsers(dest="policy_command", required=True)
+    p = client("set", "change a SKU's stored policy (only the fields given)", psub)
+    p.add_argument("sku")
+    p.add_argument("--reserve-timeout-ms", type=int, help="0: back to the default")
+    p.add_argument("--hold-seconds", type=int, help="hold length of its Reserves; 0: default")
+    p.add_argument("--max-line-quantity", type=int, help="largest quantity per line; 0: default")
+    p.add_argument(
+        "--hot",
+        action=argparse.BooleanOptionalAction,
+        help="the operator's hot flag (applies while pinned)",
+    )
+    pin = p.add_mutually_exclusive_group()
+    pin.add_argument(
+        "--pinned",
+        dest="pinned",
+        action="store_const",
+        const=True,
+        help="automatic hot detection leaves the SKU alone",
+    )
+    pin.add_argument("--unpinned", dest="pinned", action="store_const", const=False)
+    p.add_argument("--reset", action="store_true", help="delete the stored policy (alone)")
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a, lambda s: s.SetSkuPolicy(policy_set_request(a), timeout=a.timeout)
+        )
+    )
+
+    p = client("get", "a SKU's policy, with what applies now (effective_*)", psub)
+    p.add_argument("sku")
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a, lambda s: s.GetSkuPolicy(pb.GetSkuPolicyRequest(sku=a.sku), timeout=a.timeout)
+        )
+    )
+
+    p = client("list", "stored policies (and hot SKUs), one page or --all", psub)
+    p.add_argument("--hot-only", action="store_true", help="only SKUs hot now")
+    p.add_argument("--page-size", type=int, default=0, help="0: the server's default (100)")
+    p.add_argument("--page-token", default="", help="from a previous page's next_page_token")
+    p.add_argument("--all", action="store_true", help="follow next_page_token to the end")
+    p.set_defaults(run=lambda a: _client_call(a, lambda s: _policy_list(a, s)))
+
+    def stats_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--top", type=int, default=0, help="keys to show (0: the server's 20)")
+        window = p.add_mutually_exclusive_group()
+        window.add_argument(
+            "--window", type=_positive(float), help="seconds (default: the server's, 60)"
+        )
+        window.add_argument("--since-start", action="store_true", help="since each process started")
+
+    p = client("contention", "top contended sales units (GetContentionStats) as JSON")
+    stats_args(p)
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.GetContentionStats(
+                top.stats_request(a.top, a.window, a.since_start), timeout=a.timeout
+            ),
+        )
+    )
+
+    p = client("top", "live view of the top contended sales units, like top(1)")
+    stats_args(p)
+    p.add_argument("--interval", type=_positive(float), default=2.0, help="seconds per frame")
+    frames = p.add_mutually_exclusive_group()
+    frames.add_argument("--once", action="store_true", help="draw one frame and exit")
+    frames.add_argument("--iterations", type=_positive(int), help="draw N frames and exit")
+    p.set_defaults(run=_top)
 
 
 def parser() -> argparse.ArgumentParser:

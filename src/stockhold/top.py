@@ -1,0 +1,243 @@
+"""`stockhold top`: a live, refreshing terminal view of GetContentionStats, like `top`.
+
+`render` turns one response into a frame (pure, for tests); `run` polls the server and
+redraws: in place (ANSI home + clear) on a terminal, frames separated by a blank line
+otherwise. A failed call becomes a one-line error in the frame, and polling goes on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Final, TextIO
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from stockhold.v1 import inventory_pb2 as pb
+from stockhold.v1 import inventory_pb2_grpc as pb_grpc
+
+_CLEAR: Final = "\x1b[H\x1b[2J"  # cursor home, clear the screen
+_ELLIPSIS: Final = "…"
+# Text columns (sku, spec, barcode) never grow past this nor shrink below MIN_TEXT; when the
+# terminal is narrow, barcode and spec give way first, the SKU last.
+_MAX_TEXT: Final = 32
+_MIN_TEXT: Final = 4
+_SHRINK_ORDER: Final = ((2, 1), (0,))
+# Before the SKU column would be cut below this, figure columns are left out, in this order
+# (REQS, P99 and FLAG always stay).
+_SKU_WANTED: Final = 12
+_DROP_ORDER: Final = ("SCRIPT", "P50", "MAX", "CONT", "INSUF", "MEAN", "TMOUT")
+# (header, least width) of the figure columns, right-aligned after the text columns; each is
+# as wide as its widest value.
+_FIGURES: Final = (
+    ("REQS", 5),
+    ("CONT", 5),
+    ("TMOUT", 5),
+    ("INSUF", 5),
+    ("MEAN", 6),
+    ("P50", 6),
+    ("P99", 6),
+    ("MAX", 6),
+    ("SCRIPT", 6),
+)
+
+
+def stats_request(
+    top_n: int = 0, window_s: float | None = None, since_start: bool = False
+) -> pb.GetContentionStatsRequest:
+    """A GetContentionStats request; `window_s` None leaves the server's configured window."""
+    req = pb.GetContentionStatsRequest(top_n=top_n, since_start=since_start)
+    if window_s is not None:
+        req.window.FromNanoseconds(round(window_s * 1e9))
+    return req
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value < 10_000 else f"{value:.0f}"
+
+
+def _seconds(d: Duration) -> str:
+    s = d.seconds + d.nanos / 1e9
+    return f"{s:g}s"
+
+
+def _cut(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
+    return text[: max(width - 1, 0)] + _ELLIPSIS if width > 0 else ""
+
+
+def _stamp(resp: pb.GetContentionStatsResponse | None) -> str:
+    if resp is not None and resp.HasField("generated_at"):
+        when = resp.generated_at.ToDatetime(tzinfo=UTC)
+    else:
+        when = datetime.now(UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def header(resp: pb.GetContentionStatsResponse) -> str:
+    """The frame's first line: time, window, processes merged, flag threshold."""
+    window = f"window {_seconds(resp.window)}" if resp.HasField("window") else "since start"
+    parts = [
+        "stockhold top",
+        _stamp(resp),
+        window,
+        f"processes {resp.processes}",
+        f"flag p99 > {resp.flag_ms:g} ms",
+    ]
+    if resp.skipped:
+        parts.append(f"skipped {resp.skipped}")
+    return "  ".join(parts)
+
+
+def _text_widths(rows: Sequence[Sequence[str]], fixed: int, width: int) -> list[int]:
+    """Widths of the text columns: natural (capped), shrunk to fit `width` (see _SHRINK_ORDER)."""
+    widths = [min(max(len(r[i]) for r in rows), _MAX_TEXT) for i in range(3)]
+    gaps = 3  # one space before each text column
+    for group in _SHRINK_ORDER:
+        while sum(widths) + gaps + fixed > width:
+            widest = max(group, key=lambda i: widths[i])
+            if widths[widest] <= _MIN_TEXT:
+                break
+            widths[widest] -= 1
+    return widths
+
+
+def render(resp: pb.GetContentionStatsResponse, width: int) -> str:
+    """One frame: header, the table of top keys (heaviest total wait first), the SKU hints.
+
+    Times are in milliseconds. FLAG marks a key whose wait p99 is above the flag threshold;
+    a `*` after the rank marks figures that are lower bounds (the key took an evicted key's
+    place in the top-K sketch). No line is longer than `width`: on a narrow terminal the
+    barcode and spec columns shrink first, then the less telling figure columns are left
+    out (_DROP_ORDER), then the SKU shrinks.
+    """
+    width = max(width, 20)
+    lines = [_cut(header(resp), width), ""]
+    head = ("SKU", "SPEC", "BARCODE")
+    text_rows = [head] + [
+        (k.unit.sku or k.key, k.unit.spec or "-", k.unit.barcode or "-") for k in resp.keys
+    ]
+    figure_rows = [
+        (
+            str(k.requests),
+            str(k.contended),
+            str(k.timeouts),
+            str(k.insufficient),
+            _ms(k.wait_mean_ms),
+            _ms(k.wait_p50_ms),
+            _ms(k.wait_p99_ms),
+            _ms(k.wait_max_ms),
+            _ms(k.script_mean_ms),
+        )
+        for k in resp.keys
+    ]
+    fw = {
+        i: max(len(name), least, *(len(r[i]) for r in figure_rows))
+        for i, (name, least) in enumerate(_FIGURES)
+    }
+    names = [name for name, _ in _FIGURES]
+    sku_wanted = min(max(len(r[0]) for r in text_rows), _SKU_WANTED)
+    wanted = sku_wanted + 2 * _MIN_TEXT + 3
+    for name in _DROP_ORDER:
+        if 4 + sum(w + 1 for w in fw.values()) + 5 + wanted <= width:
+            break
+        del fw[names.index(name)]
+    fixed = 4 + sum(w + 1 for w in fw.values()) + 5  # rank, figures, " FLAG"
+    tw = _text_widths(text_rows, fixed, width)
+
+    def row(rank: str, texts: Sequence[str], figures: Sequence[str], flag: str) -> str:
+        cells = [rank.rjust(4)]
+        cells += [_cut(t, w).ljust(w) for t, w in zip(texts, tw, strict=True)]
+        cells += [figures[i].rjust(w) for i, w in fw.items()]
+        cells.append(flag)
+        return _cut(" ".join(cells).rstrip(), width)
+
+    lines.append(row("#", head, [h for h, _ in _FIGURES], "FLAG"))
+    estimated = False
+    for i, (k, texts, figures) in enumerate(
+        zip(resp.keys, text_rows[1:], figure_rows, strict=True), start=1
+    ):
+        estimated = estimated or k.estimated
+        lines.append(row(f"{i}{'*' if k.estimated else ''}", texts, figures, "FLAG" * k.flagged))
+    if not resp.keys:
+        lines.append("  (no requests recorded)")
+    lines.append("")
+    lines.append(_cut("wait and script times in ms; TMOUT: shed with RESERVE_TIMEOUT", width))
+    if estimated:
+        lines.append(_cut("* estimated: the figures are lower bounds", width))
+    if resp.sku_hints:
+        lines.append("")
+        lines.append(_cut("SKU hints (several sales units of one SKU hot at once):", width))
+        for h in resp.sku_hints:
+            flagged = f", {h.flagged} flagged" if h.flagged else ""
+            text = (
+                f"  {h.sku}: {len(h.keys)} hot units{flagged}, wait {_ms(h.wait_total_ms)} ms"
+                f" total: {', '.join(h.keys)}"
+            )
+            lines.append(_cut(text, width))
+    return "\n".join(lines)
+
+
+def render_error(err: grpc.RpcError | str, width: int, retry_s: float | None = None) -> str:
+    """A frame for a failed call: a header line (with the retry interval, if any), the error."""
+    if isinstance(err, str):
+        message = err
+    else:
+        details = (err.details() or "").strip().splitlines()
+        message = f"{err.code().name}: {details[0] if details else ''}".rstrip(": ")
+    head = f"stockhold top  {_stamp(None)}"
+    if retry_s is not None:
+        head += f"  retrying every {retry_s:g} s"
+    return "\n".join((_cut(head, width), _cut(f"error: {message}", width)))
+
+
+def run(
+    address: str,
+    interval: float = 2.0,
+    top_n: int = 0,
+    window_s: float | None = None,
+    since_start: bool = False,
+    iterations: int | None = None,
+    timeout: float = 5.0,
+    out: TextIO | None = None,
+) -> int:
+    """Poll and draw until `iterations` frames are drawn (None: until Ctrl-C).
+
+    Returns 0 when the last frame had data or on Ctrl-C, 1 when the last call failed.
+    """
+    stream = sys.stdout if out is None else out
+    tty = stream.isatty()
+    request = stats_request(top_n, window_s, since_start)
+    ok = True
+    drawn = 0
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.InventoryStub(channel)
+            while iterations is None or drawn < iterations:
+                if drawn:
+                    time.sleep(interval)
+                size = shutil.get_terminal_size((120, 40))
+                more = iterations is None or drawn + 1 < iterations
+                try:
+                    reply = stub.GetContentionStats(request, timeout=timeout)
+                    frame, ok = render(reply, size.columns), True
+                except grpc.RpcError as err:
+                    frame, ok = render_error(err, size.columns, interval if more else None), False
+                if tty:
+                    frame = _CLEAR + "\n".join(frame.splitlines()[: max(size.lines - 1, 1)])
+                elif drawn:
+                    frame = "\n" + frame
+                stream.write(frame + "\n")
+                stream.flush()
+                drawn += 1
+    except KeyboardInterrupt:
+        return 0
+    return 0 if ok else 1
+
+
+__all__ = ["header", "render", "render_error", "run", "stats_request"]
