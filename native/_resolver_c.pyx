@@ -376,6 +376,7 @@ cdef str EXPIRY = c.EXPIRY
 cdef str EVENTS = c.EVENTS
 cdef str ADJUSTMENT = c.ADJUSTMENT
 cdef str META_PARTITIONS = c.META_PARTITIONS
+cdef str SKU = c.SKU
 # The same words as ASCII bytes, followed by the separator, for the fast key builders.
 cdef bytes STOCK_SEP = (c.STOCK + ":").encode("ascii")
 cdef bytes ORDER_SEP = (c.ORDER + ":").encode("ascii")
@@ -569,6 +570,15 @@ cdef class KeyResolver:
     def meta_partitions_key(self):
         """Where the deployment's partition count is recorded."""
         return f"{self.prefix}:{META_PARTITIONS}"
+
+    def sku_key(self, sku):
+        """The policy + sales-bucket hash of a (normalised) SKU, in the SKU's own partition."""
+        sid = _escape(sku)
+        return f"{self._tags[self.partition_of(sid)]}{SKU}:{sid}"
+
+    def meta_key(self, name):
+        """A deployment-wide key such as `constants.META_SKUS` (the `{meta}` slot)."""
+        return f"{self.prefix}:{name}"
 
     # -- sales units ------------------------------------------------------------------------
     def unit(self, sku, spec, barcode, path="unit", out=None):

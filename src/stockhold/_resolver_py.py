@@ -117,6 +117,15 @@ class KeyResolver:
         """Where the deployment's partition count is recorded."""
         return f"{self.prefix}:{c.META_PARTITIONS}"
 
+    def sku_key(self, sku: str) -> str:
+        """The policy + sales-bucket hash of a (normalised) SKU, in the SKU's own partition."""
+        sid = escape(sku)
+        return f"{self._tags[self.partition_of(sid)]}{c.SKU}:{sid}"
+
+    def meta_key(self, name: str) -> str:
+        """A deployment-wide key such as `constants.META_SKUS` (the `{meta}` slot)."""
+        return f"{self.prefix}:{name}"
+
     # -- sales units --------------------------------------------------------------------------
     def unit(
         self,

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,23 @@ class NotSent(Exception):
     """The item waited longer than its limit and was dropped before it was sent."""
 
 
+class Timed(NamedTuple, Generic[Result]):
+    """An item's result with where its time went (perf_counter seconds)."""
+
+    result: Result
+    queued_s: float  # from submit until its batch was sent
+    call_s: float  # the batch's call, sent to answered
+
+
 class _Entry(Generic[Item, Result]):
-    __slots__ = ("fut", "item", "sent")
+    __slots__ = ("done_at", "fut", "item", "sent", "sent_at")
 
     def __init__(self, item: Item, fut: asyncio.Future[Result]) -> None:
         self.item = item
         self.fut = fut
         self.sent = False
+        self.sent_at = 0.0
+        self.done_at = 0.0
 
 
 def _drop_unsent(entry: _Entry[Any, Any], wait_limit: float) -> None:
@@ -75,6 +86,11 @@ class Batcher(Generic[Item, Result]):
         NotSent is raised. Once sent, the item's true result is always awaited: a request is
         never reported failed when its script call may have written.
         """
+        return (await self.submit_timed(item, wait_limit)).result
+
+    async def submit_timed(self, item: Item, wait_limit: float | None = None) -> Timed[Result]:
+        """As `submit`, and say how long the item queued and how long its call took."""
+        started = time.perf_counter()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Result] = loop.create_future()
         entry = _Entry(item, fut)
@@ -82,20 +98,24 @@ class Batcher(Generic[Item, Result]):
         if self._inflight < self._max_inflight:
             self._dispatch()
         if wait_limit is None or entry.sent:
-            return await fut
-        # One timer handle, no extra task: the cheapest way to bound the queue wait.
-        timer = loop.call_later(wait_limit, _drop_unsent, entry, wait_limit)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+            result = await fut
+        else:
+            # One timer handle, no extra task: the cheapest way to bound the queue wait.
+            timer = loop.call_later(wait_limit, _drop_unsent, entry, wait_limit)
+            try:
+                result = await fut
+            finally:
+                timer.cancel()
+        return Timed(result, entry.sent_at - started, entry.done_at - entry.sent_at)
 
     def _dispatch(self) -> None:
         batch: list[_Entry[Item, Result]] = []
+        now = time.perf_counter()
         while self._queue and len(batch) < self._max_batch:
             entry = self._queue.popleft()
             if not entry.fut.done():  # cancelled while queued: never sent
                 entry.sent = True
+                entry.sent_at = now
                 batch.append(entry)
         if not batch:
             return
@@ -109,7 +129,12 @@ class Batcher(Generic[Item, Result]):
         self.items += len(batch)
         self.largest = max(self.largest, len(batch))
         try:
-            results = await self._send([entry.item for entry in batch])
+            try:
+                results = await self._send([entry.item for entry in batch])
+            finally:
+                done = time.perf_counter()
+                for entry in batch:
+                    entry.done_at = done
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} got {len(results)} results")
         except asyncio.CancelledError:

@@ -1,0 +1,237 @@
+"""Per-SKU policies: reserve timeout threshold, default hold, line limit, hot flag.
+
+A policy is stored in the SKU's hash in Redis (constants: `POLICY_*` fields), next to the
+SKU's trailing sales buckets that the commit script maintains. Whether a SKU is hot is
+decided on Redis's clock whenever a script reads the hash: pinned policies keep the
+operator's flag, others are hot while more than `hot_threshold_units` units were committed
+over the trailing `hot_window_seconds`.
+
+The reserve path needs each SKU's threshold *before* it sends anything, so every process
+keeps a bounded cache (`PolicyCache`) of effective thresholds. It is refreshed for free by
+every reserve reply (reserve.lua returns the state of each SKU it read), by every
+SetSkuPolicy in this process, and by a background pass over stored policies and hot SKUs
+(`PolicyStore.refresh`), so another process's change arrives within
+`policy_refresh_seconds` or the next reserve reply, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from stockhold import constants as c
+from stockhold.settings import Settings
+
+if TYPE_CHECKING:
+    from stockhold.engine import Engine
+
+# Most SKUs one refresh pass or one ListSkuPolicies page reads from Redis.
+REFRESH_BATCH = 500
+MAX_PAGE = 1000
+# ListSkuPolicies(hot_only) reads at most this many index entries per page looking for hot ones.
+MAX_SCAN = 5000
+
+
+def effective_timeout_ms(stored_ms: int, hot: bool, pinned: bool, settings: Settings) -> int:
+    """The reserve threshold that applies to a SKU.
+
+    Pinned: the stored threshold, else the hot or the default one by the operator's flag.
+    Not pinned: the stored threshold, else the default; automatic hotness only tightens it to
+    the hot threshold, never loosens it.
+    """
+    if pinned:
+        if stored_ms:
+            return stored_ms
+        return settings.hot_reserve_timeout_ms if hot else settings.reserve_timeout_ms
+    base = stored_ms or settings.reserve_timeout_ms
+    return min(base, settings.hot_reserve_timeout_ms) if hot else base
+
+
+@dataclass(frozen=True, slots=True)
+class SkuPolicy:
+    """A SKU's stored policy (0: default) and its state on Redis's clock when read."""
+
+    sku: str
+    reserve_timeout_ms: int
+    hold_seconds: int
+    max_line_quantity: int
+    hot: bool  # the operator's flag (applies while pinned)
+    pinned: bool
+    stored: bool
+    effective_hot: bool
+    committed_window: int
+    updated_ms: int | None
+
+    @classmethod
+    def from_state(cls, sku: str, st: dict[str, Any] | None) -> SkuPolicy:
+        """From a script's sku_state table (None: nothing stored, nothing sold)."""
+        if not st:
+            return cls(sku, 0, 0, 0, False, False, False, False, 0, None)
+        up = int(st.get("up") or 0)
+        return cls(
+            sku=sku,
+            reserve_timeout_ms=int(st["to"]),
+            hold_seconds=int(st["hold"]),
+            max_line_quantity=int(st["maxq"]),
+            hot=bool(st["hot_flag"]),
+            pinned=bool(st["pin"]),
+            stored=bool(st["stored"]),
+            effective_hot=bool(st["hot"]),
+            committed_window=int(st["sold"]),
+            updated_ms=up or None,
+        )
+
+    def timeout_ms(self, settings: Settings) -> int:
+        """The reserve threshold that applies now."""
+        return effective_timeout_ms(
+            self.reserve_timeout_ms, self.effective_hot, self.pinned, settings
+        )
+
+
+class PolicyCache:
+    """Effective reserve thresholds per SKU, bounded (oldest entry out first)."""
+
+    __slots__ = ("_capacity", "_entries", "_settings")
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._capacity = max(1, settings.policy_cache_size)
+        self._entries: dict[str, tuple[int, bool]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def update(self, sku: str, stored_ms: int, hot: bool, pinned: bool) -> None:
+        """Record what a script just read for `sku`."""
+        entries = self._entries
+        if sku not in entries and len(entries) >= self._capacity:
+            del entries[next(iter(entries))]
+        entries[sku] = (effective_timeout_ms(stored_ms, hot, pinned, self._settings), hot)
+
+    def put(self, policy: SkuPolicy) -> None:
+        """Record a policy read in full (SetSkuPolicy, GetSkuPolicy, refresh)."""
+        self.update(policy.sku, policy.reserve_timeout_ms, policy.effective_hot, policy.pinned)
+
+    def limit(self, skus: Iterable[str]) -> tuple[int, str, bool]:
+        """(threshold ms, SKU, hot) of the strictest of `skus`; unknown SKUs get the default."""
+        default = self._settings.reserve_timeout_ms
+        best, best_sku, best_hot = -1, "", False
+        get = self._entries.get
+        for sku in skus:
+            ms, hot = get(sku, (default, False))
+            if best < 0 or ms < best:
+                best, best_sku, best_hot = ms, sku, hot
+        return best, best_sku, best_hot
+
+
+def _page_token(sku: str) -> str:
+    return base64.urlsafe_b64encode(sku.encode()).decode().rstrip("=")
+
+
+def parse_page_token(token: str) -> str | None:
+    """The last SKU of the previous page, or None when the token is not one of ours."""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+
+
+class PolicyStore:
+    """Policy reads and writes over an engine's Redis client and scripts."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.settings = engine.settings
+        self.cache = PolicyCache(engine.settings)
+        nb, bms = engine.settings.sales_buckets
+        self.window = {"thr": engine.settings.hot_threshold_units, "bms": bms, "nb": nb}
+        self.index_key = engine.resolver.meta_key(c.META_SKUS)
+        self._refresh_after = ""  # the refresh pass's cursor over the SKU index
+
+    async def set(
+        self, sku: str, fields: dict[str, int], reset: bool = False
+    ) -> tuple[SkuPolicy, int]:
+        """Store the given fields of a SKU's policy (or reset it); (policy, Redis now ms)."""
+        key = self.engine.resolver.sku_key(sku)
+        partition = self.engine.resolver.partition_of(key.rsplit(":", 1)[-1])
+        events = self.engine.resolver.events_key(partition)
+        arg = orjson.dumps(
+            {
+                "sku": sku,
+                "reset": reset,
+                "set": fields,
+                "maxlen": self.settings.event_stream_maxlen,
+                "pol": self.window,
+            }
+        )
+        result = orjson.loads(
+            await self.engine.call_script(
+                self.engine.scripts.policy_set, (key, self.index_key, events), (arg,)
+            )
+        )
+        policy = SkuPolicy.from_state(sku, result["state"])
+        self.cache.put(policy)
+        return policy, int(result["now"])
+
+    async def get_many(self, skus: Sequence[str], prune: bool = False) -> list[SkuPolicy]:
+        """Policies of many SKUs in one script call (missing ones come back as defaults)."""
+        if not skus:
+            return []
+        keys = [self.index_key, *(self.engine.resolver.sku_key(s) for s in skus)]
+        arg = orjson.dumps({"skus": list(skus), "prune": prune, "pol": self.window})
+        result = orjson.loads(
+            await self.engine.call_script(self.engine.scripts.policy_get, keys, (arg,))
+        )
+        states = result["states"] or []
+        policies = [SkuPolicy.from_state(s, st or None) for s, st in zip(skus, states, strict=True)]
+        for p in policies:
+            self.cache.put(p)
+        return policies
+
+    async def _index_page(self, after: str, count: int) -> list[str]:
+        start = f"({after}" if after else "-"
+        raw = await self.engine.run(
+            self.engine.client.zrangebylex(self.index_key, start, "+", start=0, num=count)
+        )
+        return [m.decode() if isinstance(m, bytes) else m for m in raw]
+
+    async def list(self, page_size: int, after: str, hot_only: bool) -> tuple[list[SkuPolicy], str]:
+        """One page of SKUs with a stored policy or recent sales, by SKU; (page, next token)."""
+        found: list[SkuPolicy] = []
+        scanned = 0
+        last = after
+        while len(found) < page_size and scanned < MAX_SCAN:
+            want = page_size - len(found) if not hot_only else min(MAX_PAGE, MAX_SCAN - scanned)
+            skus = await self._index_page(last, want)
+            if not skus:
+                return found, ""
+            scanned += len(skus)
+            for p in await self.get_many(skus, prune=True):
+                last = p.sku
+                if (p.stored or p.committed_window > 0) and (p.effective_hot or not hot_only):
+                    found.append(p)
+                    if len(found) == page_size:
+                        break
+        more = await self._index_page(last, 1)
+        return found, _page_token(last) if more else ""
+
+    async def refresh(self) -> int:
+        """Re-read one batch of indexed SKUs into the cache, continuing where the last left off."""
+        skus = await self._index_page(self._refresh_after, REFRESH_BATCH)
+        self._refresh_after = skus[-1] if len(skus) == REFRESH_BATCH else ""
+        await self.get_many(skus)
+        return len(skus)
+
+
+__all__ = [
+    "PolicyCache",
+    "PolicyStore",
+    "SkuPolicy",
+    "effective_timeout_ms",
+    "parse_page_token",
+]
