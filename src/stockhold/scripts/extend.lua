@@ -1,0 +1,37 @@
+-- extend.lua: move a HELD reservation's deadline to Redis's now + hold_seconds.
+--
+-- KEYS[1] the reservation record
+-- KEYS[2] the expiry index (zset: order id -> deadline ms) of the order's partition
+-- KEYS[3] the event stream of the order's partition
+-- ARGV[1] the order id
+-- ARGV[2] hold_seconds, an integer within 1..ARGV[3]
+-- ARGV[3] max_hold_seconds
+-- ARGV[4] approximate maximum length of the event stream
+-- Returns JSON: {"ok": 1, "rec": record, "now": ms}  the reservation after the call
+--               {"err": REASON, "meta": {...}}       refused, nothing written
+-- HELD only: COMMITTED, RELEASED and EXPIRED are refused with their reason, and so is a HELD
+-- reservation at or past its deadline (it is expired, whether or not the sweeper ran). Each
+-- successful call sets the deadline again from now and appends one ORDER_EXTENDED event.
+
+local rk, xk, ek = KEYS[1], KEYS[2], KEYS[3]
+local oid = ARGV[1]
+local hold, max_hold, maxlen = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if not hold or not max_hold or hold % 1 ~= 0 or hold < 1 or hold > max_hold then
+  return cjson.encode({err = 'INVALID_ARGUMENT', meta = {field = 'hold_seconds'}})
+end
+local now = now_ms()
+local rec = hash_table(redis.call('HGETALL', rk))
+if rec.st == nil then return cjson.encode({err = 'RESERVATION_NOT_FOUND', meta = {order_id = oid}}) end
+if rec.st == 'C' then return cjson.encode({err = 'RESERVATION_COMMITTED'}) end
+if rec.st == 'R' then return cjson.encode({err = 'RESERVATION_RELEASED'}) end
+local previous = tonumber(rec.dl)
+if rec.st == 'E' or now >= previous then return cjson.encode({err = 'RESERVATION_EXPIRED'}) end
+
+-- Everything checked: write.
+local deadline = now + hold * 1000
+rec.dl = deadline
+redis.call('HSET', rk, 'dl', deadline)
+redis.call('ZADD', xk, deadline, oid)
+emit(ek, maxlen, 'ORDER_EXTENDED', 'order_id', oid, now,
+  {expires_at = deadline, previous_expires_at = previous, hold_seconds = hold})
+return cjson.encode({ok = 1, rec = rec, now = now})
