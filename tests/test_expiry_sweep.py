@@ -1,0 +1,359 @@
+"""The expiry sweeper: atomic claims of at most sweep_batch due holds per partition and call.
+
+Every process sweeps at once; expire.lua claims and expires in one call, by Redis's clock, so
+no hold expires twice or before its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from stockhold_fixtures import Factory
+
+from stockhold import constants as c
+from stockhold.engine import Engine
+from stockhold.settings import Settings
+from stockhold.v1 import inventory_pb2 as pb
+from stockhold.v1 import inventory_pb2_grpc as pb_grpc
+
+HOLD = 2  # seconds
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def redis_ms(client: Any) -> int:
+    """Redis's clock in ms (sync client)."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def all_events(client: Any) -> list[dict[str, Any]]:
+    """Every event of every partition stream, decoded."""
+    out: list[dict[str, Any]] = []
+    for key in sorted(client.scan_iter(match="*:events", count=1000)):
+        for _, fields in client.xrange(key):
+            e = {k.decode(): v.decode() for k, v in fields.items()}
+            e["data"] = orjson.loads(e["data"])
+            out.append(e)
+    return out
+
+
+def due_left(client: Any) -> int:
+    """Entries left in every partition's expiry index."""
+    return sum(int(client.zcard(k)) for k in client.scan_iter(match="*:expiry", count=1000))
+
+
+async def stock(engine: Engine, units: list[Any], per_unit: int) -> None:
+    """`per_unit` available in warehouse w1 of every unit."""
+    for u in units:
+        await engine.adjust(f"receipt-{u.sku}", u, "w1", per_unit, "test")
+
+
+async def hold_many(
+    engine: Engine, order_ids: list[str], units: list[Any], hold: int, per_call: int = 1000
+) -> dict[str, int]:
+    """Reserve one unit each for many orders in few reserve.lua calls; order id -> deadline.
+
+    Every call is built first and then they are sent back to back, so that the deadlines fall
+    as close together as Redis can place them (one after the other: a call waiting behind
+    several others could pass the client's socket timeout).
+    """
+    max_hold = engine.settings.max_hold_seconds
+    calls = []
+    for start in range(0, len(order_ids), per_call):
+        orders = []
+        for i, oid in enumerate(order_ids[start : start + per_call], start):
+            u = units[i % len(units)]
+            line = (u.sku, u.spec, u.barcode, "w1", 1)
+            orders.append(engine.resolver.resolve_order(oid, [line], hold, max_hold))
+        calls.append(engine.reserve_call(orders))
+    replies = [await engine.scripts.reserve(keys=k, args=a) for k, a in calls]
+    deadlines: dict[str, int] = {}
+    for reply in replies:
+        for r in orjson.loads(reply):
+            assert r.get("ok") == 1, r
+            deadlines[r["rec"]["oid"]] = int(r["rec"]["dl"])
+    assert len(deadlines) == len(order_ids)
+    return deadlines
+
+
+def counting(engine: Engine, tally: list[int]) -> None:
+    """Count what this engine's sweeper expires (wraps expire_due in place)."""
+    original: Callable[..., Awaitable[int]] = engine.expire_due
+
+    async def expire_due(*args: Any, **kwargs: Any) -> int:
+        n = await original(*args, **kwargs)
+        tally.append(n)
+        return n
+
+    engine.expire_due = expire_due  # type: ignore[method-assign]
+
+
+def order_ids(n: int) -> list[str]:
+    # Every 7th id carries key-syntax characters: the script must find their records too.
+    return [f"o:{{{i}}}%25" if i % 7 == 0 else f"o-{i}" for i in range(n)]
+
+
+# -- 10,000 holds falling due together, two sweeping servers ---------------------------------
+
+
+@pytest.mark.slow
+async def test_10000_holds_due_together_expire_once_each_not_early_and_within_2_s(
+    make_stockhold: Factory,
+) -> None:
+    n, n_units, per_unit = 10_000, 50, 200
+    # Production sweep interval; two servers sweep the same Redis concurrently.
+    a = await make_stockhold(sweep_interval_seconds=0.5)
+    b = await make_stockhold(sweep_interval_seconds=0.5)
+    tallies: dict[str, list[int]] = {"a": [], "b": []}
+    counting(a.server.engine, tallies["a"])
+    counting(b.server.engine, tallies["b"])
+    engine = a.server.engine
+    admin = a.redis.client()
+    units = engine.resolver.units([(f"sku-{i}", "", "") for i in range(n_units)])
+    await stock(engine, units, per_unit)
+    ids = order_ids(n)
+
+    t0 = time.monotonic()
+    deadlines = await hold_many(engine, ids, units, HOLD)
+    reserve_s = time.monotonic() - t0
+    first, last = min(deadlines.values()), max(deadlines.values())
+
+    # Before the first deadline nothing may have expired: sample through the API.
+    async with a.channel() as channel:
+        stub = pb_grpc.InventoryStub(channel)
+        sample = ids[::97]
+        if redis_ms(admin) < first - 300:
+            got = await asyncio.gather(
+                *(stub.GetReservation(pb.GetReservationRequest(order_id=o)) for o in sample)
+            )
+            assert redis_ms(admin) < first, "the sample took too long to be meaningful"
+            assert {r.state for r in got} == {pb.RESERVATION_STATE_HELD}
+
+        # Wait (bounded) until the index is empty and every expiry event is there.
+        limit = time.monotonic() + (last - redis_ms(admin)) / 1000 + 2 + 5
+        for _ in range(200):
+            left = due_left(admin)
+            if left == 0:
+                break
+            assert time.monotonic() < limit, f"{left} holds still due"
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("holds still due after 200 polls")
+        done_ms = redis_ms(admin)
+
+        events = all_events(admin)
+        expired = [e for e in events if e["type"] == c.EVENT_EXPIRED]
+        per_order = Counter(e["order_id"] for e in expired)
+        assert len(per_order) == n and set(per_order.values()) == {1}, "one event per order"
+        lateness = [int(e["ts"]) - deadlines[e["order_id"]] for e in expired]
+        early = [x for x in lateness if x < 0]
+        assert not early, f"{len(early)} expired before their deadline (by {min(early)} ms)"
+        worst = max(lateness)
+        assert worst <= 2000, f"an expiry came {worst} ms after its deadline"
+        for e in expired[:50]:
+            assert [row[4] for row in e["data"]["allocations"]] == [1]
+
+        # The records: EXPIRED, after the deadline, kept for the retention only.
+        with admin.pipeline(transaction=False) as pipe:
+            for o in ids:
+                k = engine.resolver.order(o).order_key
+                pipe.hmget(k, "st", "dl", "up")
+                pipe.pttl(k)
+            rows = pipe.execute()
+        retention_ms = a.settings.record_retention_seconds * 1000
+        for o, (st, dl, up), ttl in zip(ids, rows[::2], rows[1::2], strict=True):
+            assert st == b"E", o
+            assert int(dl) == deadlines[o] <= int(up) <= int(dl) + 2000, o
+            assert 0 < ttl <= retention_ms, o
+
+        # The API agrees.
+        got = await asyncio.gather(
+            *(stub.GetReservation(pb.GetReservationRequest(order_id=o)) for o in ids[::50])
+        )
+        for r in got:
+            assert r.state == pb.RESERVATION_STATE_EXPIRED
+            assert r.updated_at.ToMilliseconds() >= r.expires_at.ToMilliseconds()
+
+    # Counters balance: everything is available again, nothing reserved.
+    levels = await engine.availability(units)
+    assert {(s.available, s.reserved) for s in levels} == {(per_unit, 0)}
+    # Each expiry was counted by exactly one sweeper (a sweep may still be returning).
+    give_up = time.monotonic() + 3
+    for _ in range(60):
+        if sum(tallies["a"]) + sum(tallies["b"]) >= n or time.monotonic() > give_up:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(tallies["a"]) + sum(tallies["b"]) == n
+    print(
+        f"\n10,000 holds: reserved in {reserve_s:.2f} s, deadlines spread {last - first} ms, "
+        f"all expired {done_ms - last} ms after the last deadline; lateness max {worst} ms, "
+        f"min {min(lateness)} ms; expired by a: {sum(tallies['a'])}, b: {sum(tallies['b'])}"
+    )
+
+
+# -- expire.lua on its own (both Redis versions) ---------------------------------------------
+
+
+@pytest.fixture
+async def engines(redis_any: Any) -> AsyncIterator[Callable[..., Engine]]:
+    """Engines on `redis_any` (closed after the test): `make(**settings)`."""
+    made: list[Engine] = []
+
+    def make(**overrides: Any) -> Engine:
+        settings = Settings(**{"partitions": 4, "redis_url": redis_any.url, **overrides})
+        made.append(Engine.connect(redis_any.url, settings))
+        return made[-1]
+
+    yield make
+    for e in made:
+        await e.close()
+
+
+async def wait_past(client: Any, ms: int, limit_s: float = 5.0) -> None:
+    """Sleep (bounded) until Redis's clock is past `ms`."""
+    give_up = time.monotonic() + limit_s
+    for _ in range(200):
+        if redis_ms(client) > ms:
+            return
+        assert time.monotonic() < give_up, "Redis's clock never passed"
+        await asyncio.sleep(0.05)
+    raise AssertionError("Redis's clock never passed")
+
+
+async def expire_once(engine: Engine, partition: int) -> dict[str, Any]:
+    keys, args = engine.expire_call(partition)
+    result: dict[str, Any] = orjson.loads(await engine.scripts.expire(keys=keys, args=args))
+    return result
+
+
+async def test_one_call_claims_at_most_the_batch_and_says_when_more_are_due(
+    engines: Callable[..., Engine], redis_any: Any
+) -> None:
+    engine = engines(partitions=1)
+    admin = redis_any.client()
+    units = engine.resolver.units([("tee", "", "")])
+    await stock(engine, units, 1200)
+    deadlines = await hold_many(engine, order_ids(1200), units, 1, per_call=600)
+    await wait_past(admin, max(deadlines.values()))
+
+    got = [await expire_once(engine, 0) for _ in range(4)]
+
+    assert [(r["expired"], r["full"]) for r in got] == [(500, 1), (500, 1), (200, 0), (0, 0)]
+    assert due_left(admin) == 0
+    assert (await engine.availability(units))[0].reserved == 0
+
+
+async def test_a_hold_before_its_deadline_is_not_claimed(
+    engines: Callable[..., Engine], redis_any: Any
+) -> None:
+    engine = engines()
+    admin = redis_any.client()
+    units = engine.resolver.units([("tee", "", "")])
+    await stock(engine, units, 10)
+    soon = await hold_many(engine, ["soon"], units, 1)
+    await hold_many(engine, ["later"], units, 3600)
+    await wait_past(admin, soon["soon"])
+
+    assert await engine.expire_due() == 1
+
+    states = {o: admin.hget(engine.resolver.order(o).order_key, "st") for o in ("soon", "later")}
+    assert states == {"soon": b"E", "later": b"H"}
+    assert (await engine.availability(units))[0].reserved == 1
+
+
+async def test_the_record_deadline_decides_over_a_disagreeing_index_entry(
+    engines: Callable[..., Engine], redis_any: Any
+) -> None:
+    engine = engines()
+    admin = redis_any.client()
+    units = engine.resolver.units([("tee", "", "")])
+    await stock(engine, units, 10)
+    deadlines = await hold_many(engine, ["o-1"], units, 3600)
+    k = engine.resolver.order("o-1")
+    admin.zadd(k.expiry_key, {"o-1": 1})  # an index entry long past due
+
+    assert (await expire_once(engine, k.partition))["repaired"] == 1
+
+    assert admin.hget(k.order_key, "st") == b"H"
+    assert admin.zscore(k.expiry_key, "o-1") == deadlines["o-1"]
+    assert not [e for e in all_events(admin) if e["type"] == c.EVENT_EXPIRED]
+
+
+async def test_stale_index_entries_are_dropped_without_an_event(
+    engines: Callable[..., Engine], redis_any: Any
+) -> None:
+    engine = engines()
+    admin = redis_any.client()
+    k = engine.resolver.order("gone")
+    admin.zadd(k.expiry_key, {"gone": 1})
+
+    result = await expire_once(engine, k.partition)
+
+    assert (result["stale"], result["expired"]) == (1, 0)
+    assert due_left(admin) == 0
+    assert all_events(admin) == []
+
+
+async def test_a_hold_whose_counters_disagree_is_left_alone_and_reported(
+    engines: Callable[..., Engine], redis_any: Any
+) -> None:
+    engine = engines()
+    admin = redis_any.client()
+    units = engine.resolver.units([("tee", "", "")])
+    await stock(engine, units, 10)
+    deadlines = await hold_many(engine, ["o-bad"], units, 1)
+    admin.hset(units[0].stock_key, "r:w1", 0)  # someone broke the counter by hand
+    await wait_past(admin, deadlines["o-bad"])
+    before = redis_any.dump(with_ttl=True)
+
+    k = engine.resolver.order("o-bad")
+    result = await expire_once(engine, k.partition)
+
+    assert result["stuck"] == ["o-bad"] and result["expired"] == 0
+    assert redis_any.dump(with_ttl=True) == before
+    assert await engine.expire_due() == 0  # and a sweep does not loop on it
+
+
+async def test_many_sweepers_at_once_expire_each_hold_exactly_once(
+    engines: Callable[..., Engine], redis_any: Any
+) -> None:
+    sweepers = [engines(sweep_batch=100) for _ in range(4)]
+    admin = redis_any.client()
+    units = sweepers[0].resolver.units([(f"u{i}", "", "") for i in range(10)])
+    await stock(sweepers[0], units, 200)
+    deadlines = await hold_many(sweepers[0], order_ids(2000), units, 1)
+    await wait_past(admin, max(deadlines.values()))
+
+    counts = await asyncio.gather(*(s.expire_due() for s in sweepers))
+
+    assert sum(counts) == 2000
+    expired = [e for e in all_events(admin) if e["type"] == c.EVENT_EXPIRED]
+    assert Counter(e["order_id"] for e in expired) == dict.fromkeys(deadlines, 1)
+    assert all(int(e["ts"]) >= deadlines[e["order_id"]] for e in expired)
+    assert {(s.available, s.reserved) for s in await sweepers[0].availability(units)} == {(200, 0)}
+
+
+async def test_expiry_event_has_the_shape_of_the_other_transition_events(
+    engines: Callable[..., Engine], redis_any: Any
+) -> None:
+    engine = engines()
+    admin = redis_any.client()
+    units = engine.resolver.units([("tee", "red", "123")])
+    await stock(engine, units, 10)
+    deadlines = await hold_many(engine, ["o-1"], units, 1)
+    await wait_past(admin, deadlines["o-1"])
+
+    assert await engine.expire_due() == 1
+
+    (e,) = [e for e in all_events(admin) if e["type"] == c.EVENT_EXPIRED]
+    assert set(e) == {"type", "order_id", "ts", "data"}
+    assert e["order_id"] == "o-1" and int(e["ts"]) >= deadlines["o-1"]
+    assert e["data"] == {"allocations": [["tee", "red", "123", "w1", 1]]}
