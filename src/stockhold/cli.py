@@ -332,7 +332,9 @@ def _commands(sub: Any) -> None:
     psub = policy.add_subparsers(dest="policy_command", required=True)
     p = client("set", "change a SKU's stored policy (only the fields given)", psub)
     p.add_argument("sku")
-    p.add_argument("--reserve-timeout-ms", type=int, help="0: back to the default")
+    p.add_argument(
+        "--reserve-timeout-ms", type=int, help="longest queue wait of its Reserves; 0: default"
+    )
     p.add_argument("--hold-seconds", type=int, help="hold length of its Reserves; 0: default")
     p.add_argument("--max-line-quantity", type=int, help="largest quantity per line; 0: default")
     p.add_argument(
@@ -348,7 +350,13 @@ def _commands(sub: Any) -> None:
         const=True,
         help="automatic hot detection leaves the SKU alone",
     )
-    pin.add_argument("--unpinned", dest="pinned", action="store_const", const=False)
+    pin.add_argument(
+        "--unpinned",
+        dest="pinned",
+        action="store_const",
+        const=False,
+        help="automatic hot detection decides again",
+    )
     p.add_argument("--reset", action="store_true", help="delete the stored policy (alone)")
     p.set_defaults(
         run=lambda a: _client_call(
@@ -392,7 +400,9 @@ def _commands(sub: Any) -> None:
 
     p = client("top", "live view of the top contended sales units, like top(1)")
     stats_args(p)
-    p.add_argument("--interval", type=_positive(float), default=2.0, help="seconds per frame")
+    p.add_argument(
+        "--interval", type=_positive(float), default=2.0, help="seconds per frame (default 2)"
+    )
     frames = p.add_mutually_exclusive_group()
     frames.add_argument("--once", action="store_true", help="draw one frame and exit")
     frames.add_argument("--iterations", type=_positive(int), help="draw N frames and exit")
