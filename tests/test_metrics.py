@@ -320,6 +320,17 @@ def test_the_supervisor_serves_the_sum_of_both_workers(metrics_workers: Any) -> 
         ("GetAvailability", "OK"): 24,
         ("Commit", "NOT_FOUND"): 24,
     }
+    # The contention gauges are the deployment's: both workers' snapshots merged.
+    processes = 0.0
+    for _ in range(100):
+        samples = scrape(metrics_port)
+        if samples["stockhold_contention_up", ()] == 0:
+            pytest.skip("GetContentionStats is not implemented on the server yet (issue 4)")
+        processes = samples["stockhold_contention_processes", ()]
+        if processes == 2:
+            break
+        time.sleep(0.1)
+    assert processes == 2
     # Each worker recorded into the supervisor's directory, which is gone after the stop.
     found = re.search(rb'"metrics_dir":"([^"]+)"', log_path.read_bytes())
     assert found, log_path.read_text()

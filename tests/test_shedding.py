@@ -114,7 +114,8 @@ async def test_hot_sku_fails_fast_near_300_ms_while_others_succeed_and_failures_
         assert err.metadata["sku"] == "HOT"
         assert err.metadata["threshold_ms"] == "300"
         assert err.metadata["limit"] == "sku_threshold"
-        assert 300 <= int(err.metadata["waited_ms"]) < 400
+        # (uvloop timers have millisecond resolution: one may fire a fraction of a ms early)
+        assert 298 <= int(err.metadata["waited_ms"]) < 400
         assert 0.29 <= elapsed < 0.6, f"shed after {elapsed:.3f} s"
     # Some cold requests waited longer than the hot threshold and still succeeded.
     assert max(r[2] for r in cold) > 0.3

@@ -46,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         metrics_contention_top_n=args.metrics_top_n,
+        payment_webhook_listen=args.payment_webhook_listen,
     )
     logs.configure(settings.log_level)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
@@ -68,6 +69,8 @@ _WORKER_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("--default-hold-seconds", int, "hold length when none is asked"),
     ("--warehouse-priority", str, "comma-separated allocation order"),
     ("--log-level", str, "DEBUG, INFO, WARNING, ..."),
+    # Every worker binds it (SO_REUSEPORT); see docs/payments.md.
+    ("--payment-webhook-listen", str, "HOST:PORT of the WeChat Pay notification endpoint"),
 )
 
 # Serve flags a supervisor keeps to itself: with --workers N it alone serves /metrics (the

@@ -9,6 +9,12 @@ partition sit in one Redis Cluster slot.
     <prefix>:{p<N>}:events               stream  one entry per state change
     <prefix>:{p<N>}:adj:<adjustment-id>  hash  the stored answer of an AdjustStock
     <prefix>:{meta}:partitions           string  the partition count of this deployment
+    <prefix>:{p<N>}:sku:<sku>            hash  a SKU's policy fields and its sales buckets
+    <prefix>:{meta}:skus                 zset  SKUs with a stored policy or recent sales (lex)
+    <prefix>:{meta}:contention           hash  process id -> contention snapshot (JSON)
+    <prefix>:{meta}:contention:seen      zset  process id -> last snapshot time (ms)
+    <prefix>:{p<N>}:polls                zset  order id -> next payment poll (ms, Redis clock)
+    <prefix>:{p<N>}:otn:<provider>:<no>  string  the order id paid under a provider's out_trade_no
 """
 
 from __future__ import annotations
@@ -24,6 +30,20 @@ EXPIRY: Final = "expiry"
 EVENTS: Final = "events"
 ADJUSTMENT: Final = "adj"
 META_PARTITIONS: Final = "{meta}:partitions"
+SKU: Final = "sku"
+META_SKUS: Final = "{meta}:skus"
+META_CONTENTION: Final = "{meta}:contention"
+META_CONTENTION_SEEN: Final = "{meta}:contention:seen"
+
+# SKU policy hash fields (sales buckets are "b:<bucket index>").
+POLICY_TIMEOUT: Final = "to"
+POLICY_HOLD: Final = "hold"
+POLICY_MAX_QTY: Final = "maxq"
+POLICY_HOT: Final = "hot"
+POLICY_PINNED: Final = "pin"
+POLICY_STORED: Final = "set"
+POLICY_UPDATED: Final = "up"
+POLICY_SOLD: Final = "sold"
 
 # Stock hash field prefixes (the warehouse name follows, as data).
 FIELD_AVAILABLE: Final = "a:"
@@ -40,7 +60,11 @@ EVENT_RESERVED: Final = "ORDER_RESERVED"
 EVENT_COMMITTED: Final = "ORDER_COMMITTED"
 EVENT_RELEASED: Final = "ORDER_RELEASED"
 EVENT_EXPIRED: Final = "ORDER_EXPIRED"
+EVENT_EXTENDED: Final = "ORDER_EXTENDED"
 EVENT_ADJUSTED: Final = "STOCK_ADJUSTED"
+EVENT_PAYMENT_PENDING: Final = "PAYMENT_PENDING"
+EVENT_PAYMENT_FLAGGED: Final = "PAYMENT_FLAGGED"
+EVENT_PAYMENT_AFTER_EXPIRY: Final = "PAYMENT_AFTER_EXPIRY"
 
 ERROR_DOMAIN: Final = "stockhold"
 SERVICE_NAME: Final = "stockhold.v1.Inventory"
@@ -64,3 +88,21 @@ MAX_AVAILABILITY_UNITS: Final = 500
 #     <prefix>:{meta}:wxnonce:<nonce>      string  "1", EX a little over twice the window
 WECHATPAY_NONCE: Final = "{meta}:wxnonce"
 MAX_WECHATPAY_NONCE: Final = 64
+
+# Payment sync (issue 5, docs/payments.md). Per partition: the poll index of payment-pending
+# holds (the order's partition) and the out_trade_no -> order id map (the partition of
+# "<escaped provider>:<escaped out_trade_no>"). Reservation record fields of a payment:
+# amt (amount, minor units), pprov, potn, pst (PENDING | PAID | FAILED | CLOSED), ptx, ppaid,
+# polls, pnext, pex (polls exhausted), pflag, plate (re-committed after expiry, ms), and one
+# stored answer per reported transaction, "t:<provider>:<transaction id>".
+POLLS: Final = "polls"
+OUT_TRADE_NO: Final = "otn"
+PAYMENT_ANSWER_FIELD: Final = "t:"
+# Flags (Reservation.payment.flag) and why a payment was flagged (PAYMENT_FLAGGED events).
+FLAG_AMOUNT_MISMATCH: Final = "AMOUNT_MISMATCH"
+FLAG_POLLS_EXHAUSTED: Final = "POLLS_EXHAUSTED"
+FLAG_REFUND: Final = "REFUND"
+MAX_PROVIDER: Final = 32
+MAX_OUT_TRADE_NO: Final = 64
+MAX_TRANSACTION_ID: Final = 128
+MAX_AMOUNT: Final = 1_000_000_000_000

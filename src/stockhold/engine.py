@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+import random
+import time
+from collections.abc import Awaitable, Iterator, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -20,14 +22,29 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from stockhold import constants as c
+from stockhold import metrics
 from stockhold.batcher import Batcher, NotSent
-from stockhold.errors import DomainError, Reason
-from stockhold.model import Reservation, StockLevel
-from stockhold.resolver import KeyResolver, OrderKeys, ResolvedOrder, Unit, escape
+from stockhold.contention import ContentionStats, ContentionTracker, Outcome
+from stockhold.errors import DomainError, FieldViolation, Reason, invalid
+from stockhold.model import PaymentReport, PendingPayment, PollClaim, Reservation, StockLevel
+from stockhold.policies import PolicyStore
+from stockhold.resolver import (
+    KeyResolver,
+    OrderKeys,
+    ResolvedOrder,
+    Unit,
+    check_int,
+    check_text,
+    escape,
+)
 from stockhold.scripts import Scripts
 from stockhold.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A shed Reserve must be answered before the client's own deadline passes.
+_DEADLINE_MARGIN_S = 0.005
 
 # ResponseError prefixes that mean "Redis cannot serve right now", not "the script is wrong".
 _TRANSIENT = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
@@ -41,6 +58,19 @@ class Transition(NamedTuple):
     op: str
     keys: OrderKeys
     arg: str
+
+
+class PaidOrder(NamedTuple):
+    """A Reserve that carries an amount and/or a payment to poll (issue 5).
+
+    ResolvedOrder stays the resolver's (and its compiled twin's) plain 5-tuple; what a payment
+    adds travels next to it, with the fingerprint extended by `payment_fingerprint`.
+    """
+
+    order: ResolvedOrder
+    amount: int
+    payment: PendingPayment | None
+    fingerprint: str
 
 
 class PartitionMismatch(RuntimeError):
@@ -89,6 +119,15 @@ def backend_error(exc: BaseException) -> DomainError:
     return DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": type(exc).__name__})
 
 
+def _distinct_skus(units: Sequence[Unit]) -> list[str]:
+    """The SKUs of an order's units, distinct, in first-appearance order (reserve.lua's m)."""
+    skus: list[str] = []
+    for u in units:
+        if u.sku not in skus:
+            skus.append(u.sku)
+    return skus
+
+
 def _raise_for(result: dict[str, Any]) -> None:
     err = result.get("err")
     if err is not None:
@@ -104,17 +143,34 @@ class Engine:
         self.settings = settings
         self.resolver = KeyResolver(settings.key_prefix, settings.partitions)
         self.scripts = Scripts(client)
+        self.policies = PolicyStore(self)
         self._reserve_header = orjson.dumps(
-            {"maxlen": settings.event_stream_maxlen, "priority": list(settings.warehouse_priority)}
+            {
+                "maxlen": settings.event_stream_maxlen,
+                "priority": list(settings.warehouse_priority),
+                "dhold": settings.default_hold_seconds,
+                "pol": self.policies.window,
+                "pay": self._poll_schedule(),
+            }
         )
         self._transition_header = orjson.dumps(
             {
                 "maxlen": settings.event_stream_maxlen,
                 "retention": settings.record_retention_seconds * 1000,
+                "pol": self.policies.window,
             }
         )
+        self._sku_keys: dict[str, str] = {}
+        # Contention figures of this process (published to Redis by the server).
+        self.contention = ContentionStats(
+            capacity=settings.contention_capacity,
+            window_s=settings.contention_window_seconds,
+            slot_s=settings.contention_slot_seconds,
+            flag_ms=settings.contention_flag_ms,
+        )
+        self.tracker = ContentionTracker()
         # Concurrent reserves and commits/releases are coalesced into few script calls.
-        self.reserves: Batcher[ResolvedOrder, dict[str, Any]] = Batcher(
+        self.reserves: Batcher[ResolvedOrder | PaidOrder, dict[str, Any]] = Batcher(
             self._reserve_batch, settings.batch_max_orders, settings.batch_max_inflight
         )
         self.transitions: Batcher[Transition, dict[str, Any]] = Batcher(
@@ -136,6 +192,17 @@ class Engine:
         with redis_errors():
             return await script(keys=keys, args=args)
 
+    async def call_script(
+        self, script: Any, keys: Sequence[str], args: Sequence[bytes | str]
+    ) -> Any:
+        """Run one registered script; Redis failures become the DomainError a client sees."""
+        return await self._call(script, keys, args)
+
+    async def run(self, command: Awaitable[T]) -> T:
+        """Await one plain Redis command, translating failures as `call_script` does."""
+        with redis_errors():
+            return await command
+
     # -- set-up and health -------------------------------------------------------------------
     async def check_partitions(self) -> None:
         """Record the partition count on first use; refuse to run with a different one."""
@@ -154,13 +221,115 @@ class Engine:
         return int(await self._call(self.scripts.health, (), ()))
 
     # -- reservations ------------------------------------------------------------------------
-    async def reserve(self, order: ResolvedOrder) -> tuple[Reservation, bool]:
-        """Hold stock for every line of the order, all or nothing; idempotent by order id."""
-        result = await self._submit(self.reserves, order)
+    async def reserve(
+        self,
+        order: ResolvedOrder,
+        time_remaining: float | None = None,
+        amount: int = 0,
+        payment: PendingPayment | None = None,
+    ) -> tuple[Reservation, bool]:
+        """Hold stock for every line of the order, all or nothing; idempotent by order id.
+
+        The order may wait in this process's queue at most the strictest reserve threshold
+        of its SKUs, or until shortly before the client's deadline (`time_remaining`, in
+        seconds), whichever is sooner; past that it is shed unsent with RESERVE_TIMEOUT.
+        Once sent, the script's true result is returned, whatever the wait. `amount` (minor
+        units, 0: not given) and `payment` (mark it payment-pending) are stored with the hold
+        and are part of what a replay must match.
+        """
+        item: ResolvedOrder | PaidOrder = order
+        if amount or payment is not None:
+            out: list[FieldViolation] = []
+            check_int(amount, "amount", 0, c.MAX_AMOUNT, out)
+            if payment is not None:
+                check_payment(payment, "payment", out)
+            if out:
+                raise invalid(out)
+            item = PaidOrder(order, amount, payment, payment_fingerprint(order, amount, payment))
+        units = order.units
+        threshold_ms, sku, hot = self.policies.cache.limit([u.sku for u in units])
+        limit = threshold_ms / 1000
+        by_deadline = False
+        if time_remaining is not None and time_remaining - _DEADLINE_MARGIN_S < limit:
+            limit = max(0.0, time_remaining - _DEADLINE_MARGIN_S)
+            by_deadline = True
+        backend_limit = self.settings.redis_socket_timeout_seconds
+        shed = limit < backend_limit
+        tracker = self.tracker
+        contended = [tracker.begin(u.unit_id) for u in units]
+        started = time.perf_counter()
+        try:
+            timed = await self.reserves.submit_timed(item, limit if shed else backend_limit)
+        except NotSent as exc:
+            waited = time.perf_counter() - started
+            self._record(units, contended, waited, 0.0, "timeout" if shed else "error")
+            if not shed:
+                raise DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": "queued"}) from exc
+            metrics.record_shed(hot)
+            raise DomainError(
+                Reason.RESERVE_TIMEOUT,
+                metadata={
+                    "sku": sku,
+                    "threshold_ms": threshold_ms,
+                    "waited_ms": round(waited * 1000),
+                    "limit": "deadline" if by_deadline else "sku_threshold",
+                },
+            ) from exc
+        except BaseException:
+            self._record(units, contended, time.perf_counter() - started, 0.0, "error")
+            raise
+        finally:
+            for u in units:
+                tracker.end(u.unit_id)
+        result = timed.result
+        pol = result.get("pol")
+        if pol:
+            update = self.policies.cache.update
+            for s, (to, is_hot, pinned) in zip(_distinct_skus(units), pol, strict=True):
+                update(s, int(to), bool(is_hot), bool(pinned))
+        err = result.get("err")
+        outcome: Outcome = (
+            "ok" if err is None else "insufficient" if err == Reason.INSUFFICIENT_STOCK else "error"
+        )
+        self._record(units, contended, timed.queued_s, timed.call_s, outcome)
+        if err == Reason.INVALID_ARGUMENT:
+            meta = result["meta"]
+            raise invalid(
+                [
+                    FieldViolation(
+                        f"lines[{int(meta['line'])}].quantity",
+                        f"at most {int(meta['max'])} for SKU {meta['sku']!r} by its policy "
+                        f"(got {int(meta['requested'])})",
+                    )
+                ]
+            )
         _raise_for(result)
         return Reservation.from_record(result["rec"]), bool(result["replayed"])
 
-    async def _reserve_batch(self, orders: Sequence[ResolvedOrder]) -> list[dict[str, Any]]:
+    def _record(
+        self,
+        units: Sequence[Unit],
+        contended: Sequence[bool],
+        waited_s: float,
+        script_s: float,
+        outcome: Outcome,
+    ) -> None:
+        record = self.contention.record
+        for u, busy in zip(units, contended, strict=True):
+            record(u.unit_id, u.sku, waited_s, script_s, busy, outcome)
+
+    def sku_key(self, sku: str) -> str:
+        """The policy hash of a SKU (memoised: the reserve path asks for it per order)."""
+        key = self._sku_keys.get(sku)
+        if key is None:
+            if len(self._sku_keys) >= self.settings.policy_cache_size:
+                self._sku_keys.clear()
+            key = self._sku_keys[sku] = self.resolver.sku_key(sku)
+        return key
+
+    async def _reserve_batch(
+        self, orders: Sequence[ResolvedOrder | PaidOrder]
+    ) -> list[dict[str, Any]]:
         """One reserve.lua call for a batch of orders; one result per order."""
         keys, args = self.reserve_call(orders)
         results: list[dict[str, Any]] = orjson.loads(
@@ -168,26 +337,38 @@ class Engine:
         )
         return results
 
-    def reserve_call(self, orders: Sequence[ResolvedOrder]) -> tuple[list[str], list[bytes]]:
+    def reserve_call(
+        self, orders: Sequence[ResolvedOrder | PaidOrder]
+    ) -> tuple[list[str], list[bytes]]:
         """KEYS and ARGV of one reserve.lua call for a batch of orders."""
         keys: list[str] = []
         args: list[bytes] = [self._reserve_header]
-        default_hold = self.settings.default_hold_seconds
-        for order in orders:
+        for item in orders:
+            if isinstance(item, PaidOrder):
+                order, paid = item.order, item
+            else:
+                order, paid = item, None
             k = order.keys
+            units = order.units
+            skus = _distinct_skus(units)
             keys += (k.order_key, k.expiry_key, k.events_key)
-            keys += (u.stock_key for u in order.units)
-            args.append(
-                orjson.dumps(
-                    {
-                        "oid": k.order_id,
-                        "fp": order.fingerprint,
-                        "hold": order.hold_seconds or default_hold,
-                        "units": [(u.sku, u.spec, u.barcode) for u in order.units],
-                        "lines": [(i + 1, wh, q) for i, wh, q in order.lines],
-                    }
-                )
-            )
+            keys += (u.stock_key for u in units)
+            keys += (self.sku_key(s) for s in skus)
+            arg: dict[str, Any] = {
+                "oid": k.order_id,
+                "fp": order.fingerprint,
+                "hold": order.hold_seconds,
+                "units": [(u.sku, u.spec, u.barcode) for u in units],
+                "us": [skus.index(u.sku) + 1 for u in units],
+                "m": len(skus),
+                "lines": [(i + 1, wh, q) for i, wh, q in order.lines],
+            }
+            if paid is not None:
+                arg["fp"], arg["amt"] = paid.fingerprint, paid.amount
+                if paid.payment is not None:
+                    arg["pay"] = list(paid.payment)
+                    keys += (self.polls_key(k.partition), self.payment_map_key(*paid.payment))
+            args.append(orjson.dumps(arg))
         return keys, args
 
     async def commit(self, order_id: str, payment_ref: str = "") -> Reservation:
@@ -206,6 +387,9 @@ class Engine:
             raise DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": "queued"}) from exc
 
     async def _transition(self, op: str, k: OrderKeys, arg: str) -> Reservation:
+        return Reservation.from_record((await self._transition_result(op, k, arg))["rec"])
+
+    async def _transition_result(self, op: str, k: OrderKeys, arg: str) -> dict[str, Any]:
         for _ in range(_KEYS_CHANGED_RETRIES):
             result = await self._submit(self.transitions, Transition(op, k, arg))
             if result.get("err") == "KEYS_CHANGED":
@@ -213,28 +397,41 @@ class Engine:
             if result.get("err") == Reason.RESERVATION_NOT_FOUND:
                 result["meta"] = {"order_id": k.order_id}
             _raise_for(result)
-            return Reservation.from_record(result["rec"])
+            return result
         raise DomainError(Reason.INTERNAL, "the reservation kept changing under the call")
 
     async def _transition_batch(self, items: Sequence[Transition]) -> list[dict[str, Any]]:
-        """Read each record's stock keys (one pipeline), then one transition.lua call."""
+        """Read each record's stock and SKU keys (one pipeline), then one transition.lua call."""
         with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 for t in items:
-                    pipe.hget(t.keys.order_key, "keys")
-                stored: list[bytes | None] = await pipe.execute()
+                    pipe.hmget(t.keys.order_key, ("keys", "skeys"))
+                stored: list[list[bytes | None]] = await pipe.execute()
         results: list[dict[str, Any]] = [{"err": Reason.RESERVATION_NOT_FOUND.value} for _ in items]
-        keys: list[str] = []
+        keys: list[str] = [self.policies.index_key]
         args: list[bytes] = [self._transition_header]
         sent: list[int] = []
-        for i, (t, raw) in enumerate(zip(items, stored, strict=True)):
+        for i, (t, (raw, raw_skus)) in enumerate(zip(items, stored, strict=True)):
             if raw is None:
                 continue
             stock_keys = orjson.loads(raw)
+            # Records written before SKU policies existed name no SKU keys.
+            sku_keys = orjson.loads(raw_skus) if raw_skus else []
             k = t.keys
-            keys += (k.order_key, k.expiry_key, k.events_key, *stock_keys)
+            # ReportPayment stops the order's polls: its partition's poll index.
+            extra = (self.polls_key(k.partition),) if t.op == "pay" else ()
+            keys += (k.order_key, k.expiry_key, k.events_key, *stock_keys, *sku_keys, *extra)
             args.append(
-                orjson.dumps({"op": t.op, "oid": k.order_id, "n": len(stock_keys), "arg": t.arg})
+                orjson.dumps(
+                    {
+                        "op": t.op,
+                        "oid": k.order_id,
+                        "n": len(stock_keys),
+                        "m": len(sku_keys),
+                        "x": len(extra),
+                        "arg": t.arg,
+                    }
+                )
             )
             sent.append(i)
         if sent:
@@ -307,37 +504,255 @@ class Engine:
     async def expire_due(self, max_rounds: int = 20) -> int:
         """Expire every due hold in every partition; returns how many this call expired.
 
-        Safe in every process at once: the transition script re-checks state and deadline.
+        Each expire.lua call claims at most `sweep_batch` due holds of one partition by
+        Redis's clock and expires them in the same call, so every process may sweep at once.
+        A round gives every due partition one call, in random order (concurrent sweepers
+        spread out); rounds repeat while they make progress, at most `max_rounds`, so holds
+        that fell due during a long round do not wait for the next sweep.
         """
-        batch = self.settings.sweep_batch
-        partitions = list(range(self.settings.partitions))
         expired = 0
         for _ in range(max_rounds):
-            with redis_errors():
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for p in partitions:
-                        await self.scripts.due(
-                            keys=(self.resolver.expiry_key(p),), args=(batch,), client=pipe
-                        )
-                    due_lists: list[list[bytes]] = await pipe.execute()
-            due = [oid.decode() for ids in due_lists for oid in ids]
-            for i in range(0, len(due), batch):
-                expired += await self._expire_batch(due[i : i + batch])
-            # Another round only for partitions that had a full batch (more may be due).
-            partitions = [
-                p for p, ids in zip(partitions, due_lists, strict=True) if len(ids) >= batch
-            ]
-            if not partitions:
+            due = await self._due_partitions()
+            random.shuffle(due)
+            progressed = False
+            for p in due:
+                keys, args = self.expire_call(p)
+                result = orjson.loads(await self._call(self.scripts.expire, keys, args))
+                expired += int(result["expired"])
+                if result.get("stuck"):
+                    log.error("expiry refused", extra={"partition": p, "orders": result["stuck"]})
+                if result["expired"] or result["stale"] or result["repaired"]:
+                    progressed = True
+            if not progressed:  # nothing due, or only holds that are stuck
                 break
         return expired
 
-    async def _expire_batch(self, order_ids: Sequence[str]) -> int:
-        items = [Transition("expire", self.resolver.order(oid), "") for oid in order_ids]
-        results = await self._transition_batch(items)
-        for t, r in zip(items, results, strict=True):
-            if r.get("err") == Reason.RESERVATION_NOT_FOUND:
-                # finished and gone (retention) meanwhile: drop the stale index entry
-                await self.client.zrem(t.keys.expiry_key, t.keys.order_id)
-            elif r.get("err"):
-                log.error("expiry refused", extra={"order_id": t.keys.order_id, "result": r})
-        return sum(1 for r in results if r.get("changed"))
+    async def _due_partitions(self) -> list[int]:
+        """Partitions whose earliest deadline has passed on Redis's clock, in one pipeline.
+
+        Only a hint that spares a script call per idle partition: expire.lua decides. The
+        expire calls themselves are not pipelined: Redis runs a client's pipelined commands
+        back to back, so a pipeline of full claims would hold it for all of them at once.
+        """
+        n = self.settings.partitions
+        with redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.time()
+                for p in range(n):
+                    pipe.zrange(self.resolver.expiry_key(p), 0, 0, withscores=True)
+                replies = await pipe.execute()
+        seconds, micros = replies[0]
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        return [p for p, first in enumerate(replies[1:]) if first and first[0][1] <= now_ms]
+
+    def expire_call(self, partition: int) -> tuple[tuple[str, str], tuple[str, ...]]:
+        """KEYS and ARGV of one expire.lua call for a partition."""
+        expiry_key = self.resolver.expiry_key(partition)
+        # The partition's record key prefix: its tag (shared by every key of the partition)
+        # followed by the order template of constants.py.
+        record_prefix = f"{expiry_key[: -len(c.EXPIRY)]}{c.ORDER}:"
+        keys = (expiry_key, self.resolver.events_key(partition))
+        args = (
+            str(self.settings.sweep_batch),
+            str(self.settings.record_retention_seconds * 1000),
+            str(self.settings.event_stream_maxlen),
+            record_prefix,
+        )
+        return keys, args
+
+    async def extend(self, order_id: str, hold_seconds: int) -> Reservation:
+        """HELD only: set the deadline to Redis's now + hold_seconds; one ORDER_EXTENDED event.
+
+        Each call moves the deadline again (from now); a HELD reservation at or past its
+        deadline is expired and is refused like an EXPIRED one.
+        """
+        out: list[FieldViolation] = []
+        k = self.resolver.order(order_id, out=out)
+        check_int(hold_seconds, "hold_seconds", 1, self.settings.max_hold_seconds, out)
+        if out:
+            raise invalid(out)
+        keys = (k.order_key, k.expiry_key, k.events_key)
+        args = (
+            k.order_id,
+            str(hold_seconds),
+            str(self.settings.max_hold_seconds),
+            str(self.settings.event_stream_maxlen),
+        )
+        result = orjson.loads(await self._call(self.scripts.extend, keys, args))
+        _raise_for(result)
+        return Reservation.from_record(result["rec"], now_ms=int(result["now"]))
+
+    # -- payments (issue 5, docs/payments.md) --------------------------------------------------
+    def _poll_schedule(self) -> dict[str, Any]:
+        """The poll schedule as the scripts take it (reserve.lua, payment_mark.lua)."""
+        s = self.settings
+        return {
+            "steps": list(s.payment_poll_steps_ms),
+            "margin": round(s.payment_final_poll_margin_seconds * 1000),
+            # The out_trade_no map outlives the longest hold plus the record's retention.
+            "ttl": (s.max_hold_seconds + s.record_retention_seconds) * 1000,
+        }
+
+    def _tag(self, partition: int) -> str:
+        """A partition's key tag, `<prefix>:{p<N>}:`, which every key of the partition starts
+        with (taken from the resolver's expiry key, as expire_call does)."""
+        return self.resolver.expiry_key(partition)[: -len(c.EXPIRY)]
+
+    def polls_key(self, partition: int) -> str:
+        """The poll index of a partition: order id -> next payment poll (ms, Redis clock)."""
+        return self._tag(partition) + c.POLLS
+
+    def payment_map_key(self, provider: str, out_trade_no: str) -> str:
+        """Where the order id paid under `out_trade_no` at `provider` is kept."""
+        ident = f"{escape(provider)}:{escape(out_trade_no)}"
+        return f"{self._tag(self.resolver.partition_of(ident))}{c.OUT_TRADE_NO}:{ident}"
+
+    async def report_payment(
+        self, order_id: str, report: PaymentReport
+    ) -> tuple[Reservation, bool]:
+        """A provider's result: PAID commits, FAILED/CLOSED release; one transition.lua call.
+
+        Idempotent by (provider, transaction id): a report seen before gets the stored answer
+        (replayed = True) and changes nothing. A PAID amount that differs from the order's is
+        refused (PAYMENT_AMOUNT_MISMATCH) and flagged. See transition.lua's report_one.
+        """
+        out = payment_report_violations(order_id, report)
+        if out:
+            raise invalid(out)
+        k = self.resolver.order(order_id)
+        arg = orjson.dumps(
+            {
+                "prov": report.provider,
+                "tx": report.transaction_id,
+                "status": report.status,
+                "amount": report.amount,
+                "paid_at": report.paid_at_ms or 0,
+            }
+        ).decode()
+        result = await self._transition_result("pay", k, arg)
+        return Reservation.from_record(result["rec"]), bool(result.get("replayed"))
+
+    async def mark_payment_pending(self, order_id: str, payment: PendingPayment) -> Reservation:
+        """HELD only: poll `payment` on the configured schedule until it is decided."""
+        out: list[FieldViolation] = []
+        k = self.resolver.order(order_id, out=out)
+        check_payment(payment, "payment", out)
+        if out:
+            raise invalid(out)
+        keys = (
+            k.order_key,
+            self.polls_key(k.partition),
+            k.events_key,
+            self.payment_map_key(*payment),
+        )
+        arg = orjson.dumps(
+            {
+                "oid": order_id,
+                "prov": payment.provider,
+                "otn": payment.out_trade_no,
+                "maxlen": self.settings.event_stream_maxlen,
+                "pay": self._poll_schedule(),
+            }
+        )
+        result = orjson.loads(await self._call(self.scripts.payment_mark, keys, (arg,)))
+        _raise_for(result)
+        return Reservation.from_record(result["rec"], now_ms=int(result["now"]))
+
+    async def order_for_payment(self, provider: str, out_trade_no: str) -> str:
+        """The order id paid under a provider's out_trade_no: the one recorded by Reserve or
+        MarkPaymentPending, else the out_trade_no itself."""
+        raw = await self.run(self.client.get(self.payment_map_key(provider, out_trade_no)))
+        if not raw:
+            return out_trade_no
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    async def claim_polls(self, limit: int) -> list[PollClaim]:
+        """Claim at most `limit` due payment polls over every partition (payment_poll.lua).
+
+        Each claim is an atomic move of the order's poll entry to its next step on Redis's
+        clock, so with every process polling each order is queried once per step.
+        """
+        claims: list[PollClaim] = []
+        due = await self._due_poll_partitions()
+        random.shuffle(due)
+        steps = list(self.settings.payment_poll_steps_ms)
+        margin = round(self.settings.payment_final_poll_margin_seconds * 1000)
+        for p in due:
+            room = min(limit - len(claims), self.settings.payment_poll_batch)
+            if room <= 0:
+                break
+            arg = orjson.dumps(
+                {
+                    "steps": steps,
+                    "margin": margin,
+                    "maxlen": self.settings.event_stream_maxlen,
+                    "prefix": f"{self._tag(p)}{c.ORDER}:",
+                }
+            )
+            keys = (self.polls_key(p), self.resolver.events_key(p))
+            result = orjson.loads(
+                await self._call(self.scripts.payment_poll, keys, (str(room), arg))
+            )
+            if result["flagged"]:
+                log.info("payment polls exhausted", extra={"count": result["flagged"]})
+            # cjson writes an empty list as {}
+            for oid, prov, otn, poll, final in result["claims"] or ():
+                claims.append(PollClaim(oid, prov, otn, int(poll), bool(final)))
+        return claims
+
+    async def _due_poll_partitions(self) -> list[int]:
+        """Partitions whose earliest poll is due on Redis's clock (a hint: the script decides)."""
+        with redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.time()
+                for p in range(self.settings.partitions):
+                    pipe.zrange(self.polls_key(p), 0, 0, withscores=True)
+                replies = await pipe.execute()
+        seconds, micros = replies[0]
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        return [p for p, first in enumerate(replies[1:]) if first and first[0][1] <= now_ms]
+
+
+# -- payment input (issue 5) -------------------------------------------------------------------
+PAYMENT_STATUSES = ("PAID", "FAILED", "CLOSED")
+_PROVIDER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def check_provider(provider: str, path: str, out: list[FieldViolation]) -> None:
+    """A provider name: 1-32 of lowercase letters, digits, `_` and `-` (e.g. `wechatpay`)."""
+    n = len(provider)
+    if not 1 <= n <= c.MAX_PROVIDER or not set(provider) <= _PROVIDER_CHARS:
+        out.append(
+            FieldViolation(path, f"1-{c.MAX_PROVIDER} of a-z, 0-9, _ and - (e.g. wechatpay)")
+        )
+
+
+def check_payment(payment: PendingPayment, path: str, out: list[FieldViolation]) -> None:
+    """Validate a payment to poll (`path`: the field holding it, e.g. `payment`)."""
+    check_provider(payment.provider, f"{path}.provider", out)
+    check_text(payment.out_trade_no, f"{path}.out_trade_no", 1, c.MAX_OUT_TRADE_NO, out, False)
+
+
+def payment_report_violations(order_id: str, report: PaymentReport) -> list[FieldViolation]:
+    """Every malformed field of a ReportPayment."""
+    out: list[FieldViolation] = []
+    check_text(order_id, "order_id", 1, c.MAX_ORDER_ID, out, normalise=False)
+    check_provider(report.provider, "provider", out)
+    if report.status not in PAYMENT_STATUSES:
+        out.append(FieldViolation("status", "must be PAID, FAILED or CLOSED"))
+    lo = 1 if report.status == "PAID" else 0
+    check_text(report.transaction_id, "transaction_id", lo, c.MAX_TRANSACTION_ID, out, False)
+    check_int(report.amount, "amount", 0, c.MAX_AMOUNT, out)
+    return out
+
+
+def payment_fingerprint(order: ResolvedOrder, amount: int, payment: PendingPayment | None) -> str:
+    """The replay fingerprint of a Reserve with an amount and/or a payment.
+
+    The resolver's fingerprint covers lines and hold; this extends it outside the resolver (and
+    its compiled twin, which stay as they are). A Reserve with neither keeps the resolver's
+    fingerprint, so records written before payments existed still replay.
+    """
+    pay = "\x00".join(payment) if payment is not None else "-"
+    text = f"{order.fingerprint}\x02{amount}\x02{pay}"
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

@@ -30,6 +30,9 @@ class Reason(StrEnum):
     RESERVATION_RELEASED = "RESERVATION_RELEASED"
     RESERVATION_EXPIRED = "RESERVATION_EXPIRED"
     RESERVATION_COMMITTED = "RESERVATION_COMMITTED"
+    RESERVE_TIMEOUT = "RESERVE_TIMEOUT"
+    PAYMENT_AMOUNT_MISMATCH = "PAYMENT_AMOUNT_MISMATCH"
+    PAYMENT_CONFLICT = "PAYMENT_CONFLICT"
     BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
     INTERNAL = "INTERNAL"
 
@@ -44,6 +47,9 @@ STATUS_FOR_REASON: Final[Mapping[Reason, grpc.StatusCode]] = {
     Reason.RESERVATION_RELEASED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.RESERVATION_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.RESERVATION_COMMITTED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.RESERVE_TIMEOUT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.PAYMENT_AMOUNT_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.PAYMENT_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
     Reason.BACKEND_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Reason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
@@ -57,6 +63,9 @@ _MESSAGES: Final[Mapping[Reason, str]] = {
     Reason.RESERVATION_RELEASED: "the reservation was released",
     Reason.RESERVATION_EXPIRED: "the reservation expired",
     Reason.RESERVATION_COMMITTED: "the reservation was committed",
+    Reason.RESERVE_TIMEOUT: "the SKU's reserve queue is too long now; nothing was held, retry",
+    Reason.PAYMENT_AMOUNT_MISMATCH: "the paid amount differs from the order's; not committed",
+    Reason.PAYMENT_CONFLICT: "this out_trade_no is already the payment of another order",
     Reason.BACKEND_UNAVAILABLE: "the stock store (Redis) is unavailable; retry",
     Reason.INTERNAL: "internal error",
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -41,6 +41,42 @@ class Allocation:
 
 
 @dataclass(frozen=True, slots=True)
+class PaymentInfo:
+    """What stockhold knows of a reservation's payment (issue 5, docs/payments.md)."""
+
+    provider: str
+    out_trade_no: str
+    transaction_id: str  # of the payment that decided the reservation
+    status: str  # PENDING, PAID, FAILED, CLOSED ("" if only a flag was recorded)
+    polls: int  # provider queries claimed by the active channel
+    next_poll_ms: int | None
+    flag: str  # "" or AMOUNT_MISMATCH, POLLS_EXHAUSTED, REFUND
+    recommitted_ms: int | None  # paid after expiry: when the stock was taken again
+    paid_at_ms: int | None
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> PaymentInfo | None:
+        """The payment fields of a record; None when it has none."""
+        if not any(rec.get(f) for f in ("pprov", "pst", "pflag")):
+            return None
+        return cls(
+            provider=rec.get("pprov") or "",
+            out_trade_no=rec.get("potn") or "",
+            transaction_id=rec.get("ptx") or "",
+            status=rec.get("pst") or "",
+            polls=int(rec.get("polls") or 0),
+            next_poll_ms=_ms(rec.get("pnext")),
+            flag=rec.get("pflag") or "",
+            recommitted_ms=_ms(rec.get("plate")),
+            paid_at_ms=_ms(rec.get("ppaid")),
+        )
+
+
+def _ms(value: Any) -> int | None:
+    return int(value) if value not in (None, "", 0, "0") else None
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """A reservation as stored; times are milliseconds on Redis's clock."""
 
@@ -52,6 +88,8 @@ class Reservation:
     updated_ms: int | None
     payment_ref: str
     release_reason: str
+    amount: int = 0  # from Reserve, minor units (0: not given)
+    payment: PaymentInfo | None = None
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any], now_ms: int | None = None) -> Reservation:
@@ -79,6 +117,8 @@ class Reservation:
             updated_ms=int(up) if up is not None else None,
             payment_ref=rec.get("pref") or "",
             release_reason=rec.get("why") or "",
+            amount=int(rec.get("amt") or 0),
+            payment=PaymentInfo.from_record(rec),
         )
 
 
@@ -97,3 +137,31 @@ class StockLevel:
     def on_hand(self) -> int:
         """Physical stock not yet shipped: what is free plus what is held."""
         return self.available + self.reserved
+
+
+class PendingPayment(NamedTuple):
+    """A payment to poll: the provider and the merchant's order number there."""
+
+    provider: str
+    out_trade_no: str
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentReport:
+    """One provider's word on one payment (ReportPayment, the webhook and the poller)."""
+
+    provider: str
+    transaction_id: str  # "" allowed unless PAID
+    status: str  # PAID, FAILED or CLOSED
+    amount: int  # minor units
+    paid_at_ms: int | None = None
+
+
+class PollClaim(NamedTuple):
+    """One claimed provider query of the active channel."""
+
+    order_id: str
+    provider: str
+    out_trade_no: str
+    poll: int  # 1-based: the how-many-th query of this payment
+    final: bool  # the last query before the hold's deadline

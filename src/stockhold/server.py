@@ -8,14 +8,20 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from stockhold import metrics
 from stockhold.constants import SERVICE_NAME
+from stockhold.contention_store import ContentionStore
 from stockhold.embedded import EmbeddedRedis
 from stockhold.engine import Engine, PartitionMismatch
 from stockhold.errors import DomainError
+from stockhold.payments.config import PaymentProviders, load_providers
+from stockhold.payments.poller import PaymentPoller
+from stockhold.payments.sync import notification_handler
+from stockhold.payments.webhook import make_app, start_webhook
 from stockhold.servicer import InventoryServicer
 from stockhold.settings import Settings
 from stockhold.v1 import inventory_pb2, inventory_pb2_grpc
@@ -29,9 +35,20 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class StockholdServer:
     """One server process: the gRPC server, its engine and its background tasks."""
 
-    def __init__(self, settings: Settings, redis_url: str) -> None:
+    def __init__(
+        self, settings: Settings, redis_url: str, payments: PaymentProviders | None = None
+    ) -> None:
         self.settings = settings
         self.engine = Engine.connect(redis_url, settings)
+        # Payment providers (issue 5): from settings unless given (tests give fakes).
+        self.payments = payments or load_providers(settings, self.engine.client)
+        self.poller: PaymentPoller | None = None
+        if self.payments.clients:
+            self.poller = PaymentPoller(
+                self.engine, self.payments.clients, settings.payment_poll_concurrency
+            )
+        self.webhook_port = 0
+        self._webhook: web.AppRunner | None = None  # while the notification endpoint runs
         self.health = health.aio.HealthServicer()
         # grpc core cancels calls beyond its pending-request limit with a bare CANCELLED; keep
         # that limit above our own admission limit, so overload is an explicit
@@ -48,8 +65,9 @@ class StockholdServer:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             interceptors=metrics.server_interceptors(settings),
         )
+        self.contention = ContentionStore(self.engine)
         inventory_pb2_grpc.add_InventoryServicer_to_server(
-            InventoryServicer(self.engine, settings), self.server
+            InventoryServicer(self.engine, settings, self.contention), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         services = (
@@ -80,7 +98,21 @@ class StockholdServer:
         self._tasks = [
             asyncio.create_task(self._every(self.settings.health_interval_seconds, self._probe)),
             asyncio.create_task(self._every(self.settings.sweep_interval_seconds, self._sweep)),
+            asyncio.create_task(
+                self._every(self.settings.contention_flush_seconds, self._publish_contention)
+            ),
+            asyncio.create_task(
+                self._every(self.settings.policy_refresh_seconds, self._refresh_policies)
+            ),
         ]
+        if self.poller is not None:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(self.settings.payment_poll_interval_seconds, self._poll_payments)
+                )
+            )
+        if self.settings.payment_webhook_listen:
+            await self._start_webhook()
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -96,8 +128,16 @@ class StockholdServer:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=0.5)
+        if self._webhook is not None:
+            await self._webhook.cleanup()
+            self._webhook = None
+        if self.poller is not None:
+            await self.poller.close()
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        # The last calls' figures still count for the deployment (until they go stale).
+        await self._publish_contention()
         await self.engine.close()
+        await self.payments.aclose()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.close)
 
@@ -139,6 +179,45 @@ class StockholdServer:
             return
         if n:
             log.info("expired holds", extra={"count": n})
+
+    async def _publish_contention(self) -> None:
+        try:
+            await self.contention.publish()
+        except DomainError as err:
+            log.debug("contention snapshot not published: %s", err)
+
+    async def _refresh_policies(self) -> None:
+        try:
+            await self.engine.policies.refresh()
+        except DomainError as err:
+            log.debug("policy refresh skipped: %s", err)
+
+    async def _poll_payments(self) -> None:
+        assert self.poller is not None
+        try:
+            await self.poller.tick()
+        except DomainError as err:
+            log.debug("payment polls skipped: %s", err)
+
+    async def _start_webhook(self) -> None:
+        """The WeChat Pay notification endpoint, feeding the ReportPayment path. SO_REUSEPORT:
+        every worker of `serve --workers N` binds the same port."""
+        verifier = self.payments.verifier
+        if verifier is None:
+            raise ValueError(
+                "payment_webhook_listen needs WeChat Pay notifications configured "
+                "(wechatpay_mchid, platform keys and the APIv3 key)"
+            )
+        app = make_app(
+            verifier, notification_handler(self.engine), path=self.settings.payment_webhook_path
+        )
+        self._webhook, self.webhook_port = await start_webhook(
+            self.settings.payment_webhook_listen, app, reuse_port=True
+        )
+        log.info(
+            "payment webhook listening",
+            extra={"listen": self.settings.payment_webhook_listen, "port": self.webhook_port},
+        )
 
     async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
         while not self._stopping:

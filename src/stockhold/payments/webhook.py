@@ -97,17 +97,21 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def start_webhook(listen: str, app: web.Application) -> tuple[web.AppRunner, int]:
+async def start_webhook(
+    listen: str, app: web.Application, reuse_port: bool = False
+) -> tuple[web.AppRunner, int]:
     """Serve `app` on `listen` (`HOST:PORT`, `[::1]:PORT`; port 0 picks a free one).
 
     Returns the runner (`await runner.cleanup()` stops it) and the port actually bound.
+    `reuse_port`: SO_REUSEPORT, so that the worker processes of `serve --workers N` all bind
+    the same port (the kernel spreads connections over them).
     """
     host, port = _split_listen(listen)
     # A short shutdown grace: WeChat redelivers whatever a stop cuts off.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         bound: int = runner.addresses[0][1]
     except BaseException:

@@ -13,7 +13,19 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-OPERATIONS = ("reserve", "transition", "adjust", "due", "get", "health")
+OPERATIONS = (
+    "reserve",
+    "transition",
+    "adjust",
+    "expire",
+    "extend",
+    "get",
+    "health",
+    "policy_set",
+    "policy_get",
+    "payment_mark",
+    "payment_poll",
+)
 
 
 @cache
@@ -31,6 +43,11 @@ class Scripts:
         self.reserve: AsyncScript = client.register_script(source("reserve"))
         self.transition: AsyncScript = client.register_script(source("transition"))
         self.adjust: AsyncScript = client.register_script(source("adjust"))
-        self.due: AsyncScript = client.register_script(source("due"))
+        self.expire: AsyncScript = client.register_script(source("expire"))
+        self.extend: AsyncScript = client.register_script(source("extend"))
         self.get: AsyncScript = client.register_script(source("get"))
         self.health: AsyncScript = client.register_script(source("health"))
+        self.policy_set: AsyncScript = client.register_script(source("policy_set"))
+        self.policy_get: AsyncScript = client.register_script(source("policy_get"))
+        self.payment_mark: AsyncScript = client.register_script(source("payment_mark"))
+        self.payment_poll: AsyncScript = client.register_script(source("payment_poll"))

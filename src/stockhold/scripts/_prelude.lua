@@ -30,3 +30,94 @@ local function alloc_payload(rec)
   return out
 end
 
+
+-- SKU policy and trailing sales, in the SKU's hash (see constants.py). `p` is the header's
+-- {thr = hot threshold (units committed in the window), bms = bucket ms, nb = buckets}.
+-- Sales are counted in buckets "b:<index>" (index = floor(ms / bms)); "sold" is the sum of the
+-- buckets present and "old" a lower bound of their indexes, so the trailing sum is exact
+-- after subtracting the buckets that fell out of the window (at most nb of them).
+local function stale_buckets(old, now, p)
+  local cutoff = math.floor(now / p.bms) - p.nb + 1
+  if not old or old >= cutoff then return nil, cutoff end
+  local fields = {}
+  for i = old, math.min(cutoff - 1, old + p.nb - 1) do fields[#fields + 1] = 'b:' .. i end
+  return fields, cutoff
+end
+
+-- Read-only: the SKU's stored policy and whether it is hot now.
+local function sku_state(key, now, p)
+  local v = redis.call('HMGET', key, 'to', 'hold', 'maxq', 'hot', 'pin', 'set', 'up', 'sold', 'old')
+  local sold = tonumber(v[8]) or 0
+  if sold > 0 then
+    local stale = stale_buckets(tonumber(v[9]), now, p)
+    if stale then
+      for _, q in ipairs(redis.call('HMGET', key, unpack(stale))) do
+        sold = sold - (tonumber(q) or 0)
+      end
+    end
+  end
+  local pin = v[5] == '1'
+  local hot
+  if pin then hot = v[4] == '1' else hot = sold > p.thr end
+  return {to = tonumber(v[1]) or 0, hold = tonumber(v[2]) or 0, maxq = tonumber(v[3]) or 0,
+    hot_flag = v[4] == '1', pin = pin, stored = v[6] == '1', up = tonumber(v[7]) or 0,
+    sold = sold, hot = hot}
+end
+
+-- Count q committed units of a SKU now: drop the buckets that left the window, add to the
+-- current one. A SKU hash without a stored policy lives one window past its last sale.
+local function sku_add_sold(key, index_key, sku, now, p, q)
+  local v = redis.call('HMGET', key, 'sold', 'old', 'set')
+  local sold, old = tonumber(v[1]) or 0, tonumber(v[2])
+  local stale, cutoff = stale_buckets(old, now, p)
+  if stale then
+    for _, f in ipairs(stale) do
+      local b = tonumber(redis.call('HGET', key, f))
+      if b then
+        sold = sold - b
+        redis.call('HDEL', key, f)
+      end
+    end
+    old = cutoff
+  end
+  if sold <= 0 then
+    sold = 0
+    old = math.floor(now / p.bms)
+    redis.call('ZADD', index_key, 0, sku)
+  end
+  redis.call('HINCRBY', key, 'b:' .. math.floor(now / p.bms), q)
+  redis.call('HSET', key, 'sold', sold + q, 'old', old)
+  if v[3] ~= '1' then redis.call('PEXPIRE', key, (p.nb + 1) * p.bms) end
+end
+
+-- Payment sync (issue 5, docs/payments.md) ------------------------------------------------------
+
+-- An id percent-encoded as resolver.escape does, for record keys derived inside a script from
+-- a partition's record key prefix.
+local KEY_ESCAPES = {['%'] = '%25', [':'] = '%3A', ['{'] = '%7B', ['}'] = '%7D'}
+local function key_escape(id)
+  return (string.gsub(id, '[%%:{}]', KEY_ESCAPES))
+end
+
+-- Read-only: an error when the out_trade_no map `mk` already names another order.
+local function payment_conflict(mk, oid, otn)
+  local other = redis.call('GET', mk)
+  if other and other ~= oid then
+    return {err = 'PAYMENT_CONFLICT', meta = {out_trade_no = otn, order_id = other}}
+  end
+  return nil
+end
+
+-- Write: mark a HELD record payment-pending and schedule its first poll: the schedule's first
+-- step, but never later than the final poll at deadline - margin. `ps` is {steps = {ms, ...},
+-- margin = ms, ttl = ms (lifetime of the out_trade_no map)}. Returns the first poll's time.
+local function start_polling(rk, pk, mk, oid, prov, otn, now, dl, ps)
+  local first = math.min(now + ps.steps[1], dl - ps.margin)
+  redis.call('HSET', rk, 'pprov', prov, 'potn', otn, 'pst', 'PENDING', 'polls', 0,
+    'pnext', first)
+  redis.call('HDEL', rk, 'pex')
+  if redis.call('HGET', rk, 'pflag') == 'POLLS_EXHAUSTED' then redis.call('HDEL', rk, 'pflag') end
+  redis.call('ZADD', pk, first, oid)
+  redis.call('SET', mk, oid, 'PX', ps.ttl)
+  return first
+end
