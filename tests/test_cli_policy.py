@@ -8,7 +8,6 @@ import os
 import sys
 from typing import Any
 
-import grpc
 import pytest
 from stockhold_fixtures import Factory, Running, add_stock, line
 
@@ -89,18 +88,7 @@ async def stockhold_cli(running: Running, *argv: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def require_policies(running: Running) -> None:
-    async with running.channel() as channel:
-        try:
-            await pb_grpc.InventoryStub(channel).GetSkuPolicy(pb.GetSkuPolicyRequest(sku="X"))
-        except grpc.aio.AioRpcError as err:  # pragma: no cover - until the server side lands
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                pytest.skip("the SKU policy RPCs are not implemented on the server yet (issue 4)")
-            raise
-
-
 async def test_policy_set_get_and_reset_through_the_cli(stockhold: Running) -> None:
-    await require_policies(stockhold)
     code, out, err = await stockhold_cli(
         stockhold, "policy", "set", "PHONE", "--reserve-timeout-ms", "250", "--hot", "--pinned"
     )
@@ -128,7 +116,6 @@ async def test_policy_set_get_and_reset_through_the_cli(stockhold: Running) -> N
 
 
 async def test_policy_errors_are_rich_on_stderr(stockhold: Running) -> None:
-    await require_policies(stockhold)
     code, out, err = await stockhold_cli(stockhold, "policy", "set", "PHONE", "--reset", "--hot")
     assert (code, out) == (1, "")
     assert err.startswith("error: INVALID_ARGUMENT: ")
@@ -136,7 +123,6 @@ async def test_policy_errors_are_rich_on_stderr(stockhold: Running) -> None:
 
 
 async def test_policy_list_one_page_or_all(stockhold: Running) -> None:
-    await require_policies(stockhold)
     skus = [f"SKU-{i}" for i in range(5)]
     async with stockhold.channel() as channel:
         stub = pb_grpc.InventoryStub(channel)
@@ -172,12 +158,6 @@ async def test_contention_prints_the_stats_as_json(make_stockhold: Factory) -> N
             await stub.Reserve(
                 pb.ReserveRequest(order_id=f"o-{i}", lines=[line("PHONE", 1, spec="black")])
             )
-        try:
-            await stub.GetContentionStats(pb.GetContentionStatsRequest())
-        except grpc.aio.AioRpcError as err:  # pragma: no cover - until the server side lands
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                pytest.skip("GetContentionStats is not implemented on the server yet (issue 4)")
-            raise
     code, out, err = await stockhold_cli(running, "contention", "--top", "5", "--window", "30")
     assert code == 0, err
     stats = json.loads(out)

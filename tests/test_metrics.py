@@ -157,12 +157,6 @@ async def test_contention_gauges_show_the_top_keys_of_the_server(make_stockhold:
             )
         )
         await stub.Reserve(pb.ReserveRequest(order_id="c-0", lines=[line("COLD", 1)]))
-        try:
-            await stub.GetContentionStats(pb.GetContentionStatsRequest())
-        except grpc.aio.AioRpcError as err:  # pragma: no cover - until the server side lands
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                pytest.skip("GetContentionStats is not implemented on the server yet (issue 4)")
-            raise
     samples = await asyncio.to_thread(scrape, port)
     assert samples["stockhold_contention_up", ()] == 1
     assert samples["stockhold_contention_processes", ()] == 1
@@ -324,8 +318,7 @@ def test_the_supervisor_serves_the_sum_of_both_workers(metrics_workers: Any) -> 
     processes = 0.0
     for _ in range(100):
         samples = scrape(metrics_port)
-        if samples["stockhold_contention_up", ()] == 0:
-            pytest.skip("GetContentionStats is not implemented on the server yet (issue 4)")
+        assert samples["stockhold_contention_up", ()] == 1
         processes = samples["stockhold_contention_processes", ()]
         if processes == 2:
             break

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 
-import grpc
 import pytest
 from redis_proc import free_port
 from stockhold_fixtures import Factory, add_stock, line
@@ -192,12 +191,6 @@ async def test_top_once_against_a_live_server_prints_a_frame_with_its_figures(
             )
         )
         await stub.Reserve(pb.ReserveRequest(order_id="c-1", lines=[line("CASE", 1)]))
-        try:
-            await stub.GetContentionStats(pb.GetContentionStatsRequest())
-        except grpc.aio.AioRpcError as err:  # pragma: no cover - until the server side lands
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                pytest.skip("GetContentionStats is not implemented on the server yet (issue 4)")
-            raise
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKHOLD_")}
     env["COLUMNS"] = "150"
     proc = await asyncio.create_subprocess_exec(
