@@ -47,6 +47,11 @@ class StockholdServer:
             self.poller = PaymentPoller(
                 self.engine, self.payments.clients, settings.payment_poll_concurrency
             )
+        if settings.payment_webhook_listen and self.payments.verifier is None:
+            raise ValueError(
+                "payment_webhook_listen needs WeChat Pay notifications configured "
+                "(wechatpay_mchid, platform keys and the APIv3 key)"
+            )
         self.webhook_port = 0
         self._webhook: web.AppRunner | None = None  # while the notification endpoint runs
         self.health = health.aio.HealthServicer()
@@ -203,11 +208,7 @@ class StockholdServer:
         """The WeChat Pay notification endpoint, feeding the ReportPayment path. SO_REUSEPORT:
         every worker of `serve --workers N` binds the same port."""
         verifier = self.payments.verifier
-        if verifier is None:
-            raise ValueError(
-                "payment_webhook_listen needs WeChat Pay notifications configured "
-                "(wechatpay_mchid, platform keys and the APIv3 key)"
-            )
+        assert verifier is not None  # checked in __init__
         app = make_app(
             verifier, notification_handler(self.engine), path=self.settings.payment_webhook_path
         )
