@@ -112,6 +112,14 @@ def _line(text: str) -> pb.ReserveLine:
     return pb.ReserveLine(unit=unit, warehouse=fields.get("warehouse", ""), quantity=qty)
 
 
+def _pending(text: str) -> pb.PaymentPending:
+    """Parse `provider:out_trade_no`."""
+    provider, sep, out_trade_no = text.partition(":")
+    if not sep or not provider or not out_trade_no:
+        raise argparse.ArgumentTypeError(f"expected PROVIDER:OUT_TRADE_NO, got {text!r}")
+    return pb.PaymentPending(provider=provider, out_trade_no=out_trade_no)
+
+
 def _client_call(args: argparse.Namespace, call: Callable[[pb_grpc.InventoryStub], Message]) -> int:
     with grpc.insecure_channel(args.address) as channel:
         try:
@@ -281,12 +289,74 @@ def _commands(sub: Any) -> None:
         required=True,
         help="sku=A,spec=B,barcode=C,warehouse=W,qty=N (warehouse empty: stockhold allocates)",
     )
-    p.add_argument("--hold-seconds", type=int, default=0, help="0: the default hold (48 h)")
+    p.add_argument(
+        "--hold-seconds", type=int, default=0, help="0: the SKU policy's hold, else 48 h"
+    )
+    p.add_argument("--amount", type=int, default=0, help="order total in minor units (0: none)")
+    p.add_argument(
+        "--poll", metavar="PROVIDER:OUT_TRADE_NO", type=_pending, help="poll this payment"
+    )
     p.set_defaults(
         run=lambda a: _client_call(
             a,
             lambda s: s.Reserve(
-                pb.ReserveRequest(order_id=a.order_id, lines=a.lines, hold_seconds=a.hold_seconds),
+                pb.ReserveRequest(
+                    order_id=a.order_id,
+                    lines=a.lines,
+                    hold_seconds=a.hold_seconds,
+                    amount=a.amount,
+                    payment=a.poll,
+                ),
+                timeout=a.timeout,
+            ),
+        )
+    )
+
+    p = client("extend", "push a HELD reservation's deadline out: Redis now + hold")
+    p.add_argument("order_id")
+    p.add_argument("--hold-seconds", type=int, required=True)
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.ExtendReservation(
+                pb.ExtendReservationRequest(order_id=a.order_id, hold_seconds=a.hold_seconds),
+                timeout=a.timeout,
+            ),
+        )
+    )
+
+    p = client("pay", "report a payment result (PAID commits, FAILED/CLOSED release)")
+    p.add_argument("order_id")
+    p.add_argument("--provider", required=True)
+    p.add_argument("--transaction-id", required=True, help="the idempotency key")
+    p.add_argument("--status", required=True, choices=("PAID", "FAILED", "CLOSED"))
+    p.add_argument("--amount", type=int, default=0, help="paid amount in minor units")
+    p.add_argument("--paid-at", default="", help="RFC 3339 with an offset, e.g. ...+08:00")
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.ReportPayment(
+                pb.ReportPaymentRequest(
+                    order_id=a.order_id,
+                    provider=a.provider,
+                    transaction_id=a.transaction_id,
+                    status=pb.PaymentStatus.Value(f"PAYMENT_STATUS_{a.status}"),
+                    amount=a.amount,
+                    paid_at=a.paid_at,
+                ),
+                timeout=a.timeout,
+            ),
+        )
+    )
+
+    p = client("mark-pending", "poll the provider for this order's payment (active channel)")
+    p.add_argument("order_id")
+    p.add_argument("payment", metavar="PROVIDER:OUT_TRADE_NO", type=_pending)
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.MarkPaymentPending(
+                pb.MarkPaymentPendingRequest(order_id=a.order_id, payment=a.payment),
                 timeout=a.timeout,
             ),
         )
