@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +10,8 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from redis_proc import free_port
 from stockhold_fixtures import Running, add_stock, expect_error, line
-from test_workers import _children, _sockets_on, _wait_all_listening, _wait_serving
+from test_workers import _children, _sockets_on, serve_workers
 
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
@@ -124,24 +119,9 @@ async def test_sku_hint_names_a_sku_with_several_hot_units(
 
 @pytest.fixture
 def two_workers(redis_proc: Any, tmp_path: Path) -> Iterator[tuple[int, int]]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKHOLD_")}
-    env["STOCKHOLD_CONTENTION_FLUSH_SECONDS"] = "0.2"
-    cmd = [sys.executable, "-m", "stockhold.cli", "serve", "--workers", "2"]
-    cmd += ["--listen", f"127.0.0.1:{port}", "--redis-url", redis_proc.url, "--partitions", "16"]
-    with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stderr=log)
-        try:
-            _wait_serving(f"127.0.0.1:{port}")
-            _wait_all_listening(proc.pid, port, workers=2)
-            yield proc.pid, port
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    env = {"STOCKHOLD_CONTENTION_FLUSH_SECONDS": "0.2"}
+    with serve_workers(redis_proc.url, tmp_path / "serve.log", env=env) as (proc, port):
+        yield proc.pid, port
 
 
 async def test_counts_are_aggregated_across_two_worker_processes(

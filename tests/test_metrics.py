@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis_proc import free_port
 from stockhold_fixtures import Factory, add_stock, expect_error, line
-from test_workers import LISTEN, _children, _sockets_on, _wait_all_listening, _wait_serving
+from test_workers import LISTEN, _children, _sockets_on, _wait_serving, serve_workers
 
 from stockhold import metrics
 from stockhold.settings import Settings
@@ -262,27 +262,16 @@ def test_the_collector_reaches_the_server_on_this_host(listen: str, target: str)
 
 @pytest.fixture
 def metrics_workers(redis_proc: Any, tmp_path: Path) -> Any:
-    port, metrics_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKHOLD_")}
-    env.pop(metrics.MULTIPROC_ENV, None)
-    cmd = [sys.executable, "-m", "stockhold.cli", "serve", "--workers", "2"]
-    cmd += ["--listen", f"127.0.0.1:{port}", "--redis-url", redis_proc.url, "--partitions", "16"]
-    cmd += ["--metrics-port", str(metrics_port)]
+    metrics_port = free_port()
     log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stderr=log)
-        try:
-            _wait_serving(f"127.0.0.1:{port}")
-            _wait_all_listening(proc.pid, port, workers=2)
+    saved = os.environ.pop(metrics.MULTIPROC_ENV, None)
+    try:
+        extra = ["--metrics-port", str(metrics_port)]
+        with serve_workers(redis_proc.url, log_path, extra=extra) as (proc, port):
             yield proc, port, metrics_port, log_path
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    finally:
+        if saved is not None:
+            os.environ[metrics.MULTIPROC_ENV] = saved
 
 
 def test_the_supervisor_serves_the_sum_of_both_workers(metrics_workers: Any) -> None:

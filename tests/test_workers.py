@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +74,30 @@ def _wait_all_listening(parent: int, port: int, workers: int, timeout: float = 2
     raise AssertionError(f"not all {workers} workers listen on {port}")
 
 
-@pytest.fixture
-def workers(redis_proc: Any, tmp_path: Path) -> Any:
+@contextlib.contextmanager
+def serve_workers(
+    redis_url: str,
+    log_path: Path,
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    workers: int = 2,
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`stockhold serve --workers N` on a free port until the block ends: (process, port).
+
+    STOCKHOLD_* variables of the test environment are dropped (the defaults apply), then
+    `env` is added. The block starts once every worker listens and one answered; at its end
+    the supervisor gets SIGTERM (SIGKILL after 20 s).
+    """
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKHOLD_")}
-    cmd = [sys.executable, "-m", "stockhold.cli", "serve", "--workers", "2"]
-    cmd += ["--listen", f"127.0.0.1:{port}", "--redis-url", redis_proc.url, "--partitions", "16"]
-    with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stderr=log)
+    penv = {k: v for k, v in os.environ.items() if not k.startswith("STOCKHOLD_")}
+    penv.update(env or {})
+    cmd = [sys.executable, "-m", "stockhold.cli", "serve", "--workers", str(workers)]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--redis-url", redis_url, "--partitions", "16"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*cmd, *extra], env=penv, stderr=log)
         try:
             _wait_serving(f"127.0.0.1:{port}")
-            _wait_all_listening(proc.pid, port, workers=2)
+            _wait_all_listening(proc.pid, port, workers=workers)
             yield proc, port
         finally:
             if proc.poll() is None:
@@ -92,6 +107,12 @@ def workers(redis_proc: Any, tmp_path: Path) -> Any:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+@pytest.fixture
+def workers(redis_proc: Any, tmp_path: Path) -> Any:
+    with serve_workers(redis_proc.url, tmp_path / "serve.log") as running:
+        yield running
 
 
 def test_two_workers_share_one_port_and_both_take_connections(workers: Any) -> None:
