@@ -30,9 +30,8 @@ if not retention or retention < 1 or not maxlen or maxlen < 1 or not record_pref
   return redis.error_reply('expire.lua: bad retention, maxlen or record key prefix')
 end
 
-local ESCAPES = {['%'] = '%25', [':'] = '%3A', ['{'] = '%7B', ['}'] = '%7D'}
 local function record_key(oid)
-  return record_prefix .. (string.gsub(oid, '[%%:{}]', ESCAPES))
+  return record_prefix .. key_escape(oid)
 end
 
 local now = now_ms()

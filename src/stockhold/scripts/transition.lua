@@ -1,4 +1,5 @@
--- transition.lua: move a batch of HELD reservations forward: commit, release or expire.
+-- transition.lua: move a batch of HELD reservations forward: commit, release or a payment
+-- report (expiry is expire.lua's).
 --
 -- KEYS[1] the SKU index (zset), then one group per order, groups back to back:
 --   [g+1] the reservation record   [g+2] the expiry index of its partition
@@ -9,14 +10,13 @@
 --                          order's partition)
 -- ARGV[1]   JSON header: {"maxlen": int, "retention": ms,
 --                         "pol": {"thr": units, "bms": bucket ms, "nb": buckets}}
--- ARGV[1+i] JSON of order i: {"op": "commit"|"release"|"expire"|"pay", "oid": str, "n": int,
+-- ARGV[1+i] JSON of order i: {"op": "commit"|"release"|"pay", "oid": str, "n": int,
 --                             "m": int, "x": int, "arg": payment_ref (commit) | reason (release)
 --                             | JSON of the payment report (pay, see report_one)}
 -- A commit counts its units as sold in each SKU's trailing sales window (auto-hot detection).
 -- Returns a JSON array, one entry per order:
 --   {"ok": 1, "changed": 0|1, "rec": record}   the reservation after the call
 --   {"err": REASON}                             refused, nothing written
---   {"skip": 1}                                 expire only: not HELD or not yet due
 --   pay: {"ok": 1, "replayed": 0|1, "rec": record} or {"err": REASON, "meta": {...}}
 -- States only move forward: H -> C | R | E. The deadline decides, not the sweeper: a commit at
 -- or after the deadline is refused, a release at or after it becomes the expiry.
@@ -84,7 +84,7 @@ end
 --   PAID, HELD before its deadline: committed (payment_ref = tx), as op "commit";
 --   PAID, COMMITTED (by Commit): recorded, nothing else changes;
 --   PAID, RELEASED: flagged REFUND (PAID_AFTER_RELEASE);
---   PAID, EXPIRED or HELD at/after its deadline (expired first, as op "expire"): one
+--   PAID, EXPIRED or HELD at/after its deadline (expired first, as expire.lua would): one
 --     PAYMENT_AFTER_EXPIRY event; the same allocations are taken again as a deduction when
 --     every one is available (plate = now, counted as sold), else flagged REFUND;
 --   FAILED / CLOSED, HELD: released ("payment FAILED") or, at/after the deadline, expired;
@@ -190,10 +190,7 @@ end
 local function transition_one(o, rk, xk, ek, first_stock)
   local op = o.op
   local rec = hash_table(redis.call('HGETALL', rk))
-  if rec.st == nil then
-    if op == 'expire' then return {skip = 1} end
-    return {err = 'RESERVATION_NOT_FOUND'}
-  end
+  if rec.st == nil then return {err = 'RESERVATION_NOT_FOUND'} end
   local keys = cjson.decode(rec.keys)
   if #keys ~= o.n then return {err = 'KEYS_CHANGED'} end
   for u = 1, o.n do
@@ -215,15 +212,12 @@ local function transition_one(o, rk, xk, ek, first_stock)
     if st == 'R' then return {err = 'RESERVATION_RELEASED'} end
     if st == 'E' or due then return {err = 'RESERVATION_EXPIRED'} end
     return apply(rec, rk, xk, ek, keys, 'C', 'pref', o.arg, first_sku, m)
-  elseif op == 'release' then
-    if st == 'R' or st == 'E' then return {ok = 1, changed = 0, rec = rec} end
-    if st == 'C' then return {err = 'RESERVATION_COMMITTED'} end
-    if due then return apply(rec, rk, xk, ek, keys, 'E') end
-    return apply(rec, rk, xk, ek, keys, 'R', 'why', o.arg)
-  else
-    if st ~= 'H' or not due then return {skip = 1} end
-    return apply(rec, rk, xk, ek, keys, 'E')
   end
+  -- release
+  if st == 'R' or st == 'E' then return {ok = 1, changed = 0, rec = rec} end
+  if st == 'C' then return {err = 'RESERVATION_COMMITTED'} end
+  if due then return apply(rec, rk, xk, ek, keys, 'E') end
+  return apply(rec, rk, xk, ek, keys, 'R', 'why', o.arg)
 end
 
 for i = 2, #ARGV do
