@@ -53,7 +53,7 @@ _KEYS_CHANGED_RETRIES = 3
 
 
 class Transition(NamedTuple):
-    """One commit, release or expire request for the transition batcher."""
+    """One commit, release or payment report for the transition batcher."""
 
     op: str
     keys: OrderKeys
@@ -238,13 +238,7 @@ class Engine:
         and are part of what a replay must match.
         """
         item: ResolvedOrder | PaidOrder = order
-        if amount or payment is not None:
-            out: list[FieldViolation] = []
-            check_int(amount, "amount", 0, c.MAX_AMOUNT, out)
-            if payment is not None:
-                check_payment(payment, "payment", out)
-            if out:
-                raise invalid(out)
+        if amount or payment is not None:  # validated by the servicer, with the lines
             item = PaidOrder(order, amount, payment, payment_fingerprint(order, amount, payment))
         units = order.units
         threshold_ms, sku, hot = self.policies.cache.limit([u.sku for u in units])

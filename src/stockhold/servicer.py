@@ -207,13 +207,12 @@ class InventoryServicer(pb_grpc.InventoryServicer):
             (ln.unit.sku, ln.unit.spec, ln.unit.barcode, ln.warehouse, ln.quantity)
             for ln in request.lines
         ]
+        # Amount and payment are reported with the lines' violations in one BadRequest.
         extra: list[FieldViolation] = []
-        if request.amount or request.HasField("payment"):
-            # Reported with the lines' violations in one BadRequest.
-            check_int(request.amount, "amount", 0, c.MAX_AMOUNT, extra)
-            pending = _pending(request)
-            if pending is not None:
-                check_payment(pending, "payment", extra)
+        check_int(request.amount, "amount", 0, c.MAX_AMOUNT, extra)
+        pending = _pending(request)
+        if pending is not None:
+            check_payment(pending, "payment", extra)
         try:
             order = self.resolver.resolve_order(
                 request.order_id, lines, request.hold_seconds, self.settings.max_hold_seconds
@@ -223,12 +222,9 @@ class InventoryServicer(pb_grpc.InventoryServicer):
                 raise invalid([*err.violations, *extra]) from None
             raise
         _raise_if(extra)
-        if request.amount or request.HasField("payment"):
-            reservation, replayed = await self.engine.reserve(
-                order, context.time_remaining(), request.amount, _pending(request)
-            )
-        else:
-            reservation, replayed = await self.engine.reserve(order, context.time_remaining())
+        reservation, replayed = await self.engine.reserve(
+            order, context.time_remaining(), request.amount, pending
+        )
         return pb.ReserveResponse(reservation=reservation_pb(reservation), replayed=replayed)
 
     @rich_errors
@@ -418,11 +414,7 @@ class InventoryServicer(pb_grpc.InventoryServicer):
     async def ExtendReservation(
         self, request: pb.ExtendReservationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ExtendReservationResponse:
-        """HELD only: the deadline becomes Redis's now + hold_seconds."""
-        out: list[FieldViolation] = []
-        self.resolver.order(request.order_id, out=out)
-        check_int(request.hold_seconds, "hold_seconds", 1, self.settings.max_hold_seconds, out)
-        _raise_if(out)
+        """HELD only: the deadline becomes Redis's now + hold_seconds (the engine validates)."""
         reservation = await self.engine.extend(request.order_id, request.hold_seconds)
         return pb.ExtendReservationResponse(reservation=reservation_pb(reservation))
 
