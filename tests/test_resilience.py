@@ -403,14 +403,14 @@ async def test_graceful_stop_answers_every_call_in_flight_and_reports_not_servin
     all_in = asyncio.Event()
     original_reserve = server.engine.reserve
 
-    async def slow_reserve(order: Any, time_remaining: float | None = None) -> Any:
+    async def slow_reserve(*args: Any) -> Any:
         # A slow backend: the calls are surely still running when the stop begins.
         nonlocal entered
         entered += 1
         if entered == n_calls:
             all_in.set()
         await asyncio.sleep(0.5)
-        return await original_reserve(order, time_remaining)
+        return await original_reserve(*args)
 
     async with running.channel() as channel:
         stub = pb_grpc.InventoryStub(channel)
