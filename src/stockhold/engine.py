@@ -6,20 +6,15 @@ into script calls and script replies into domain objects or DomainErrors.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio import Redis
 
 from stockhold import constants as c
 from stockhold import metrics
@@ -29,7 +24,6 @@ from stockhold.errors import DomainError, FieldViolation, Reason, invalid
 from stockhold.model import PaymentReport, PendingPayment, PollClaim, Reservation, StockLevel
 from stockhold.policies import PolicyStore
 from stockhold.resolver import (
-    KeyResolver,
     OrderKeys,
     ResolvedOrder,
     Unit,
@@ -37,8 +31,8 @@ from stockhold.resolver import (
     check_text,
     escape,
 )
-from stockhold.scripts import Scripts
 from stockhold.settings import Settings
+from stockhold.store.calls import ScriptCalls, make_client, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +40,6 @@ T = TypeVar("T")
 # A shed Reserve must be answered before the client's own deadline passes.
 _DEADLINE_MARGIN_S = 0.005
 
-# ResponseError prefixes that mean "Redis cannot serve right now", not "the script is wrong".
-_TRANSIENT = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 # How often a commit/release re-reads a record whose stock keys changed under it.
 _KEYS_CHANGED_RETRIES = 3
 
@@ -77,48 +69,6 @@ class PartitionMismatch(RuntimeError):
     """The configured partition count differs from the one this Redis was set up with."""
 
 
-def make_client(url: str, settings: Settings) -> Redis:
-    """A Redis client on a bounded, blocking connection pool with short, bounded retries.
-
-    Retrying a script after a broken connection is safe: every script is idempotent by its
-    order or adjustment id.
-    """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_pool_timeout_seconds,
-        socket_connect_timeout=settings.redis_connect_timeout_seconds,
-        socket_timeout=settings.redis_socket_timeout_seconds,
-        # Only broken connections are retried: a timeout means Redis is stuck, and waiting
-        # again would break the "UNAVAILABLE within 1 s" promise.
-        retry=Retry(
-            ExponentialBackoff(cap=0.05, base=0.01),
-            retries=2,
-            supported_errors=(RedisConnectionError,),
-        ),
-        retry_on_error=[RedisConnectionError],
-        health_check_interval=0,
-    )
-    return Redis(connection_pool=pool)
-
-
-@contextlib.contextmanager
-def redis_errors() -> Iterator[None]:
-    """Turn Redis client failures inside the block into the DomainError a client sees."""
-    try:
-        yield
-    except (RedisError, OSError, TimeoutError) as exc:
-        raise backend_error(exc) from exc
-
-
-def backend_error(exc: BaseException) -> DomainError:
-    """Translate a Redis client failure into the domain error a client sees."""
-    if isinstance(exc, ResponseError) and not str(exc).startswith(_TRANSIENT):
-        log.error("redis refused a script call: %s", exc)
-        return DomainError(Reason.INTERNAL, "the stock store refused the operation")
-    return DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": type(exc).__name__})
-
-
 def _distinct_skus(units: Sequence[Unit]) -> list[str]:
     """The SKUs of an order's units, distinct, in first-appearance order (reserve.lua's m)."""
     skus: list[str] = []
@@ -139,11 +89,12 @@ class Engine:
     """Reservation operations over one Redis deployment."""
 
     def __init__(self, client: Redis, settings: Settings) -> None:
+        self.calls = calls = ScriptCalls(client, settings)
         self.client = client
         self.settings = settings
-        self.resolver = KeyResolver(settings.key_prefix, settings.partitions)
-        self.scripts = Scripts(client)
-        self.policies = PolicyStore(self)
+        self.resolver = calls.resolver
+        self.scripts = calls.scripts
+        self.policies = PolicyStore(calls)
         self._reserve_header = orjson.dumps(
             {
                 "maxlen": settings.event_stream_maxlen,
@@ -189,19 +140,11 @@ class Engine:
         await self.client.aclose(close_connection_pool=True)
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[bytes | str]) -> Any:
-        with redis_errors():
-            return await script(keys=keys, args=args)
-
-    async def call_script(
-        self, script: Any, keys: Sequence[str], args: Sequence[bytes | str]
-    ) -> Any:
-        """Run one registered script; Redis failures become the DomainError a client sees."""
-        return await self._call(script, keys, args)
+        return await self.calls.call_script(script, keys, args)
 
     async def run(self, command: Awaitable[T]) -> T:
-        """Await one plain Redis command, translating failures as `call_script` does."""
-        with redis_errors():
-            return await command
+        """Await one plain Redis command, translating failures as the script calls do."""
+        return await self.calls.run(command)
 
     # -- set-up and health -------------------------------------------------------------------
     async def check_partitions(self) -> None:

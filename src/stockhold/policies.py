@@ -20,15 +20,13 @@ import base64
 import binascii
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from stockhold import constants as c
 from stockhold.settings import Settings
-
-if TYPE_CHECKING:
-    from stockhold.engine import Engine
+from stockhold.store.calls import ScriptCalls
 
 # Most SKUs one refresh pass or one ListSkuPolicies page reads from Redis.
 REFRESH_BATCH = 500
@@ -142,24 +140,24 @@ def parse_page_token(token: str) -> str | None:
 
 
 class PolicyStore:
-    """Policy reads and writes over an engine's Redis client and scripts."""
+    """Policy reads and writes over the script-call layer."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.settings = engine.settings
-        self.cache = PolicyCache(engine.settings)
-        nb, bms = engine.settings.sales_buckets
-        self.window = {"thr": engine.settings.hot_threshold_units, "bms": bms, "nb": nb}
-        self.index_key = engine.resolver.meta_key(c.META_SKUS)
+    def __init__(self, calls: ScriptCalls) -> None:
+        self.calls = calls
+        self.settings = settings = calls.settings
+        self.cache = PolicyCache(settings)
+        nb, bms = settings.sales_buckets
+        self.window = {"thr": settings.hot_threshold_units, "bms": bms, "nb": nb}
+        self.index_key = calls.resolver.meta_key(c.META_SKUS)
         self._refresh_after = ""  # the refresh pass's cursor over the SKU index
 
     async def set(
         self, sku: str, fields: dict[str, int], reset: bool = False
     ) -> tuple[SkuPolicy, int]:
         """Store the given fields of a SKU's policy (or reset it); (policy, Redis now ms)."""
-        key = self.engine.resolver.sku_key(sku)
-        partition = self.engine.resolver.partition_of(key.rsplit(":", 1)[-1])
-        events = self.engine.resolver.events_key(partition)
+        key = self.calls.resolver.sku_key(sku)
+        partition = self.calls.resolver.partition_of(key.rsplit(":", 1)[-1])
+        events = self.calls.resolver.events_key(partition)
         arg = orjson.dumps(
             {
                 "sku": sku,
@@ -170,8 +168,8 @@ class PolicyStore:
             }
         )
         result = orjson.loads(
-            await self.engine.call_script(
-                self.engine.scripts.policy_set, (key, self.index_key, events), (arg,)
+            await self.calls.call_script(
+                self.calls.scripts.policy_set, (key, self.index_key, events), (arg,)
             )
         )
         policy = SkuPolicy.from_state(sku, result["state"])
@@ -182,10 +180,10 @@ class PolicyStore:
         """Policies of many SKUs in one script call (missing ones come back as defaults)."""
         if not skus:
             return []
-        keys = [self.index_key, *(self.engine.resolver.sku_key(s) for s in skus)]
+        keys = [self.index_key, *(self.calls.resolver.sku_key(s) for s in skus)]
         arg = orjson.dumps({"skus": list(skus), "prune": prune, "pol": self.window})
         result = orjson.loads(
-            await self.engine.call_script(self.engine.scripts.policy_get, keys, (arg,))
+            await self.calls.call_script(self.calls.scripts.policy_get, keys, (arg,))
         )
         states = result["states"] or []
         policies = [SkuPolicy.from_state(s, st or None) for s, st in zip(skus, states, strict=True)]
@@ -195,8 +193,8 @@ class PolicyStore:
 
     async def _index_page(self, after: str, count: int) -> list[str]:
         start = f"({after}" if after else "-"
-        raw = await self.engine.run(
-            self.engine.client.zrangebylex(self.index_key, start, "+", start=0, num=count)
+        raw = await self.calls.run(
+            self.calls.client.zrangebylex(self.index_key, start, "+", start=0, num=count)
         )
         return [m.decode() if isinstance(m, bytes) else m for m in raw]
 
