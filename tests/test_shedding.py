@@ -1,16 +1,19 @@
 """Per-SKU reserve thresholds (issue 4): hot SKUs fail fast when Redis is slow, others go on.
 
-Redis is slowed on purpose by a busy Lua script run over and over from another connection
-(each run blocks Redis for SLOW_MS): stockhold's script calls queue behind it, and the
-requests in stockhold's own queue wait. A request of a hot SKU that waited its threshold is
-shed before it is sent (RESOURCE_EXHAUSTED, RESERVE_TIMEOUT) and leaves nothing behind.
+The test controls the queue instead of assuming a CPU speed: Redis is told to hold every
+script call (`CLIENT PAUSE ... WRITE`: EVALSHA may write, so it waits; reads and CLIENT
+commands still run), one Reserve is sent and held there, occupying the process's only script
+call slot (`batch_max_inflight` is 1), and every Reserve after it queues in stockhold for as
+long as the test keeps Redis paused. A queued request of a hot SKU that waited its threshold
+is shed before it is sent (RESOURCE_EXHAUSTED, RESERVE_TIMEOUT) and leaves nothing behind; a
+request already sent gets its true result, however long it waited.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -20,47 +23,47 @@ from stockhold_fixtures import Factory, Running, add_stock, expect_error, line, 
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
-SLOW_MS = 100
-BUSY = """
-local t = redis.call('TIME')
-local start = t[1] * 1000000 + t[2]
-repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1]) * 1000
-return 1
-"""
+# Longer than any wait below: a paused call must not hit the "Redis stuck" bound.
+SOCKET_TIMEOUT_S = 20.0
+# The cold SKU's threshold: cold requests outwait the test's pause on any machine.
+COLD_TIMEOUT_MS = 15_000
 
 
-class SlowRedis:
-    """Keeps Redis busy SLOW_MS at a time from a thread, for at most `limit` seconds."""
+class PausedRedis:
+    """Redis holding every script call until `resume()` (or the end of the block)."""
 
-    def __init__(self, redis: Any, limit: float = 10.0) -> None:
+    def __init__(self, redis: Any) -> None:
         self.client = redis.client()
-        self.limit = limit
-        self.stop = threading.Event()
-        self.runs = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.limit
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            self.client.eval(BUSY, 0, SLOW_MS)
-            self.runs += 1
-            time.sleep(0.002)  # let the other clients' commands in between
-
-    def __enter__(self) -> SlowRedis:
-        self.thread.start()
-        time.sleep(0.05)
+    def __enter__(self) -> PausedRedis:
+        self.client.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
         return self
 
+    def resume(self) -> None:
+        self.client.execute_command("CLIENT", "UNPAUSE")
+
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=self.limit + 1)
+        self.resume()
         self.client.close()
+
+
+async def wait_until(check: Callable[[], bool], what: str, limit_s: float = 10.0) -> None:
+    """Poll `check` (bounded in time and count)."""
+    give_up = time.monotonic() + limit_s
+    for _ in range(2000):
+        if check():
+            return
+        assert time.monotonic() < give_up, f"timed out waiting until {what}"
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"gave up waiting until {what}")
 
 
 @pytest.fixture
 async def stockhold_small_batches(make_stockhold: Factory) -> Running:
-    # Small batches make the queue long enough to measure with a few dozen requests.
-    return await make_stockhold(batch_max_orders=4)
+    # Small batches: the queue drains over several script calls once Redis resumes.
+    return await make_stockhold(
+        batch_max_orders=4, batch_max_inflight=1, redis_socket_timeout_seconds=SOCKET_TIMEOUT_S
+    )
 
 
 def records(running: Running) -> set[str]:
@@ -83,45 +86,58 @@ async def test_hot_sku_fails_fast_near_300_ms_while_others_succeed_and_failures_
     stockhold_small_batches: Running,
 ) -> None:
     running = stockhold_small_batches
+    queue = running.server.engine.reserves
     async with running.channel() as channel:
         stub = pb_grpc.InventoryStub(channel)
         await add_stock(stub, "HOT", "w1", 1000)
         await add_stock(stub, "COLD", "w1", 1000)
         p = await stub.SetSkuPolicy(pb.SetSkuPolicyRequest(sku="HOT", hot=True, pinned=True))
         assert p.effective_reserve_timeout_ms == 300
+        p = await stub.SetSkuPolicy(
+            pb.SetSkuPolicyRequest(sku="COLD", reserve_timeout_ms=COLD_TIMEOUT_MS, pinned=True)
+        )
+        assert p.effective_reserve_timeout_ms == COLD_TIMEOUT_MS
 
-        async def one(sku: str, i: int) -> tuple[str, str, float, Any]:
-            oid = f"{sku}-{i}"
-            t0 = time.monotonic()
+        async def one(sku: str, oid: str) -> tuple[str, str, Any]:
             try:
-                await stub.Reserve(pb.ReserveRequest(order_id=oid, lines=[line(sku, 1)]), timeout=5)
-                return sku, oid, time.monotonic() - t0, None
+                await stub.Reserve(
+                    pb.ReserveRequest(order_id=oid, lines=[line(sku, 1)]), timeout=30
+                )
+                return sku, oid, None
             except grpc.aio.AioRpcError as err:
-                return sku, oid, time.monotonic() - t0, rich_error(err)
+                return sku, oid, rich_error(err)
 
-        with SlowRedis(running.redis) as slow:
-            results = await asyncio.gather(*(one("HOT" if i % 2 else "COLD", i) for i in range(24)))
-        assert slow.runs > 0
+        with PausedRedis(running.redis) as paused:
+            # A hot order sent first, held in Redis: it occupies the only call slot.
+            head = asyncio.ensure_future(one("HOT", "HOT-head"))
+            await wait_until(lambda: queue.inflight == 1, "the head order is sent")
+            hot = [asyncio.ensure_future(one("HOT", f"HOT-{i}")) for i in range(12)]
+            cold = [asyncio.ensure_future(one("COLD", f"COLD-{i}")) for i in range(12)]
+            await wait_until(lambda: queue.queued >= 24, "every order queues behind it")
+            # Each hot order is answered while Redis still holds the head's call, so none of
+            # them can have been sent.
+            hot_results = await asyncio.wait_for(asyncio.gather(*hot), timeout=10)
+            assert queue.inflight == 1 and not head.done(), "nothing else was sent meanwhile"
+            assert not any(f.done() for f in cold), "cold orders wait longer than hot ones"
+            paused.resume()
+            head_result = await asyncio.wait_for(head, timeout=10)
+            cold_results = await asyncio.wait_for(asyncio.gather(*cold), timeout=10)
 
-    hot_ok = [r for r in results if r[0] == "HOT" and r[3] is None]
-    hot_shed = [r for r in results if r[0] == "HOT" and r[3] is not None]
-    cold = [r for r in results if r[0] == "COLD"]
-    assert [r[3] for r in cold] == [None] * 12, "every cold request succeeds"
-    assert hot_shed, "some hot requests waited past 300 ms and were shed"
-    assert hot_ok, "the hot requests at the head of the queue were served"
-    for _, _, elapsed, err in hot_shed:
+    # The head waited far past 300 ms, but it was sent: it gets its true result.
+    assert head_result[2] is None
+    assert [r[2] for r in cold_results] == [None] * 12, "every cold request succeeds"
+    for _, _, err in hot_results:
+        assert err is not None
         assert (err.code, err.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESERVE_TIMEOUT")
         assert err.metadata["sku"] == "HOT"
         assert err.metadata["threshold_ms"] == "300"
         assert err.metadata["limit"] == "sku_threshold"
-        # (uvloop timers have millisecond resolution: one may fire a fraction of a ms early)
-        assert 298 <= int(err.metadata["waited_ms"]) < 400
-        assert 0.29 <= elapsed < 0.6, f"shed after {elapsed:.3f} s"
-    # Some cold requests waited longer than the hot threshold and still succeeded.
-    assert max(r[2] for r in cold) > 0.3
+        # Never shed before the threshold (uvloop timers have millisecond resolution: one may
+        # fire a fraction of a ms early).
+        assert int(err.metadata["waited_ms"]) >= 298
 
     # Every failure left no trace; every success did.
-    ok_ids = {r[1] for r in results if r[3] is None}
+    ok_ids = {"HOT-head"} | {r[1] for r in cold_results}
     assert records(running) == ok_ids
     assert sorted(reserved_events(running)) == sorted(ok_ids)
     r = running.redis.client()
@@ -129,39 +145,40 @@ async def test_hot_sku_fails_fast_near_300_ms_while_others_succeed_and_failures_
         next(k for k in r.keys("sh:*:stock:*") if k.decode().endswith(f":{sku}::"))
         for sku in ("HOT", "COLD")
     )
-    assert int(r.hget(hot_key, "r:w1")) == len(hot_ok)
+    assert int(r.hget(hot_key, "r:w1")) == 1
+    assert int(r.hget(hot_key, "a:w1")) == 999
     assert int(r.hget(cold_key, "r:w1")) == 12
-    assert int(r.hget(hot_key, "a:w1")) == 1000 - len(hot_ok)
 
 
 async def test_client_deadline_sooner_than_the_threshold_sheds_before_it(
     stockhold_small_batches: Running,
 ) -> None:
     running = stockhold_small_batches
+    queue = running.server.engine.reserves
     async with running.channel() as channel:
         stub = pb_grpc.InventoryStub(channel)
         await add_stock(stub, "COLD", "w1", 1000)
-        with SlowRedis(running.redis):
-            # Fill the queue, then ask with a 150 ms deadline behind it.
-            backlog = [
-                asyncio.ensure_future(
-                    stub.Reserve(
-                        pb.ReserveRequest(order_id=f"b-{i}", lines=[line("COLD", 1)]), timeout=5
-                    )
-                )
-                for i in range(16)
-            ]
-            await asyncio.sleep(0.01)
-            t0 = time.monotonic()
-            err = await expect_error(
+        await stub.SetSkuPolicy(
+            pb.SetSkuPolicyRequest(sku="COLD", reserve_timeout_ms=COLD_TIMEOUT_MS, pinned=True)
+        )
+        with PausedRedis(running.redis):
+            head = asyncio.ensure_future(
                 stub.Reserve(
-                    pb.ReserveRequest(order_id="late", lines=[line("COLD", 1)]), timeout=0.15
+                    pb.ReserveRequest(order_id="head", lines=[line("COLD", 1)]), timeout=30
                 )
             )
+            await wait_until(lambda: queue.inflight == 1, "the head order is sent")
+            # Behind it, a request whose deadline (1 s) is far sooner than its SKU's threshold.
+            t0 = time.monotonic()
+            err = await expect_error(
+                stub.Reserve(pb.ReserveRequest(order_id="late", lines=[line("COLD", 1)]), timeout=1)
+            )
             elapsed = time.monotonic() - t0
-            await asyncio.gather(*backlog)
-    # Shed by stockhold just before the deadline (an explicit answer, not a bare timeout).
+            assert not head.done(), "the late request was answered while Redis held the head"
+        await asyncio.wait_for(head, timeout=10)
+    # Shed by stockhold before the deadline: an explicit answer, not a bare DEADLINE_EXCEEDED.
     assert (err.code, err.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESERVE_TIMEOUT")
     assert err.metadata["limit"] == "deadline"
-    assert elapsed < 0.2
-    assert "late" not in records(running)
+    assert int(err.metadata["waited_ms"]) <= 1000
+    assert elapsed < 1.0
+    assert records(running) == {"head"}

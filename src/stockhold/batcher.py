@@ -76,8 +76,13 @@ class Batcher(Generic[Item, Result]):
 
     @property
     def queued(self) -> int:
-        """Items waiting for a call slot."""
+        """Items waiting for a call slot (dropped ones included until a batch skips them)."""
         return len(self._queue)
+
+    @property
+    def inflight(self) -> int:
+        """Calls sent and not yet answered."""
+        return self._inflight
 
     async def submit(self, item: Item, wait_limit: float | None = None) -> Result:
         """Queue one item and wait for its own result.
