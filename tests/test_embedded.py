@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +18,12 @@ import redis
 import redis.asyncio
 from redis_proc import redis_binaries
 
-from stockhold.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
+from stockhold.embedded import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    find_redis_server,
+    parent_death_argv,
+)
 
 BINARIES = redis_binaries()
 
@@ -162,32 +170,158 @@ def test_second_instance_on_same_dir_is_refused(embedded: EmbeddedRedis, data_di
     other.stop()
 
 
-def test_foreign_redis_on_socket_is_refused(data_dir: Path, binary: str) -> None:
-    # A redis-server orphaned by a killed stockhold: no lock held, but the socket answers.
-    data_dir.mkdir(mode=0o700)
-    sock = data_dir / "redis.sock"
+def _run_redis(argv: list[str], sock: Path) -> subprocess.Popen[bytes]:
+    """Start a redis-server the test owns (no stockhold lock) and wait until it answers."""
     proc = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", str(data_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
+    deadline = time.monotonic() + 15
+    c = redis.Redis(unix_socket_path=str(sock))
     try:
-        c = redis.Redis(unix_socket_path=str(sock))
+        while True:
+            try:
+                c.ping()
+                return proc
+            except redis.exceptions.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait(10)
+                    raise AssertionError(f"redis-server never answered on {sock}") from None
+                time.sleep(0.01)
+    finally:
+        c.close()
+
+
+def _orphan(data_dir: Path, binary: str) -> subprocess.Popen[bytes]:
+    """A redis-server exactly as EmbeddedRedis runs it, left without its owner (lock free)."""
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    er = EmbeddedRedis(data_dir, binary=binary)
+    return _run_redis(er._command(binary), er.socket_path)
+
+
+def _stopped_orphan_record(caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
+    records = [r for r in caplog.records if getattr(r, "stopped_with", None)]
+    assert len(records) == 1, [r.getMessage() for r in caplog.records]
+    return records[0]
+
+
+def test_orphan_of_this_data_dir_is_shut_down_and_replaced(
+    data_dir: Path, binary: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a kill -9 of stockhold left behind where the parent-death signal is not available:
+    # its redis-server still runs on the data dir, and nobody holds the lock.
+    orphan = _orphan(data_dir, binary)
+    try:
+        c = redis.Redis(unix_socket_path=str(data_dir / "redis.sock"))
         try:
-            for _ in range(500):
-                try:
-                    c.ping()
-                    break
-                except redis.exceptions.ConnectionError:
-                    time.sleep(0.01)
+            c.set(b"k", b"v")  # acknowledged, so in the AOF once SHUTDOWN has flushed it
         finally:
             c.close()
+        er = EmbeddedRedis(data_dir, binary=binary)
+        with caplog.at_level(logging.WARNING, logger="stockhold.embedded"):
+            er.start()
+        try:
+            assert orphan.wait(10) == 0  # exited cleanly, on SHUTDOWN
+            assert er.pid is not None and er.pid != orphan.pid
+            record = _stopped_orphan_record(caplog)
+            assert record.stopped_with == "SHUTDOWN"  # type: ignore[attr-defined]
+            assert record.redis_pid == orphan.pid  # type: ignore[attr-defined]
+            assert record.data_dir == str(data_dir)  # type: ignore[attr-defined]
+            assert f"pid {orphan.pid}" in record.getMessage()
+            assert str(data_dir) in record.getMessage()
+            c = _client(er)
+            try:
+                assert c.get(b"k") == b"v"
+            finally:
+                c.close()
+        finally:
+            er.stop()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait(10)
+
+
+def test_orphan_that_does_not_answer_is_stopped_with_sigterm(
+    data_dir: Path, binary: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stopped (or stuck) orphan cannot take SHUTDOWN; SIGTERM + SIGCONT end it gracefully.
+    orphan = _orphan(data_dir, binary)
+    try:
+        os.kill(orphan.pid, signal.SIGSTOP)
+        er = EmbeddedRedis(data_dir, binary=binary, orphan_timeout=10.0)
+        with caplog.at_level(logging.WARNING, logger="stockhold.embedded"):
+            er.start()
+        try:
+            assert orphan.wait(10) == 0
+            record = _stopped_orphan_record(caplog)
+            assert record.stopped_with == "SIGTERM"  # type: ignore[attr-defined]
+            assert record.redis_pid == orphan.pid  # type: ignore[attr-defined]
+            c = _client(er)
+            try:
+                assert c.ping()
+            finally:
+                c.close()
+        finally:
+            er.stop()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait(10)
+
+
+def test_orphan_is_not_touched_while_its_owner_holds_the_lock(
+    embedded: EmbeddedRedis, data_dir: Path
+) -> None:
+    # A live stockhold's Redis looks like an orphan from outside; the lock says it is not.
+    embedded.start()
+    pid = embedded.pid
+    other = EmbeddedRedis(data_dir, binary=embedded.binary, orphan_timeout=1.0)
+    with pytest.raises(EmbeddedRedisError, match="in use by another stockhold"):
+        other.start()
+    assert embedded.pid == pid is not None and _alive(pid)
+    c = _client(embedded)
+    try:
+        assert c.ping()
+    finally:
+        c.close()
+
+
+def test_foreign_redis_on_socket_is_refused(data_dir: Path, binary: str, tmp_path: Path) -> None:
+    # A redis-server on our socket that keeps its data elsewhere is not ours to stop, and
+    # starting our own would steal its socket.
+    data_dir.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sock = data_dir / "redis.sock"
+    argv = [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", str(elsewhere)]
+    proc = _run_redis(argv, sock)
+    try:
         with pytest.raises(EmbeddedRedisError, match="already answers"):
             EmbeddedRedis(data_dir, binary=binary).start()
         assert proc.poll() is None  # we did not touch it
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_stale_pid_file_naming_another_process_is_left_alone(data_dir: Path, binary: str) -> None:
+    # The pid in a pid file left by a killed redis-server may now belong to anything, even a
+    # process working in the data dir: only a redis-server of this directory is stopped.
+    data_dir.mkdir(mode=0o700)
+    bystander = subprocess.Popen(["sleep", "60"], cwd=data_dir)
+    try:
+        (data_dir / "redis.pid").write_text(f"{bystander.pid}\n")
+        er = EmbeddedRedis(data_dir, binary=binary, orphan_timeout=1.0)
+        er.start()
+        try:
+            assert er.pid is not None
+            assert bystander.poll() is None
+        finally:
+            er.stop()
+    finally:
+        bystander.kill()
+        bystander.wait(10)
 
 
 def test_stale_socket_is_cleaned(embedded: EmbeddedRedis, data_dir: Path) -> None:
@@ -272,3 +406,19 @@ async def test_async_client_over_socket(embedded: EmbeddedRedis) -> None:
         assert await client.get(b"a") == b"1"
     finally:
         await client.aclose()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_parent_death_shim_execs_only_under_the_expected_parent() -> None:
+    argv = parent_death_argv(["/bin/echo", "ran"])
+    assert argv[-2:] == ["/bin/echo", "ran"]
+    ok = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert (ok.returncode, ok.stdout) == (0, "ran\n"), ok.stderr
+    # The owner died between fork and prctl (the child now has another parent): the signal
+    # would never come, so the command must not run at all.
+    pid_at = argv.index(str(os.getpid()))
+    orphaned = [*argv[:pid_at], str(os.getpid() + 1_000_000), *argv[pid_at + 1 :]]
+    gone = subprocess.run(orphaned, capture_output=True, text=True, timeout=30, check=False)
+    assert gone.returncode != 0
+    assert gone.stdout == ""
+    assert "owner exited" in gone.stderr

@@ -3,30 +3,45 @@
 When no Redis URL is configured, stockhold runs its own Redis on a unix socket inside its
 data directory, with AOF persistence, so a single container (or a developer's laptop) needs
 nothing else. Nothing listens on TCP: the socket is ``0700`` so only our user can reach it.
+
+The child must not outlive its owner: on Linux it gets SIGTERM (a clean shutdown that
+flushes the AOF) when the owner dies, even by SIGKILL. Should one survive anyway (another OS,
+or a Redis stopped or stuck when its owner died), the next start on the same data directory
+recognises that orphan, stops it cleanly and takes over; see :meth:`EmbeddedRedis.start`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, BinaryIO, Self
 
 import redis
 import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-__all__ = ["EmbeddedRedis", "EmbeddedRedisError", "find_redis_server", "redis_server_version"]
+__all__ = [
+    "EmbeddedRedis",
+    "EmbeddedRedisError",
+    "find_redis_server",
+    "parent_death_argv",
+    "redis_server_version",
+]
 
 SOCKET_NAME = "redis.sock"
 LOG_NAME = "redis.log"
@@ -41,6 +56,33 @@ MIN_VERSION = (6, 2)
 _MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 
 _VERSION_RE = re.compile(rb"v=(\d+)\.(\d+)\.(\d+)")
+
+log = logging.getLogger(__name__)
+
+# How long a start waits for an orphaned redis-server of its data directory to exit, first
+# after SHUTDOWN, then after SIGTERM, before it resorts to SIGKILL.
+ORPHAN_STOP_TIMEOUT = 10.0
+
+# Runs in the forked child, between fork and exec of redis-server (Linux only). It asks the
+# kernel for SIGTERM when the parent dies, which Redis handles like SHUTDOWN (AOF fsynced),
+# then checks the parent did not die before that request took effect: then the signal would
+# never come, so it gives up instead. It is a separate interpreter rather than a preexec_fn,
+# which is unsafe in a process with threads. It also undoes what an interpreter changes and
+# an exec keeps: the signal mask, and SIGPIPE/SIGXFSZ ignored.
+# argv: owner pid, redis-server path, redis-server arguments.
+_PDEATHSIG_SHIM = """\
+import ctypes, os, signal, sys
+PR_SET_PDEATHSIG = 1
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    sys.exit("stockhold: prctl(PR_SET_PDEATHSIG): " + os.strerror(ctypes.get_errno()))
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("stockhold: the owner exited before redis-server started; not starting it")
+signal.pthread_sigmask(signal.SIG_SETMASK, [])
+for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+    signal.signal(sig, signal.SIG_DFL)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -147,6 +189,120 @@ def _ready(sock: Path, timeout: float) -> bool:
         client.close()
 
 
+def _shutdown(sock: Path, timeout: float) -> bool:
+    """Ask the Redis on ``sock`` to SHUTDOWN (fsync AOF, remove socket and pidfile).
+
+    True if it accepted; False if it could not be asked or refused (the caller falls back to
+    SIGTERM, which Redis handles as the same graceful shutdown).
+    """
+    client = _probe_client(sock, timeout)
+    try:
+        # redis-py swallows the ConnectionError that a successful SHUTDOWN produces.
+        client.shutdown()
+    except (redis.exceptions.RedisError, OSError):
+        # E.g. still loading the AOF, busy, stopped, or the socket is gone.
+        return False
+    finally:
+        client.close()
+    return True
+
+
+def parent_death_argv(argv: list[str]) -> list[str]:
+    """``argv`` run so that the process gets SIGTERM when the thread that forked it ends.
+
+    On Linux the command runs through a small interpreter that sets ``PR_SET_PDEATHSIG``
+    and then execs it (same pid); elsewhere ``argv`` is returned as it is. The caller must
+    fork from a thread that lives as long as the child (see :meth:`EmbeddedRedis.start`).
+    """
+    if not sys.platform.startswith("linux") or not sys.executable:
+        return list(argv)
+    return [sys.executable, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
+
+
+def _pid_running(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) is gone."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS, BSD): ask the kernel, which counts zombies as alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    # The state follows the command name, which may itself hold spaces and parentheses.
+    return stat_line.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Poll until ``pid`` no longer runs; False if it still runs after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while _pid_running(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return True
+
+
+def _listener_pid(sock: Path) -> int | None:
+    """PID of the process listening on the unix socket ``sock`` (Linux), else None.
+
+    Connecting succeeds even when that process is stopped or busy (the kernel queues the
+    connection), so this names the owner of a socket that no longer answers commands.
+    """
+    peercred = getattr(socket, "SO_PEERCRED", None)
+    if peercred is None:
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(sock))
+            pid, _uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, peercred, 12))
+        except OSError:
+            return None
+    return pid if pid > 0 else None
+
+
+def _is_redis_of(pid: int, data_dir: Path) -> bool:
+    """Whether ``pid`` is a live redis-server working in ``data_dir`` (Linux; else False).
+
+    Redis chdirs into its ``--dir``, where its AOF lives, so the working directory says whose
+    data it holds. The executable's name guards against a reused pid: a shell that happens to
+    sit in the data directory is not a Redis.
+    """
+    if not _pid_running(pid):
+        return False
+    try:
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+        return ("redis" in exe or "valkey" in exe) and os.path.samefile(
+            f"/proc/{pid}/cwd", data_dir
+        )
+    except OSError:
+        return False
+
+
+def _redis_identity(sock: Path, timeout: float) -> tuple[int, str] | None:
+    """(process_id, dir) of the Redis answering on ``sock``, or None if none answers us."""
+    client = _probe_client(sock, timeout)
+    try:
+        pid = int(client.info("server")["process_id"])
+        # Keys come back as bytes (no decode_responses), though redis-py types them as str.
+        config: dict[Any, Any] = dict(client.config_get("dir"))
+        directory = config.get(b"dir", config.get("dir"))
+    except (redis.exceptions.RedisError, OSError, KeyError, ValueError):
+        return None
+    finally:
+        client.close()
+    if isinstance(directory, bytes):
+        directory = os.fsdecode(directory)
+    return (pid, directory) if isinstance(directory, str) else None
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process bound only to ``<data_dir>/redis.sock``.
 
@@ -160,17 +316,25 @@ class EmbeddedRedis:
     """
 
     def __init__(
-        self, data_dir: Path, binary: str | None = None, startup_timeout: float = 10.0
+        self,
+        data_dir: Path,
+        binary: str | None = None,
+        startup_timeout: float = 10.0,
+        orphan_timeout: float = ORPHAN_STOP_TIMEOUT,
     ) -> None:
         """Prepare (but do not start) an embedded Redis for ``data_dir``.
 
         ``binary`` defaults to :func:`find_redis_server`, resolved at :meth:`start`.
+        ``orphan_timeout`` bounds each wait for an orphaned redis-server to exit.
         """
         self.data_dir = Path(data_dir).absolute()
         self.binary = binary
         self.startup_timeout = startup_timeout
+        self.orphan_timeout = orphan_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
+        # The pid the lock file named when we took the lock: the owner that is gone.
+        self._previous_owner: int | None = None
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -209,6 +373,11 @@ class EmbeddedRedis:
         Idempotent while running. Raises :class:`EmbeddedRedisError` if the data directory is
         in use by another process, if Redis exits during startup, or if it does not answer
         within ``startup_timeout`` seconds; the message carries the tail of ``redis.log``.
+
+        A redis-server left running on this data directory by an owner that is gone (the
+        lock is free) is an orphan: it is stopped with SHUTDOWN (AOF flushed), else SIGTERM,
+        else SIGKILL, and one warning line names its pid, the data directory and how it was
+        stopped. While a live stockhold holds the lock, the directory is refused as before.
         """
         if self.running:
             return self.url
@@ -222,6 +391,7 @@ class EmbeddedRedis:
         binary = self.binary or find_redis_server()
         self._acquire_lock()
         try:
+            self._stop_orphan()
             self._clear_stale_socket()
             self._spawn(binary)
             self._wait_ready()
@@ -276,6 +446,8 @@ class EmbeddedRedis:
         except BaseException:
             os.close(fd)
             raise
+        with contextlib.suppress(OSError, ValueError):
+            self._previous_owner = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
@@ -287,6 +459,75 @@ class EmbeddedRedis:
             # would race with a concurrent starter that already opened it).
             os.close(fd)
 
+    def _find_orphan(self) -> int | None:
+        """PID of a redis-server still running on this data directory, else None.
+
+        Called with the lock held, so no live stockhold owns whatever is found. Candidates
+        are the process listening on the socket (it may be too busy or stopped to answer)
+        and the one the pid file names (the socket may be gone already); on Linux /proc
+        says whether either is a Redis working in this directory. Elsewhere the Redis that
+        answers on the socket must report the pid file's pid and this directory itself.
+        """
+        pidfile = self._read_pidfile()
+        for pid in (_listener_pid(self.socket_path), pidfile):
+            if pid is not None and pid != os.getpid() and _is_redis_of(pid, self.data_dir):
+                return pid
+        if pidfile is None or not self.socket_path.exists():
+            return None
+        identity = _redis_identity(self.socket_path, timeout=1.0)
+        if identity is None or identity[0] != pidfile:
+            return None
+        with contextlib.suppress(OSError):
+            if os.path.samefile(identity[1], self.data_dir):
+                return pidfile
+        return None
+
+    def _stop_orphan(self) -> None:
+        """Stop an orphaned redis-server of this data directory, if there is one."""
+        pid = self._find_orphan()
+        if pid is None:
+            return
+        t0 = time.monotonic()
+        how = "SHUTDOWN"
+        stopped = _shutdown(self.socket_path, timeout=2.0) and _wait_gone(pid, self.orphan_timeout)
+        if not stopped:
+            # Not answering (stopped, stuck, still loading) or not exiting: SIGTERM is the
+            # same graceful shutdown, and SIGCONT lets a stopped process act on it.
+            how = "SIGTERM"
+            log.warning(
+                "orphaned embedded redis-server did not take SHUTDOWN; sending SIGTERM",
+                extra={"redis_pid": pid, "data_dir": str(self.data_dir)},
+            )
+            for sig in (signal.SIGTERM, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            stopped = _wait_gone(pid, self.orphan_timeout)
+        if not stopped:
+            how = "SIGKILL"
+            log.error(
+                "orphaned embedded redis-server ignored SIGTERM; killing it (the AOF may "
+                "lose its last second of writes)",
+                extra={"redis_pid": pid, "data_dir": str(self.data_dir)},
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if not _wait_gone(pid, self.orphan_timeout):
+                raise EmbeddedRedisError(
+                    f"cannot stop redis-server pid {pid}, orphaned on data directory "
+                    f"{self.data_dir}: it survived SIGKILL for {self.orphan_timeout:g}s"
+                )
+        log.warning(
+            f"stopped orphaned embedded redis-server pid {pid} of data directory "
+            f"{self.data_dir} with {how}: its stockhold is gone; starting a new one",
+            extra={
+                "redis_pid": pid,
+                "data_dir": str(self.data_dir),
+                "stopped_with": how,
+                "previous_owner_pid": self._previous_owner,
+                "took_s": round(time.monotonic() - t0, 3),
+            },
+        )
+
     def _clear_stale_socket(self) -> None:
         sock = self.socket_path
         try:
@@ -296,8 +537,8 @@ class EmbeddedRedis:
         if not stat.S_ISSOCK(st.st_mode):
             raise EmbeddedRedisError(f"{sock} exists and is not a socket; refusing to touch it")
         if _ready(sock, timeout=1.0):
-            # Most likely a redis-server orphaned by a stockhold that was killed: it still
-            # owns the AOF, so starting a second one would corrupt the data.
+            # Not an orphan of ours (_stop_orphan ran first): a Redis of another directory,
+            # or one that will not say who it is. Binding our own would steal its socket.
             pid = self._read_pidfile()
             who = f" (pid {pid} per {self.data_dir / PID_NAME})" if pid else ""
             raise EmbeddedRedisError(
@@ -342,14 +583,22 @@ class EmbeddedRedis:
         ]
 
     def _spawn(self, binary: str) -> None:
-        # stdout/stderr go to the log too: config errors are printed before the logfile is
-        # opened, and the tail of the log is what we report when startup fails.
-        with self.log_path.open("ab") as log:
-            log.write(f"--- stockhold: starting {binary}\n".encode())
-            log.flush()
+        resolved = shutil.which(binary)
+        if resolved is None:
+            raise EmbeddedRedisError(f"cannot run {binary}: not found or not executable")
+        argv = parent_death_argv(self._command(resolved))
+        started: list[subprocess.Popen[bytes] | BaseException] = []
+        spawned = threading.Event()
+
+        def keep(log: BinaryIO) -> None:
+            # The kernel sends the parent-death signal when the *thread* that forked the
+            # child ends, not the process. So the fork happens here, on a thread that lives
+            # exactly as long as the child: start() may run on a short-lived thread (an
+            # executor's, asyncio.to_thread), whose exit must not stop Redis.
+            proc: subprocess.Popen[bytes] | None = None
             try:
-                self._proc = subprocess.Popen(
-                    self._command(binary),
+                proc = subprocess.Popen(
+                    argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -358,8 +607,30 @@ class EmbeddedRedis:
                     # before stockhold has drained its requests and called stop().
                     start_new_session=True,
                 )
-            except OSError as e:
-                raise EmbeddedRedisError(f"cannot run {binary}: {e}") from e
+                started.append(proc)
+            except BaseException as e:  # handed to start()'s thread, which raises it
+                started.append(e)
+            finally:
+                spawned.set()
+            if proc is not None:
+                proc.wait()
+
+        # stdout/stderr go to the log too: config errors are printed before the logfile is
+        # opened, and the tail of the log is what we report when startup fails.
+        with self.log_path.open("ab") as log:
+            log.write(f"--- stockhold: starting {resolved}\n".encode())
+            log.flush()
+            # Daemon: if the interpreter exits without stop(), the process ends, and with it
+            # Redis (parent-death signal), instead of the exit waiting on this thread.
+            keeper = threading.Thread(target=keep, args=(log,), name="embedded-redis", daemon=True)
+            keeper.start()
+            spawned.wait()
+        result = started[0]
+        if isinstance(result, OSError):
+            raise EmbeddedRedisError(f"cannot run {resolved}: {result}") from result
+        if isinstance(result, BaseException):
+            raise result
+        self._proc = result
 
     def _wait_ready(self) -> None:
         proc = self._proc
@@ -405,14 +676,4 @@ class EmbeddedRedis:
 
     def _shutdown_command(self) -> bool:
         """Ask Redis to SHUTDOWN (fsync AOF, remove socket and pidfile); True if sent."""
-        client = _probe_client(self.socket_path, timeout=2.0)
-        try:
-            # redis-py swallows the ConnectionError that a successful SHUTDOWN produces.
-            client.shutdown()
-        except (redis.exceptions.RedisError, OSError):
-            # E.g. still loading the AOF, or the socket is gone: fall back to SIGTERM, which
-            # Redis handles as the same graceful shutdown.
-            return False
-        finally:
-            client.close()
-        return True
+        return _shutdown(self.socket_path, timeout=2.0)
