@@ -12,6 +12,23 @@ OUT_DIR = ROOT / "src"
 GENERATED = OUT_DIR / "stockhold" / "v1"
 
 
+def googleapis_include() -> str:
+    """The folder holding google/rpc/status.proto: googleapis-common-protos ships it.
+
+    That package is a runtime dependency (through grpcio-status) and a build requirement; its
+    generated status_pb2 is what the stubs import, so the .proto is read from the same place.
+    """
+    spec = importlib.util.find_spec("google.rpc")
+    locations = list(spec.submodule_search_locations or ()) if spec else []
+    for folder in locations:
+        if (Path(folder) / "status.proto").is_file():
+            return str(Path(folder).parent.parent)
+    raise SystemExit(
+        "google/rpc/status.proto not found: install googleapis-common-protos "
+        "(pip install googleapis-common-protos)"
+    )
+
+
 def generate() -> None:
     """Run grpc_tools.protoc; add .pyi type stubs when the mypy-protobuf plugin is installed."""
     import grpc_tools
@@ -23,6 +40,7 @@ def generate() -> None:
         "protoc",
         f"-I{PROTO_DIR}",
         f"-I{include}",
+        f"-I{googleapis_include()}",
         f"--python_out={OUT_DIR}",
         f"--grpc_python_out={OUT_DIR}",
     ]

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
@@ -480,6 +482,147 @@ def _commands(sub: Any) -> None:
     frames.add_argument("--once", action="store_true", help="draw one frame and exit")
     frames.add_argument("--iterations", type=_positive(int), help="draw N frames and exit")
     p.set_defaults(run=_top)
+
+    _reserve_many_commands(client)
+
+
+# -- many orders per call: reserve-batch, reserve-stream (issue 10) ----------------------------
+def _read_orders(path: str) -> list[tuple[int, pb.ReserveRequest]]:
+    """(line number, order) of a JSON-lines file (`-`: stdin): one ReserveRequest per line,
+    in its proto JSON form, e.g. {"order_id": "o-1", "lines": [{"unit": {"sku": "TEE"},
+    "quantity": 2}]}. Blank lines are skipped."""
+    lines: list[tuple[int, str]]
+    if path == "-":
+        lines = list(enumerate(sys.stdin, 1))
+    else:
+        with open(path, encoding="utf-8") as f:
+            lines = list(enumerate(f, 1))
+    orders: list[tuple[int, pb.ReserveRequest]] = []
+    for n, text in lines:
+        if not text.strip():
+            continue
+        try:
+            orders.append((n, json_format.Parse(text, pb.ReserveRequest())))
+        except json_format.ParseError as exc:
+            raise SystemExit(f"error: {path}:{n}: not a ReserveRequest: {exc}") from None
+    if not orders:
+        raise SystemExit(f"error: {path}: no orders")
+    return orders
+
+
+def _answer_line(
+    n: int, order_id: str, result: pb.ReserveBatchResult | pb.ReserveStreamResponse, **extra: str
+) -> bool:
+    """Print one answer as a JSON line; True when the order is reserved (or replayed)."""
+    out: dict[str, Any] = {"line": n, "order_id": order_id, **extra}
+    reserved = result.WhichOneof("result") == "reserved"
+    if reserved:
+        out["reserved"] = json_format.MessageToDict(
+            result.reserved,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+        )
+    else:
+        out["error"] = _status_dict(result.error)
+    print(json.dumps(out, ensure_ascii=False), flush=True)
+    return reserved
+
+
+_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _status_dict(status: status_pb2.Status) -> dict[str, Any]:
+    """A google.rpc.Status as the CLI shows it: code name, message, ErrorInfo, BadRequest."""
+    out: dict[str, Any] = {
+        "code": _CODE_NAMES.get(status.code, str(status.code)),
+        "message": status.message,
+    }
+    for detail in status.details:
+        info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            out["reason"], out["metadata"] = info.reason, dict(info.metadata)
+        elif detail.Unpack(bad):
+            out["field_violations"] = {v.field: v.description for v in bad.field_violations}
+    return out
+
+
+def _reserve_batch(args: argparse.Namespace) -> int:
+    orders = _read_orders(args.file)
+    ok = True
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.InventoryStub(channel)
+        for start in range(0, len(orders), args.batch_size):
+            chunk = orders[start : start + args.batch_size]
+            request = pb.ReserveBatchRequest(orders=[order for _, order in chunk])
+            try:
+                reply = stub.ReserveBatch(request, timeout=args.timeout)
+            except grpc.RpcError as err:
+                _print_error(err)
+                return 1
+            for (n, order), result in zip(chunk, reply.results, strict=True):
+                ok = _answer_line(n, order.order_id, result) and ok
+    return 0 if ok else 1
+
+
+def _reserve_stream(args: argparse.Namespace) -> int:
+    orders = _read_orders(args.file)
+    by_id = {str(n): (n, order.order_id) for n, order in orders}
+    # At most --window messages unanswered: the server's bound is never reached from here.
+    window = threading.Semaphore(args.window)
+    stop = threading.Event()
+
+    def messages() -> Iterator[pb.ReserveStreamRequest]:
+        for n, order in orders:
+            while not window.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            yield pb.ReserveStreamRequest(correlation_id=str(n), request=order)
+
+    ok = True
+    answered = 0
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.InventoryStub(channel)
+        try:
+            for answer in stub.ReserveStream(messages(), timeout=args.timeout):
+                window.release()
+                answered += 1
+                n, order_id = by_id.get(answer.correlation_id, (0, ""))
+                ok = _answer_line(n, order_id, answer, correlation_id=answer.correlation_id) and ok
+        except grpc.RpcError as err:
+            _print_error(err)
+            return 1
+        finally:
+            stop.set()
+    if answered != len(orders):
+        print(f"error: {len(orders)} orders sent, {answered} answered", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
+def _reserve_many_commands(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """reserve-batch and reserve-stream: many orders from a JSON-lines file, one JSON line
+    per answer ({"line", "order_id", "reserved" | "error"}); exit 1 if any was refused."""
+    file_help = 'JSON lines, one ReserveRequest each ({"order_id": ..., "lines": [...]}); -: stdin'
+    p = client("reserve-batch", "reserve orders from a file, up to 100 per ReserveBatch call")
+    p.add_argument("--file", required=True, help=file_help)
+    p.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        default=100,
+        help="orders per call (default 100, the most a call takes)",
+    )
+    p.set_defaults(run=_reserve_batch)
+
+    p = client("reserve-stream", "reserve orders from a file over one ReserveStream call")
+    p.add_argument("--file", required=True, help=file_help)
+    p.add_argument(
+        "--window",
+        type=_positive(int),
+        default=64,
+        help="messages sent ahead of their answers (default 64; the server takes 256)",
+    )
+    # One deadline for the whole stream.
+    p.set_defaults(run=_reserve_stream, timeout=60.0)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -82,6 +82,9 @@ MAX_DELTA: Final = 1_000_000_000
 MAX_REASON: Final = 256
 MAX_PAYMENT_REF: Final = 128
 MAX_AVAILABILITY_UNITS: Final = 500
+# ReserveBatch orders per call and ReserveStream correlation ids (issue 10).
+MAX_BATCH_ORDERS: Final = 100
+MAX_CORRELATION_ID: Final = 128
 
 # WeChat Pay v3 notifications (issue 5, stockhold.payments.wechatpay): one key per nonce seen
 # in a verified notification, so a replay inside the timestamp window is refused.

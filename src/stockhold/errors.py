@@ -31,6 +31,7 @@ class Reason(StrEnum):
     RESERVATION_EXPIRED = "RESERVATION_EXPIRED"
     RESERVATION_COMMITTED = "RESERVATION_COMMITTED"
     RESERVE_TIMEOUT = "RESERVE_TIMEOUT"
+    STREAM_BACKPRESSURE = "STREAM_BACKPRESSURE"
     PAYMENT_AMOUNT_MISMATCH = "PAYMENT_AMOUNT_MISMATCH"
     PAYMENT_CONFLICT = "PAYMENT_CONFLICT"
     BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
@@ -48,6 +49,7 @@ STATUS_FOR_REASON: Final[Mapping[Reason, grpc.StatusCode]] = {
     Reason.RESERVATION_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.RESERVATION_COMMITTED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.RESERVE_TIMEOUT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.STREAM_BACKPRESSURE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.PAYMENT_AMOUNT_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.PAYMENT_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
     Reason.BACKEND_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
@@ -64,6 +66,9 @@ _MESSAGES: Final[Mapping[Reason, str]] = {
     Reason.RESERVATION_EXPIRED: "the reservation expired",
     Reason.RESERVATION_COMMITTED: "the reservation was committed",
     Reason.RESERVE_TIMEOUT: "the SKU's reserve queue is too long now; nothing was held, retry",
+    Reason.STREAM_BACKPRESSURE: (
+        "too many messages of this stream are outstanding; nothing was held, retry after an answer"
+    ),
     Reason.PAYMENT_AMOUNT_MISMATCH: "the paid amount differs from the order's; not committed",
     Reason.PAYMENT_CONFLICT: "this out_trade_no is already the payment of another order",
     Reason.BACKEND_UNAVAILABLE: "the stock store (Redis) is unavailable; retry",
@@ -106,6 +111,20 @@ def invalid(violations: Iterable[FieldViolation]) -> DomainError:
     vs = tuple(violations)
     summary = "; ".join(f"{v.field}: {v.description}" for v in vs[:5])
     return DomainError(Reason.INVALID_ARGUMENT, f"invalid request: {summary}", violations=vs)
+
+
+def under(err: DomainError, prefix: str) -> DomainError:
+    """The same error with its field paths inside a larger message (`orders[3].` + path).
+
+    ReserveBatch and ReserveStream carry ReserveRequests; a BadRequest names the field of
+    the message the client sent, e.g. `orders[3].lines[0].quantity`.
+    """
+    if not err.violations or not prefix:
+        return err
+    moved = [FieldViolation(prefix + v.field, v.description) for v in err.violations]
+    if err.reason is Reason.INVALID_ARGUMENT:
+        return invalid(moved)  # its message names the fields too
+    return DomainError(err.reason, err.message, err.metadata, moved)
 
 
 def to_rpc_status(err: DomainError) -> status_pb2.Status:

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from stockhold import constants as c
 from stockhold.contention import KeyReport, sku_hints
 from stockhold.contention_store import ContentionStore
 from stockhold.engine import Engine, check_payment, payment_report_violations
-from stockhold.errors import DomainError, FieldViolation, Reason, invalid, to_rpc_status
+from stockhold.errors import DomainError, FieldViolation, Reason, invalid, to_rpc_status, under
 from stockhold.model import PaymentInfo, PaymentReport, PendingPayment, Reservation, StockLevel
 from stockhold.policies import MAX_PAGE, SkuPolicy, parse_page_token
 from stockhold.resolver import check_int, check_text
@@ -44,12 +47,17 @@ def rich_errors(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         try:
             return await fn(self, request, context)
         except DomainError as err:
-            if err.reason not in _QUIET:
-                log.warning("%s refused: %s", fn.__name__, err, extra={"meta": err.metadata})
+            log_refusal(fn.__name__, err)
             await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
             raise AssertionError("abort_with_status returned") from err  # pragma: no cover
 
     return wrapper
+
+
+def log_refusal(method: str, err: DomainError) -> None:
+    """One warning per refusal that is not part of normal business (see _QUIET)."""
+    if err.reason not in _QUIET:
+        log.warning("%s refused: %s", method, err, extra={"meta": err.metadata})
 
 
 # Refusals that are part of normal business: not worth a log line each.
@@ -65,6 +73,8 @@ _QUIET = frozenset(
         Reason.RESERVATION_COMMITTED,
         # shedding is the policy working as meant; counted in metrics and contention stats
         Reason.RESERVE_TIMEOUT,
+        # flow control of a stream that sends faster than its answers come back
+        Reason.STREAM_BACKPRESSURE,
     }
 )
 
@@ -203,6 +213,18 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReserveResponse:
         """Hold stock for an order, all or nothing."""
+        return await self.reserve_order(request, context.time_remaining())
+
+    async def reserve_order(
+        self, request: pb.ReserveRequest, time_remaining: float | None
+    ) -> pb.ReserveResponse:
+        """One order, as every call shape reserves it: validate, reserve, build the answer.
+
+        Reserve, each ReserveStream message and each ReserveBatch order come through here,
+        so they share validation, idempotency, thresholds (`time_remaining`: seconds left of
+        the call's deadline) and errors, and their orders share the engine's script calls.
+        Raises DomainError; BadRequest paths are relative to the ReserveRequest.
+        """
         lines = [
             (ln.unit.sku, ln.unit.spec, ln.unit.barcode, ln.warehouse, ln.quantity)
             for ln in request.lines
@@ -223,9 +245,81 @@ class InventoryServicer(pb_grpc.InventoryServicer):
             raise
         _raise_if(extra)
         reservation, replayed = await self.engine.reserve(
-            order, context.time_remaining(), request.amount, pending
+            order, time_remaining, request.amount, pending
         )
         return pb.ReserveResponse(reservation=reservation_pb(reservation), replayed=replayed)
+
+    async def answer_order(
+        self,
+        method: str,
+        request: pb.ReserveRequest,
+        time_remaining: float | None,
+        prefix: str,
+        after: Awaitable[Any] | None = None,
+    ) -> pb.ReserveResponse | status_pb2.Status:
+        """`reserve_order` with a refusal returned as the google.rpc.Status a unary Reserve
+        would carry (field paths under `prefix`), for the shapes that answer many orders.
+
+        `after`: wait for it first (a repeated order id of a batch is a retry of the earlier).
+        """
+        try:
+            if after is not None:
+                await asyncio.wait([asyncio.ensure_future(after)])
+            return await self.reserve_order(request, time_remaining)
+        except DomainError as err:
+            log_refusal(method, err)
+            return to_rpc_status(under(err, prefix))
+        except Exception as exc:  # one order's bug must not take the others' answers along
+            log.exception("%s: an order failed", method)
+            return to_rpc_status(
+                DomainError(Reason.INTERNAL, metadata={"cause": type(exc).__name__})
+            )
+
+    @rich_errors
+    async def ReserveBatch(
+        self, request: pb.ReserveBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReserveBatchResponse:
+        """1..100 orders, each all or nothing on its own; one result per order, in order.
+
+        A repeated order_id is answered as a retry of its first occurrence in the batch: it is
+        reserved after it, so the same contents get the same reservation (`replayed`), and
+        other contents ORDER_CONFLICT.
+        """
+        n = len(request.orders)
+        if not 1 <= n <= c.MAX_BATCH_ORDERS:
+            bound = f"must hold 1..{c.MAX_BATCH_ORDERS} orders (got {n})"
+            raise invalid([FieldViolation("orders", bound)])
+        remaining = context.time_remaining()
+        first: dict[str, asyncio.Future[Any]] = {}
+        entries: list[asyncio.Future[pb.ReserveResponse | status_pb2.Status]] = []
+        for i, order in enumerate(request.orders):
+            earlier = first.get(order.order_id) if order.order_id else None
+            entry = asyncio.ensure_future(
+                self.answer_order("ReserveBatch", order, remaining, f"orders[{i}].", earlier)
+            )
+            if earlier is None:
+                first[order.order_id] = entry
+            entries.append(entry)
+        # All at once: the orders share the engine's next script calls. A cancelled call
+        # cancels them all (queued orders are dropped unsent, as a unary Reserve's).
+        answers = await asyncio.gather(*entries)
+        results = [
+            pb.ReserveBatchResult(reserved=a)
+            if isinstance(a, pb.ReserveResponse)
+            else pb.ReserveBatchResult(error=a)
+            for a in answers
+        ]
+        return pb.ReserveBatchResponse(results=results)
+
+    # grpc.aio also takes a coroutine that answers with context.write (typed stubs only know
+    # response iterators): its try/finally then runs however the call ends.
+    async def ReserveStream(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[pb.ReserveStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Reserves over a bidirectional stream: one answer per message, in any order."""
+        await _ReserveStream(self, context).run(request_iterator)
 
     @rich_errors
     async def Commit(
@@ -464,3 +558,98 @@ def _pending(request: pb.ReserveRequest) -> PendingPayment | None:
     if not request.HasField("payment"):
         return None
     return PendingPayment(request.payment.provider, request.payment.out_trade_no)
+
+
+class _ReserveStream:
+    """One ReserveStream call: a reader task takes messages, one task reserves each, and
+    the call's own task writes the answers as they come (so they may be out of order).
+
+    Flow control: at most `stream_max_outstanding` messages are being reserved at once; a
+    message beyond it is answered RESOURCE_EXHAUSTED / STREAM_BACKPRESSURE at once, unsent.
+    While as many answers wait to be written (the client is not reading), no more messages
+    are read: HTTP/2 flow control then holds the client back. After the client half-closes,
+    every message still outstanding is answered, then the call ends OK. If the call is
+    cancelled (or its deadline passes), the reserves still queued are dropped unsent and
+    those already sent to Redis complete unanswered, exactly as a cancelled unary Reserve.
+    """
+
+    def __init__(self, servicer: InventoryServicer, context: grpc.aio.ServicerContext[Any, Any]):
+        self.servicer = servicer
+        self.context = context
+        self.limit = servicer.settings.stream_max_outstanding
+        self.answers: deque[pb.ReserveStreamResponse] = deque()
+        self.reserving: set[asyncio.Task[None]] = set()  # to cancel them with the call
+        self.outstanding = 0  # messages taken whose answer is not queued yet
+        self.reading = True
+        self.wake = asyncio.Event()  # an answer is ready, or the reader is done
+        self.room = asyncio.Event()  # the answer queue is below the limit again
+        self.room.set()
+
+    async def run(self, requests: AsyncIterator[pb.ReserveStreamRequest]) -> None:
+        """Answer every message until the client half-closes and all are answered."""
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while True:
+                while self.answers:
+                    await self.context.write(self.answers.popleft())
+                    if len(self.answers) < self.limit:
+                        self.room.set()
+                if not self.reading and not self.outstanding:
+                    break
+                self.wake.clear()
+                await self.wake.wait()
+            await reader  # a failed read fails the call
+        finally:
+            reader.cancel()
+            for task in self.reserving:
+                task.cancel()
+
+    async def _read(self, requests: AsyncIterator[pb.ReserveStreamRequest]) -> None:
+        try:
+            async for msg in requests:
+                if len(self.answers) >= self.limit:
+                    self.room.clear()
+                    await self.room.wait()
+                if self.outstanding >= self.limit:
+                    self._answer(msg.correlation_id, to_rpc_status(self._backpressure()))
+                    continue
+                self.outstanding += 1
+                task = asyncio.create_task(self._reserve(msg))
+                self.reserving.add(task)
+                task.add_done_callback(self._finished)
+        finally:
+            self.reading = False
+            self.wake.set()
+
+    def _backpressure(self) -> DomainError:
+        return DomainError(Reason.STREAM_BACKPRESSURE, metadata={"max_outstanding": self.limit})
+
+    async def _reserve(self, msg: pb.ReserveStreamRequest) -> None:
+        """Answer one message (unless the call is cancelled first)."""
+        out: list[FieldViolation] = []
+        check_text(msg.correlation_id, "correlation_id", 1, c.MAX_CORRELATION_ID, out, False)
+        if not msg.HasField("request"):
+            out.append(FieldViolation("request", "required: the order to reserve"))
+        result: pb.ReserveResponse | status_pb2.Status
+        if out:
+            err = invalid(out)
+            log_refusal("ReserveStream", err)
+            result = to_rpc_status(err)
+        else:
+            # answer_order turns every failure but a cancel into this message's answer.
+            result = await self.servicer.answer_order(
+                "ReserveStream", msg.request, self.context.time_remaining(), "request."
+            )
+        self.outstanding -= 1
+        self._answer(msg.correlation_id, result)
+
+    def _answer(self, correlation_id: str, result: pb.ReserveResponse | status_pb2.Status) -> None:
+        if isinstance(result, pb.ReserveResponse):
+            answer = pb.ReserveStreamResponse(correlation_id=correlation_id, reserved=result)
+        else:
+            answer = pb.ReserveStreamResponse(correlation_id=correlation_id, error=result)
+        self.answers.append(answer)
+        self.wake.set()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.reserving.discard(task)

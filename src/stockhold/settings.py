@@ -60,6 +60,9 @@ class Settings:
     # its own; hot SKUs get the hot threshold.
     reserve_timeout_ms: int = 1000
     hot_reserve_timeout_ms: int = 300
+    # ReserveStream flow control (issue 10): messages of one stream being reserved at once;
+    # one more is answered RESOURCE_EXHAUSTED / STREAM_BACKPRESSURE, unsent.
+    stream_max_outstanding: int = 256
     # A SKU is hot (automatically, unless its policy is pinned) while more than this many
     # units were committed over the trailing window, counted by the scripts on Redis's clock.
     hot_threshold_units: int = 500
