@@ -76,4 +76,4 @@ def redis_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisP
 
 
 # -- stockhold servers (tests/stockhold_fixtures.py) ----------------------------------------------
-pytest_plugins = ["stockhold_fixtures"]
+pytest_plugins = ["stockhold_fixtures", "redis_cluster"]
