@@ -392,6 +392,28 @@ async def test_messages_beyond_the_bound_are_answered_resource_exhausted_each_ex
     assert records(running) == {*held, "after"}
 
 
+async def test_a_client_that_sends_everything_before_reading_still_gets_every_answer(
+    make_stockhold: Factory,
+) -> None:
+    running = await make_stockhold(stream_max_outstanding=4)
+    async with running.channel() as channel:
+        stub = pb_grpc.InventoryStub(channel)
+        await add_stock(stub, "TEE", "w1", 1000)
+        call = stub.ReserveStream(timeout=WAIT_S * 3)
+        sent = [f"n-{i}" for i in range(300)]
+        for oid in sent:
+            await call.write(message(oid, order(oid)))
+        await call.done_writing()
+        answers = await read_to_end(call)
+
+    assert sorted(answers) == sorted(sent), "every message answered exactly once"
+    reserved = {cid for cid, a in answers.items() if a.WhichOneof("result") == "reserved"}
+    for cid in set(sent) - reserved:
+        assert decode(answers[cid].error)[1] == "STREAM_BACKPRESSURE"
+    assert reserved, "the first messages at least are reserved"
+    assert check_books(running, 1000) == reserved
+
+
 async def test_a_stream_cancelled_with_reserves_in_flight_loses_nothing_acknowledged(
     make_stockhold: Factory,
 ) -> None:
