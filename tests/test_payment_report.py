@@ -380,7 +380,8 @@ async def _state_is(
     r = await state_of(stub, order_id)
     if r.state != state:
         return False
-    # swept: the stock is back too (GetReservation reads EXPIRED from the deadline alone)
+    # swept: expired for real (a read of a due hold expires it first, so EXPIRED always comes
+    # with updated_at = its ORDER_EXPIRED event's ts and the stock back)
     return not swept or r.HasField("updated_at")
 
 

@@ -191,6 +191,9 @@ async def test_hold_expires_within_3_seconds_but_not_before_its_deadline(
         if r.state != HELD:
             assert r.state == EXPIRED
             assert after >= deadline, "reported EXPIRED before its deadline"
+            # EXPIRED means the stock is back: read after it, the counters say so.
+            assert lv == back_counters, "read EXPIRED while the hold still counted"
+            assert stored == b"E"
         else:
             assert before < deadline, "still HELD although the deadline had passed"
         if lv != held_counters:
@@ -203,7 +206,7 @@ async def test_hold_expires_within_3_seconds_but_not_before_its_deadline(
         await asyncio.sleep(0.02)
 
     assert seen_held
-    assert swept, "the sweeper did not expire the hold"
+    assert swept, "the hold was not expired (by the sweeper or by a read)"
     assert time.monotonic() - start < 3.0
     r = await get(stub)
     assert r.state == EXPIRED
@@ -238,37 +241,75 @@ async def test_sweeper_expiry_is_final_and_later_calls_see_expired(
 # -- the deadline decides, not the sweeper -----------------------------------------------------
 
 
-async def test_commit_after_the_deadline_is_refused_even_before_the_sweeper_ran(
+def assert_expired_for_real(redis_proc: Any, order_id: str, deadline: int) -> int:
+    """The record is EXPIRED with `up` = the one ORDER_EXPIRED event's ts (>= the deadline),
+    out of the expiry index, kept for the retention only; returns that ts."""
+    c = redis_proc.client()
+    key = order_key(c, order_id)
+    st, dl, up = c.hmget(key, "st", "dl", "up")
+    assert (st, int(dl)) == (b"E", deadline)
+    assert c.pttl(key) > 0
+    assert all(c.zscore(k, order_id) is None for k in c.scan_iter(match="*:expiry"))
+    (e,) = [
+        e
+        for e in events(redis_proc)
+        if e["type"] == "ORDER_EXPIRED" and e.get("order_id") == order_id
+    ]
+    assert int(e["ts"]) == int(up) >= deadline
+    return int(up)
+
+
+async def test_commit_after_the_deadline_expires_the_hold_and_is_refused_before_any_sweep(
     unswept: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
     stub = unswept
     held = await stocked_hold(stub, hold_seconds=1)
-    await wait_past(redis_proc, held.expires_at.ToMilliseconds())
-    before = redis_proc.dump()
+    deadline = held.expires_at.ToMilliseconds()
+    await wait_past(redis_proc, deadline)
+    c = redis_proc.client()
+    assert c.hget(order_key(c, "o-1"), "st") == b"H"  # the sweeper has not run
 
     err = await expect_error(commit(stub))
 
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert err.reason == "RESERVATION_EXPIRED"
+    # The answer says expired, so the stock is back (nothing deducted) and the event exists.
+    assert await counters(stub) == {APPLE: (10, 10, 0), PEAR: (5, 5, 0)}
+    assert event_types(redis_proc, "o-1") == {"ORDER_RESERVED": 1, "ORDER_EXPIRED": 1}
+    ts = assert_expired_for_real(redis_proc, "o-1", deadline)
+    r = await get(stub)
+    assert r.state == EXPIRED and r.updated_at.ToMilliseconds() == ts
+
+    # Again: the same refusal, nothing more written.
+    before = redis_proc.dump()
+    err = await expect_error(commit(stub))
+    assert err.reason == "RESERVATION_EXPIRED"
     assert redis_proc.dump() == before
-    # The sweeper has not run: the stock is still held, and nothing was deducted.
-    assert await counters(stub) == {APPLE: (10, 7, 3), PEAR: (5, 3, 2)}
 
 
-async def test_get_reservation_of_a_held_reservation_past_its_deadline_reads_expired(
+async def test_get_reservation_of_a_held_reservation_past_its_deadline_expires_it(
     unswept: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
     stub = unswept
     held = await stocked_hold(stub, hold_seconds=1)
     assert (await get(stub)).state == HELD
-    await wait_past(redis_proc, held.expires_at.ToMilliseconds())
+    deadline = held.expires_at.ToMilliseconds()
+    await wait_past(redis_proc, deadline)
+    c = redis_proc.client()
+    assert c.hget(order_key(c, "o-1"), "st") == b"H"  # the sweeper has not run
 
     r = await get(stub)
 
     assert r.state == EXPIRED
     assert r.expires_at == held.expires_at
-    c = redis_proc.client()
-    assert c.hget(order_key(c, "o-1"), "st") == b"H"  # the sweeper has not run
+    # Expired for real by the read, exactly as the sweeper would have.
+    ts = assert_expired_for_real(redis_proc, "o-1", deadline)
+    assert r.updated_at.ToMilliseconds() == ts
+    assert await counters(stub) == {APPLE: (10, 10, 0), PEAR: (5, 5, 0)}
+    assert event_types(redis_proc, "o-1") == {"ORDER_RESERVED": 1, "ORDER_EXPIRED": 1}
+    before = redis_proc.dump()
+    assert await get(stub) == r  # a later read changes nothing
+    assert redis_proc.dump() == before
 
 
 async def test_release_after_the_deadline_ends_expired_and_returns_the_stock(
@@ -281,7 +322,9 @@ async def test_release_after_the_deadline_ends_expired_and_returns_the_stock(
     resp = await release(stub, reason="too late")
 
     assert resp.reservation.state == EXPIRED
-    assert resp.reservation.updated_at.ToMilliseconds() >= held.expires_at.ToMilliseconds()
+    assert resp.reservation.updated_at.ToMilliseconds() == assert_expired_for_real(
+        redis_proc, "o-1", held.expires_at.ToMilliseconds()
+    )
     assert await counters(stub) == {APPLE: (10, 10, 0), PEAR: (5, 5, 0)}
     assert event_types(redis_proc, "o-1") == {"ORDER_RESERVED": 1, "ORDER_EXPIRED": 1}
 

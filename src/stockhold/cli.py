@@ -314,7 +314,11 @@ def _commands(sub: Any) -> None:
         )
     )
 
-    p = client("extend", "push a HELD reservation's deadline out: Redis now + hold")
+    p = client(
+        "extend",
+        "push a HELD reservation's deadline out to Redis now + hold, never in "
+        '("extended": false when it already ends later)',
+    )
     p.add_argument("order_id")
     p.add_argument("--hold-seconds", type=int, required=True)
     p.set_defaults(

@@ -46,7 +46,7 @@ _KEYS_CHANGED_RETRIES = 3
 
 
 class Transition(NamedTuple):
-    """One commit, release or payment report for the transition batcher."""
+    """One commit, release, payment report or expiry of a due hold for the transition batcher."""
 
     op: str
     keys: OrderKeys
@@ -310,7 +310,11 @@ class Engine:
         return keys, args
 
     async def commit(self, order_id: str, payment_ref: str = "") -> Reservation:
-        """HELD -> COMMITTED; a COMMITTED reservation is returned unchanged."""
+        """HELD -> COMMITTED; a COMMITTED reservation is returned unchanged.
+
+        At or past the deadline the hold is expired in the same call (stock back, one
+        ORDER_EXPIRED event) and the commit refused with RESERVATION_EXPIRED.
+        """
         return await self._transition("commit", self.resolver.order(order_id), payment_ref)
 
     async def release(self, order_id: str, reason: str = "") -> Reservation:
@@ -379,12 +383,34 @@ class Engine:
         return results
 
     async def get_reservation(self, order_id: str) -> Reservation:
-        """The reservation as it stands; HELD past its deadline reads as EXPIRED."""
+        """The reservation as it stands; a HELD one at or past its deadline is expired first.
+
+        get.lua reads the record alone (one key) with Redis's clock. A HELD record whose
+        deadline has passed is then expired for real, as the sweeper would (transition op
+        "expire"), and the answer is the record after that: EXPIRED is never read while the
+        hold still counts as reserved. Costs one transition call, once per due hold.
+        """
         k = self.resolver.order(order_id)
         result = orjson.loads(await self._call(self.scripts.get, (k.order_key,), ()))
         if "rec" not in result:
             raise DomainError(Reason.RESERVATION_NOT_FOUND, metadata={"order_id": order_id})
-        return Reservation.from_record(result["rec"], now_ms=int(result["now"]))
+        rec = result["rec"]
+        if rec["st"] == c.STATE_HELD and int(result["now"]) >= int(rec["dl"]):
+            rec = await self._expire_held(k)
+        return Reservation.from_record(rec)
+
+    async def _expire_held(self, k: OrderKeys) -> dict[str, Any]:
+        """Expire a HELD reservation found at or past its deadline, exactly as the sweeper
+        would (stock back, one ORDER_EXPIRED event, updated_at = its ts); the record after.
+
+        transition.lua re-checks state and deadline in the call, so racing the sweeper or
+        another reader writes one expiry at most; a record no longer HELD is returned as is.
+        """
+        result = await self._transition_result("expire", k, "")
+        if result.get("stuck"):
+            log.error("expiry refused", extra={"orders": [k.order_id]})
+        rec: dict[str, Any] = result["rec"]
+        return rec
 
     # -- stock -------------------------------------------------------------------------------
     async def availability(self, units: Sequence[Unit]) -> list[StockLevel]:
@@ -512,11 +538,14 @@ class Engine:
         )
         return keys, args
 
-    async def extend(self, order_id: str, hold_seconds: int) -> Reservation:
-        """HELD only: set the deadline to Redis's now + hold_seconds; one ORDER_EXTENDED event.
+    async def extend(self, order_id: str, hold_seconds: int) -> tuple[Reservation, bool]:
+        """HELD only: push the deadline out to Redis's now + hold_seconds, never in.
 
-        Each call moves the deadline again (from now); a HELD reservation at or past its
-        deadline is expired and is refused like an EXPIRED one.
+        The new deadline is max(current deadline, now + hold_seconds). Returns the reservation
+        and whether the deadline moved: a move writes one ORDER_EXTENDED event, a call that
+        moves nothing writes nothing (shortening a hold is what Release is for). A HELD
+        reservation at or past its deadline is expired for real (as GetReservation does) and
+        refused with RESERVATION_EXPIRED, like an EXPIRED one.
         """
         out: list[FieldViolation] = []
         k = self.resolver.order(order_id, out=out)
@@ -531,8 +560,10 @@ class Engine:
             str(self.settings.event_stream_maxlen),
         )
         result = orjson.loads(await self._call(self.scripts.extend, keys, args))
+        if result.get("due"):  # extend.lua has no stock keys: the expiry is transition.lua's
+            await self._expire_held(k)
         _raise_for(result)
-        return Reservation.from_record(result["rec"], now_ms=int(result["now"]))
+        return Reservation.from_record(result["rec"]), bool(result["changed"])
 
     # -- payments (issue 5, docs/payments.md) --------------------------------------------------
     def _poll_schedule(self) -> dict[str, Any]:
@@ -585,7 +616,11 @@ class Engine:
         return Reservation.from_record(result["rec"]), bool(result.get("replayed"))
 
     async def mark_payment_pending(self, order_id: str, payment: PendingPayment) -> Reservation:
-        """HELD only: poll `payment` on the configured schedule until it is decided."""
+        """HELD only: poll `payment` on the configured schedule until it is decided.
+
+        A HELD reservation at or past its deadline is expired for real (as GetReservation
+        does) and refused with RESERVATION_EXPIRED.
+        """
         out: list[FieldViolation] = []
         k = self.resolver.order(order_id, out=out)
         check_payment(payment, "payment", out)
@@ -607,8 +642,10 @@ class Engine:
             }
         )
         result = orjson.loads(await self._call(self.scripts.payment_mark, keys, (arg,)))
+        if result.get("due"):  # payment_mark.lua has no stock keys: transition.lua expires
+            await self._expire_held(k)
         _raise_for(result)
-        return Reservation.from_record(result["rec"], now_ms=int(result["now"]))
+        return Reservation.from_record(result["rec"])
 
     async def order_for_payment(self, provider: str, out_trade_no: str) -> str:
         """The order id paid under a provider's out_trade_no: the one recorded by Reserve or

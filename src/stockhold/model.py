@@ -92,28 +92,24 @@ class Reservation:
     payment: PaymentInfo | None = None
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any], now_ms: int | None = None) -> Reservation:
-        """Build from a record as the scripts return it.
+    def from_record(cls, rec: Mapping[str, Any]) -> Reservation:
+        """Build from a record as the scripts return it: it reads as what it is stored as.
 
-        With `now_ms`, a HELD record at or past its deadline is reported EXPIRED: the deadline
-        decides, even before the sweeper has moved the stock back.
+        A HELD record past its deadline reads HELD; whoever finds one expires it for real
+        (Engine.get_reservation) before answering, so EXPIRED always means the stock is back.
         """
         units = orjson.loads(rec["units"])
         allocations = tuple(
             Allocation(units[u - 1][0], units[u - 1][1], units[u - 1][2], wh, int(q))
             for u, wh, q in orjson.loads(rec["alloc"])
         )
-        state = _STATE_BY_CODE[rec["st"]]
-        expires = int(rec["dl"])
-        if state is State.HELD and now_ms is not None and now_ms >= expires:
-            state = State.EXPIRED
         up = rec.get("up")
         return cls(
             order_id=rec["oid"],
-            state=state,
+            state=_STATE_BY_CODE[rec["st"]],
             allocations=allocations,
             created_ms=int(rec["cr"]),
-            expires_ms=expires,
+            expires_ms=int(rec["dl"]),
             updated_ms=int(up) if up is not None else None,
             payment_ref=rec.get("pref") or "",
             release_reason=rec.get("why") or "",

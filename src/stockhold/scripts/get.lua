@@ -2,8 +2,9 @@
 --
 -- KEYS[1] the reservation record
 -- Returns JSON: {"now": ms, "rec": record}, rec absent when there is no such reservation.
--- The clock lets the caller report a HELD record past its deadline as EXPIRED: the deadline
--- decides, not the sweeper.
+-- A one-key read: the record as stored. The clock lets the caller see a HELD record at or
+-- past its deadline, which it then expires for real (transition.lua op "expire", which has
+-- the stock keys) before answering: nothing ever reads EXPIRED while the hold still counts.
 
 local flat = redis.call('HGETALL', KEYS[1])
 if #flat == 0 then return cjson.encode({now = now_ms()}) end

@@ -8,6 +8,9 @@
 --                "pay": {"steps": [ms, ...], "margin": ms, "ttl": ms}}
 -- Returns JSON: {"ok": 1, "changed": 0|1, "rec": record, "now": ms}
 --               {"err": REASON, "meta": {...}}   refused, nothing written
+--               {"err": "RESERVATION_EXPIRED", "due": 1}  refused, nothing written: a HELD
+--                  record at or past its deadline, which the caller expires (transition.lua
+--                  op "expire": the stock keys are not this script's) before answering
 -- HELD only: COMMITTED, RELEASED and EXPIRED (also HELD at or past its deadline) are refused
 -- with their reason; an out_trade_no already mapped to another order is PAYMENT_CONFLICT. The
 -- same payment again while it is being polled changes nothing; another payment (or the same
@@ -22,8 +25,9 @@ if rec.st == nil then
 end
 if rec.st == 'C' then return cjson.encode({err = 'RESERVATION_COMMITTED'}) end
 if rec.st == 'R' then return cjson.encode({err = 'RESERVATION_RELEASED'}) end
+if rec.st == 'E' then return cjson.encode({err = 'RESERVATION_EXPIRED'}) end
 local dl = tonumber(rec.dl)
-if rec.st == 'E' or now >= dl then return cjson.encode({err = 'RESERVATION_EXPIRED'}) end
+if now >= dl then return cjson.encode({err = 'RESERVATION_EXPIRED', due = 1}) end
 local conflict = payment_conflict(mk, a.oid, a.otn)
 if conflict then return cjson.encode(conflict) end
 if rec.pst == 'PENDING' and rec.pprov == a.prov and rec.potn == a.otn

@@ -1,5 +1,5 @@
--- transition.lua: move a batch of HELD reservations forward: commit, release or a payment
--- report (expiry is expire.lua's).
+-- transition.lua: move a batch of HELD reservations forward: commit, release, a payment
+-- report, or the expiry of a due hold found by a read (the sweeper's is expire.lua).
 --
 -- KEYS[1] the SKU index (zset), then one group per order, groups back to back:
 --   [g+1] the reservation record   [g+2] the expiry index of its partition
@@ -10,16 +10,24 @@
 --                          order's partition)
 -- ARGV[1]   JSON header: {"maxlen": int, "retention": ms,
 --                         "pol": {"thr": units, "bms": bucket ms, "nb": buckets}}
--- ARGV[1+i] JSON of order i: {"op": "commit"|"release"|"pay", "oid": str, "n": int,
+-- ARGV[1+i] JSON of order i: {"op": "commit"|"release"|"pay"|"expire", "oid": str, "n": int,
 --                             "m": int, "x": int, "arg": payment_ref (commit) | reason (release)
---                             | JSON of the payment report (pay, see report_one)}
+--                             | JSON of the payment report (pay, see report_one) | "" (expire)}
 -- A commit counts its units as sold in each SKU's trailing sales window (auto-hot detection).
 -- Returns a JSON array, one entry per order:
 --   {"ok": 1, "changed": 0|1, "rec": record}   the reservation after the call
---   {"err": REASON}                             refused, nothing written
+--   {"err": REASON}                             refused, nothing written (but see commit)
 --   pay: {"ok": 1, "replayed": 0|1, "rec": record} or {"err": REASON, "meta": {...}}
--- States only move forward: H -> C | R | E. The deadline decides, not the sweeper: a commit at
--- or after the deadline is refused, a release at or after it becomes the expiry.
+--   expire: {"ok": 1, "changed": 0|1, "rec": record, "stuck": 1 (refused: a reserved counter
+--           below the hold; nothing written, the record is returned as it is)}
+-- States only move forward: H -> C | R | E. The deadline decides, not the sweeper: a HELD
+-- record at or after its deadline is expired by whichever call finds it first, exactly as
+-- expire.lua would (stock back, out of the expiry index, one ORDER_EXPIRED event, st = E,
+-- up = the event's ts, retention). So a commit at or after the deadline expires the hold and
+-- is then refused RESERVATION_EXPIRED; a release at or after it becomes the expiry; op
+-- "expire" (GetReservation, ExtendReservation and MarkPaymentPending on a due hold) expires
+-- it and changes nothing otherwise. Each re-checks st == 'H' in this call, so the sweeper and
+-- concurrent readers never write a second expiry.
 
 local header = cjson.decode(ARGV[1])
 local now = now_ms()
@@ -207,9 +215,20 @@ local function transition_one(o, rk, xk, ek, first_stock)
     return report_one(o, rec, rk, xk, ek, keys, first_sku, m, KEYS[first_sku + m])
   end
   local st, due = rec.st, now >= tonumber(rec.dl)
+  if op == 'expire' then
+    if st ~= 'H' or not due then return {ok = 1, changed = 0, rec = rec} end
+    local r = apply(rec, rk, xk, ek, keys, 'E')
+    if r.err then return {ok = 1, changed = 0, rec = rec, stuck = 1} end
+    return r
+  end
   if op == 'commit' then
     if st == 'C' then return {ok = 1, changed = 0, rec = rec} end
     if st == 'R' then return {err = 'RESERVATION_RELEASED'} end
+    if st == 'H' and due then
+      -- the deadline decided first: expire it now, then refuse
+      local r = apply(rec, rk, xk, ek, keys, 'E')
+      if r.err then return r end
+    end
     if st == 'E' or due then return {err = 'RESERVATION_EXPIRED'} end
     return apply(rec, rk, xk, ek, keys, 'C', 'pref', o.arg, first_sku, m)
   end
