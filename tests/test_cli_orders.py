@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 from stockhold_fixtures import Running, add_stock
 from test_cli_policy import stockhold_cli
@@ -15,7 +16,8 @@ async def test_reserve_extend_mark_pending_and_pay_through_the_cli(
 ) -> None:
     await add_stock(stub, "TEE", "w1", 10)
     code, out, err = await stockhold_cli(
-        stockhold, "reserve", "o-1", "--line", "sku=TEE,qty=2", "--amount", "4200"
+        stockhold,
+        *("reserve", "o-1", "--line", "sku=TEE,qty=2", "--amount", "4200", "--hold-seconds", "60"),
     )
     assert code == 0, err
     held = json.loads(out)["reservation"]
@@ -23,8 +25,14 @@ async def test_reserve_extend_mark_pending_and_pay_through_the_cli(
 
     code, out, err = await stockhold_cli(stockhold, "extend", "o-1", "--hold-seconds", "600")
     assert code == 0, err
-    extended = json.loads(out)["reservation"]
-    assert extended["expires_at"] != held["expires_at"]
+    extended = json.loads(out)
+    assert extended["extended"] is True
+    moved, was = (datetime.fromisoformat(r["expires_at"]) for r in (extended["reservation"], held))
+    assert moved > was
+    # Extend never shortens: a shorter hold moves nothing and says so.
+    code, out, err = await stockhold_cli(stockhold, "extend", "o-1", "--hold-seconds", "60")
+    assert code == 0, err
+    assert json.loads(out) == {**extended, "extended": False}
 
     code, out, err = await stockhold_cli(stockhold, "mark-pending", "o-1", "wechatpay:NO-1")
     assert code == 0, err

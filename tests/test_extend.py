@@ -1,4 +1,7 @@
-"""ExtendReservation: a HELD reservation's deadline becomes Redis's now + hold_seconds."""
+"""ExtendReservation: a HELD reservation's deadline becomes max(itself, Redis's now + hold_seconds).
+
+It never brings a deadline closer; `extended` and one ORDER_EXTENDED event say when it moved.
+"""
 
 from __future__ import annotations
 
@@ -113,9 +116,11 @@ async def test_extend_sets_the_deadline_to_redis_now_plus_hold(
     held = await hold(stub, seconds=60)
 
     before = redis_ms(admin)
-    r = (await extend(stub, seconds=3600)).reservation
+    resp = await extend(stub, seconds=3600)
     after = redis_ms(admin)
 
+    r = resp.reservation
+    assert resp.extended is True
     deadline = r.expires_at.ToMilliseconds()
     assert before + 3_600_000 <= deadline <= after + 3_600_000
     assert r.state == HELD and r.order_id == "o-1"
@@ -139,12 +144,15 @@ async def test_extending_again_with_the_same_hold_moves_the_deadline_again(
     stub: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
     admin = redis_proc.client()
-    await hold(stub)
-    first = (await extend(stub, seconds=600)).reservation.expires_at.ToMilliseconds()
+    await hold(stub, seconds=60)
+    one = await extend(stub, seconds=600)
+    first = one.reservation.expires_at.ToMilliseconds()
     await wait_past(admin, redis_ms(admin) + 5)
 
-    second = (await extend(stub, seconds=600)).reservation.expires_at.ToMilliseconds()
+    two = await extend(stub, seconds=600)
+    second = two.reservation.expires_at.ToMilliseconds()
 
+    assert one.extended and two.extended
     assert second > first
     assert [
         e["data"]["expires_at"] for e in events(admin, "o-1") if e["type"] == c.EVENT_EXTENDED
@@ -154,15 +162,51 @@ async def test_extending_again_with_the_same_hold_moves_the_deadline_again(
     ]
 
 
-async def test_extend_can_shorten_a_hold(stub: pb_grpc.InventoryStub, redis_proc: Any) -> None:
-    """The deadline is set to now + hold_seconds, not pushed out only (documented)."""
+async def test_extend_never_shortens_a_hold_and_a_call_that_moves_nothing_writes_nothing(
+    stub: pb_grpc.InventoryStub, redis_proc: Any
+) -> None:
+    """Extend(300) on a 48 h hold: unchanged, extended = false, no event, no write at all."""
     admin = redis_proc.client()
     held = await hold(stub)  # the default: 48 h
+    before = redis_proc.dump(with_ttl=True)
+
+    resp = await extend(stub, seconds=300)
+
+    assert resp.extended is False
+    assert resp.reservation == held  # same deadline, no updated_at, nothing else moved
+    assert redis_proc.dump(with_ttl=True) == before  # no event, no index or record write
+    assert c.EVENT_EXTENDED not in {e["type"] for e in events(admin, "o-1")}
+    assert (await stub.GetReservation(pb.GetReservationRequest(order_id="o-1"))) == held
+
+
+async def test_a_longer_extension_of_a_long_hold_moves_it_with_one_event(
+    stub: pb_grpc.InventoryStub, redis_proc: Any
+) -> None:
+    admin = redis_proc.client()
+    held = await hold(stub)  # the default: 48 h
+    previous = held.expires_at.ToMilliseconds()
+    await extend(stub, seconds=300)  # moves nothing
     before = redis_ms(admin)
 
-    r = (await extend(stub, seconds=60)).reservation
+    resp = await extend(stub, seconds=72 * 3600)
+    after = redis_ms(admin)
 
-    assert before + 60_000 <= r.expires_at.ToMilliseconds() < held.expires_at.ToMilliseconds()
+    assert resp.extended is True
+    deadline = resp.reservation.expires_at.ToMilliseconds()
+    assert before + 72 * 3_600_000 <= deadline <= after + 72 * 3_600_000
+    assert deadline > previous
+    assert int(record(admin, "o-1")["dl"]) == deadline == index_score(admin, "o-1")
+    (ext,) = [e for e in events(admin, "o-1") if e["type"] == c.EVENT_EXTENDED]
+    assert ext["data"] == {
+        "expires_at": deadline,
+        "previous_expires_at": previous,
+        "hold_seconds": 72 * 3600,
+    }
+    # Extending back down to 300 s after that moves nothing either.
+    again = await extend(stub, seconds=300)
+    assert again.extended is False
+    assert again.reservation.expires_at.ToMilliseconds() == deadline
+    assert len([e for e in events(admin, "o-1") if e["type"] == c.EVENT_EXTENDED]) == 1
 
 
 async def test_an_extended_hold_outlives_its_old_deadline_and_expires_at_the_new_one(
@@ -247,19 +291,35 @@ async def test_extend_of_an_expired_reservation_is_refused(
     assert redis_proc.dump(with_ttl=True) == before
 
 
-async def test_extend_of_a_held_reservation_past_its_deadline_is_refused_as_expired(
+async def test_extend_of_a_held_reservation_past_its_deadline_expires_it_and_is_refused(
     unswept: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
+    """Not revived, not moved: expired for real (as the sweeper would), then refused."""
     admin = redis_proc.client()
     held = await hold(unswept, seconds=1)
-    await wait_past(admin, held.expires_at.ToMilliseconds())
-    before = redis_proc.dump(with_ttl=True)
+    deadline = held.expires_at.ToMilliseconds()
+    await wait_past(admin, deadline)
+    assert record(admin, "o-1")["st"] == "H"  # the sweeper is not running here
 
     err = await expect_error(extend(unswept, seconds=3600))
 
     assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_EXPIRED")
-    assert redis_proc.dump(with_ttl=True) == before  # not revived, not moved
-    assert record(admin, "o-1")["st"] == "H"  # the sweeper (not running here) will expire it
+    rec = record(admin, "o-1")
+    assert rec["st"] == "E" and int(rec["dl"]) == deadline
+    assert index_score(admin, "o-1") is None
+    assert await levels(unswept, unit("tee")) == {TEE: (10, 10, 0)}  # the stock is back
+    types = [e["type"] for e in events(admin, "o-1")]
+    assert types == [c.EVENT_RESERVED, c.EVENT_EXPIRED]
+    (exp,) = [e for e in events(admin, "o-1") if e["type"] == c.EVENT_EXPIRED]
+    assert int(exp["ts"]) == int(rec["up"]) >= deadline
+    got = await unswept.GetReservation(pb.GetReservationRequest(order_id="o-1"))
+    assert got.state == EXPIRED and got.updated_at.ToMilliseconds() == int(exp["ts"])
+
+    # Again: still refused, and nothing more is written.
+    before = redis_proc.dump(with_ttl=True)
+    err = await expect_error(extend(unswept, seconds=3600))
+    assert err.reason == "RESERVATION_EXPIRED"
+    assert redis_proc.dump(with_ttl=True) == before
 
 
 async def test_extend_of_an_unknown_order_is_not_found(

@@ -508,9 +508,12 @@ class InventoryServicer(pb_grpc.InventoryServicer):
     async def ExtendReservation(
         self, request: pb.ExtendReservationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ExtendReservationResponse:
-        """HELD only: the deadline becomes Redis's now + hold_seconds (the engine validates)."""
-        reservation = await self.engine.extend(request.order_id, request.hold_seconds)
-        return pb.ExtendReservationResponse(reservation=reservation_pb(reservation))
+        """HELD only: the deadline becomes max(itself, Redis's now + hold_seconds), never
+        closer; `extended` says whether it moved (the engine validates)."""
+        reservation, extended = await self.engine.extend(request.order_id, request.hold_seconds)
+        return pb.ExtendReservationResponse(
+            reservation=reservation_pb(reservation), extended=extended
+        )
 
     # -- payment sync (issue 5) ------------------------------------------------------------
     @rich_errors
