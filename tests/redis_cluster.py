@@ -209,6 +209,11 @@ class RedisCluster:
         reply = proc.client().execute_command("CLUSTER", "SLOTS")
         return tuple(sorted((int(e[0]), int(e[1]), int(e[2][1])) for e in reply))
 
+    def replicas_of(self, master: RedisProc) -> list[RedisProc]:
+        """The replicas started for `master` (as formed; a failover changes roles)."""
+        i = self.masters.index(master)
+        return self.replicas[i * self.n_replicas : (i + 1) * self.n_replicas]
+
     def owner_of(self, slot: int) -> RedisProc:
         """The master that serves `slot` (as the first master sees it)."""
         for start, end, port in self._slot_map(self.masters[0]):

@@ -8,6 +8,7 @@ MOVED/ASK replies a node gave, INFO commandstats the ASKING commands it got).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from redis_proc import RedisProc
 from stockhold.errors import Reason
 from stockhold.settings import Settings
 from stockhold.store.calls import backend_error
-from stockhold.store.cluster import ClusterHotClient, command_slot
+from stockhold.store.cluster import TRYAGAIN_RETRIES, ClusterHotClient, command_slot
 from stockhold.store.hotclient import HotClient, ScriptDef
 
 # A script that writes its key and answers with its argument.
@@ -189,6 +190,31 @@ async def test_redirections_are_bounded(redis_cluster: RedisCluster) -> None:
         await client.aclose()
 
 
+async def test_tryagain_is_retried_a_bounded_number_of_times(redis_cluster: RedisCluster) -> None:
+    """Keys of one call split by a migration in progress: TRYAGAIN, retried, then raised."""
+    both = ScriptDef("both", "redis.call('INCR', KEYS[1]) redis.call('INCR', KEYS[2]) return 1")
+    client = cluster_client(redis_cluster)
+    try:
+        source, target = redis_cluster.masters[0], redis_cluster.masters[1]
+        tag = redis_cluster.key_in(source)
+        keys = [f"{{{tag}}}:a", f"{{{tag}}}:b"]
+        slot = key_slot(tag.encode())
+        assert await client.evalsha(both, keys, []) == 1
+        redis_cluster.begin_migration(slot, target)
+        source.client().execute_command(
+            "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", keys[0]
+        )
+        with pytest.raises(redis.exceptions.TryAgainError):
+            await client.evalsha(both, keys, [])
+        tries = stat(source, "errorstats", "errorstat_TRYAGAIN", "count")
+        assert tries == 1 + TRYAGAIN_RETRIES
+        redis_cluster.finish_migration(slot, source, target)
+        assert await client.evalsha(both, keys, []) == 1
+        assert target.client().mget(keys) == [b"2", b"2"]
+    finally:
+        await client.aclose()
+
+
 async def test_the_pool_of_each_node_is_bounded(redis_cluster: RedisCluster) -> None:
     settings = Settings(
         redis_max_connections=1,
@@ -201,5 +227,35 @@ async def test_the_pool_of_each_node_is_bounded(redis_cluster: RedisCluster) -> 
         calls = [client.evalsha(ECHO, [k], [b"v"]) for k in keys for _ in range(20)]
         assert await asyncio.gather(*calls) == [b"v"] * len(calls)
         assert client.connection_count() <= 3
+    finally:
+        await client.aclose()
+
+
+async def test_calls_follow_a_failover_to_the_promoted_replica(make_redis_cluster: Any) -> None:
+    """A master dies (SIGKILL); once its replica is promoted, calls reach it. Meanwhile
+    every call fails with ConnectionError or TimeoutError (BACKEND_UNAVAILABLE), never hangs."""
+    cluster: RedisCluster = make_redis_cluster(masters=3, replicas=1)
+    client = cluster_client(cluster)
+    try:
+        victim = cluster.masters[0]
+        [replica] = cluster.replicas_of(victim)
+        key = cluster.key_in(victim)
+        slot = key_slot(key.encode())
+        assert await client.evalsha(ECHO, [key], [b"before"]) == b"before"
+        victim.kill()
+        give_up = time.monotonic() + 30
+        failures: list[BaseException] = []
+        for _ in range(1000):
+            try:
+                assert await client.evalsha(ECHO, [key], [b"after"]) == b"after"
+                break
+            except redis.exceptions.RedisError as exc:
+                failures.append(exc)
+                assert time.monotonic() < give_up, f"no failover within 30 s: {failures[-3:]}"
+                await asyncio.sleep(0.1)
+        assert client.slot_owner(slot) == f"127.0.0.1:{replica.port}"
+        for exc in failures:
+            assert isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+            assert backend_error(exc).reason == Reason.BACKEND_UNAVAILABLE
     finally:
         await client.aclose()

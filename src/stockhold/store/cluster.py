@@ -12,6 +12,8 @@ the slot map comes from CLUSTER SLOTS, asked of any node known (the URL's node f
   written is routed once more on the refreshed map (a failover promotes a replica), one that
   was in flight fails with ConnectionError as on a single node.
 - NOSCRIPT is answered per node: the script is loaded where the call landed.
+- TRYAGAIN (a multi-key call whose keys a migration has split) is retried a few times after
+  short pauses (`TRYAGAIN_RETRIES`), then raised.
 
 A call whose keys span slots is refused by Redis (CROSSSLOT); routing never splits a call.
 """
@@ -26,7 +28,14 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import AskError, ClusterError, MovedError, NoScriptError, RedisError
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -45,6 +54,11 @@ from stockhold.store.hotclient import (
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS: Final = 5
+# TRYAGAIN (keys of one call split by a migration in progress): retried this many times,
+# pausing TRYAGAIN_PAUSE, then twice that, ... (seconds), then raised (redis-py TryAgainError).
+TRYAGAIN_RETRIES: Final = 3
+TRYAGAIN_PAUSE: Final = 0.01
+_MAX_ATTEMPTS: Final = 2 * MAX_REDIRECTS + TRYAGAIN_RETRIES + 2
 # A background refresh of the slot map starts at most this often (seconds).
 REFRESH_MIN_INTERVAL: Final = 0.1
 _ASKING: Final = pack_command(("ASKING",))
@@ -211,7 +225,10 @@ class ClusterHotClient(HotClient):
             pool = await self._pool_for(slot)
         asking = False
         rerouted = False
-        for _ in range(MAX_REDIRECTS + 1):
+        tryagain = redirects = 0
+        # Every way round the loop is bounded on its own (one re-route, MAX_REDIRECTS,
+        # TRYAGAIN_RETRIES, a script load per node asked); this bounds them all together.
+        for _ in range(_MAX_ATTEMPTS):
             try:
                 conn = pool.pick() or await pool.acquire()
             except RedisConnectionError:
@@ -230,12 +247,15 @@ class ClusterHotClient(HotClient):
                 raise
             try:
                 reply = await self._send(conn, packed, asking)
-            except RedisConnectionError:
-                self._refresh_soon()
+            except (RedisConnectionError, RedisTimeoutError):
+                self._refresh_soon()  # the node died or hangs: a failover may follow
                 raise
             if not isinstance(reply, RedisError):
                 return reply
             if isinstance(reply, AskError):  # MOVED too (a subclass)
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise ClusterError(f"too many cluster redirections (more than {MAX_REDIRECTS})")
                 target = self.node(reply.host, reply.port)
                 if isinstance(reply, MovedError):
                     self.slots[reply.slot_id] = target
@@ -248,8 +268,14 @@ class ClusterHotClient(HotClient):
             if script is not None and isinstance(reply, NoScriptError):
                 await self._load(pool, script)
                 continue
+            if isinstance(reply, TryAgainError) and tryagain < TRYAGAIN_RETRIES:
+                # A multi-key call on a slot being migrated, its keys split between the two
+                # nodes: Redis asks to try again once the keys moved.
+                await asyncio.sleep(TRYAGAIN_PAUSE * 2**tryagain)
+                tryagain += 1
+                continue
             raise reply
-        raise ClusterError(f"too many cluster redirections (more than {MAX_REDIRECTS})")
+        raise ClusterError(f"the call found no node to run it in {_MAX_ATTEMPTS} attempts")
 
     @staticmethod
     async def _send(conn: Connection, packed: bytes, asking: bool) -> Any:
@@ -300,7 +326,7 @@ class ClusterHotClient(HotClient):
             try:
                 futs = conn.send_many(batch)
                 got = [await f for f in futs]
-            except RedisConnectionError:
+            except (RedisConnectionError, RedisTimeoutError):
                 self._refresh_soon()
                 raise
             if asking:  # drop the ASKING replies
