@@ -38,6 +38,9 @@ from stockhold.store.hotclient import HotClient, ScriptDef, parse_url
 
 # A script that writes (so CLIENT PAUSE WRITE holds it) and answers with its argument.
 ECHO = ScriptDef("echo", "redis.call('INCR', KEYS[1]) return ARGV[1]")
+# The production settings, but a connect bound a loaded test machine always meets (tests of
+# the connect bound itself use the production 0.25 s).
+RELAXED = Settings(redis_connect_timeout_seconds=5.0)
 # Long enough that no paused call below hits the "Redis stuck" bound by accident.
 PATIENT = Settings(redis_socket_timeout_seconds=20.0, redis_connect_timeout_seconds=5.0)
 
@@ -98,7 +101,7 @@ async def wait_until(check: Callable[[], bool], what: str, limit_s: float = 10.0
 
 # -- calls -----------------------------------------------------------------------------------------
 async def test_evalsha_execute_and_pipeline_return_raw_replies(redis_proc: RedisProc) -> None:
-    client = HotClient.from_url(redis_proc.url)
+    client = HotClient.from_url(redis_proc.url, RELAXED)
     try:
         assert await client.evalsha(ECHO, ["k"], [b"v"]) == b"v"
         assert await client.execute("GET", "k") == b"1"
@@ -119,7 +122,7 @@ async def test_evalsha_execute_and_pipeline_return_raw_replies(redis_proc: Redis
 
 async def test_the_real_reserve_script_holds_stock(redis_proc: RedisProc) -> None:
     """reserve.lua through the hot client answers exactly what redis-py's Script answers."""
-    settings = Settings()
+    settings = RELAXED
     engine = Engine(make_client(redis_proc.url, settings), settings)
     client = HotClient.from_url(redis_proc.url, settings)
     try:
@@ -233,7 +236,8 @@ async def test_a_call_that_finds_no_room_fails_after_the_pool_timeout(
 
 # -- Redis stuck -----------------------------------------------------------------------------------
 async def test_a_stuck_redis_fails_a_call_after_the_socket_timeout(redis_proc: RedisProc) -> None:
-    settings = Settings()  # the production bound: 0.8 s
+    settings = RELAXED  # the production bound: 0.8 s
+    assert settings.redis_socket_timeout_seconds == Settings().redis_socket_timeout_seconds
     client = HotClient.from_url(redis_proc.url, settings)
     pid = redis_proc.pid
     assert pid is not None
@@ -255,7 +259,8 @@ async def test_a_stuck_redis_fails_a_call_after_the_socket_timeout(redis_proc: R
 async def test_every_call_queued_on_a_stuck_connection_fails_by_its_deadline(
     redis_proc: RedisProc,
 ) -> None:
-    client = HotClient.from_url(redis_proc.url, Settings(redis_socket_timeout_seconds=0.5))
+    settings = Settings(redis_socket_timeout_seconds=0.5, redis_connect_timeout_seconds=5.0)
+    client = HotClient.from_url(redis_proc.url, settings)
     pid = redis_proc.pid
     assert pid is not None
     try:
@@ -288,7 +293,13 @@ async def test_connecting_to_a_stuck_redis_fails_after_the_connect_timeout(
                 await client.execute("PING")
             elapsed = time.monotonic() - t0
         assert 0.24 <= elapsed < 2.5
-        assert await client.execute("PING") == b"PONG"
+        # Redis runs again: a later call connects (a loaded machine may need a second try).
+        for attempt in range(5):
+            try:
+                assert await client.execute("PING") == b"PONG"
+                break
+            except redis.exceptions.TimeoutError:
+                assert attempt < 4
     finally:
         await client.aclose()
 
@@ -326,7 +337,7 @@ async def test_connecting_never_blocks_the_event_loop() -> None:
 
 # -- reconnects ------------------------------------------------------------------------------------
 async def test_a_later_call_succeeds_after_redis_restarts(redis_proc: RedisProc) -> None:
-    client = HotClient.from_url(redis_proc.url)
+    client = HotClient.from_url(redis_proc.url, RELAXED)
     try:
         assert await client.evalsha(ECHO, ["k"], [b"before"]) == b"before"
         redis_proc.restart()  # same port; script cache and data are gone (no persistence)
@@ -369,7 +380,7 @@ async def test_a_call_in_flight_when_the_connection_drops_fails_with_connection_
 async def test_a_call_to_a_redis_that_is_down_fails_with_connection_error(
     redis_proc: RedisProc,
 ) -> None:
-    client = HotClient.from_url(redis_proc.url)
+    client = HotClient.from_url(redis_proc.url, RELAXED)
     try:
         redis_proc.stop()
         t0 = time.monotonic()
@@ -385,7 +396,7 @@ async def test_a_call_to_a_redis_that_is_down_fails_with_connection_error(
 
 # -- NOSCRIPT --------------------------------------------------------------------------------------
 async def test_a_flushed_script_cache_is_reloaded(redis_proc: RedisProc) -> None:
-    client = HotClient.from_url(redis_proc.url)
+    client = HotClient.from_url(redis_proc.url, RELAXED)
     admin = redis_proc.client()
     try:
         assert await client.evalsha(ECHO, ["k"], [b"1"]) == b"1"
@@ -419,7 +430,7 @@ ERROR_REPLIES = [
 async def test_error_replies_raise_what_redis_py_raises(redis_proc: RedisProc, reply: str) -> None:
     """Same class, same message, same DomainError as redis-py (the engine's mapping holds)."""
     script = "return redis.error_reply(ARGV[1])"
-    client = HotClient.from_url(redis_proc.url)
+    client = HotClient.from_url(redis_proc.url, RELAXED)
     theirs = redis.asyncio.Redis.from_url(redis_proc.url)
     try:
         with pytest.raises(redis.exceptions.RedisError) as ours:
@@ -473,7 +484,7 @@ def redis_unix(redis_binary: str) -> Iterator[RedisProc]:
 
 async def test_unix_socket_url_with_db(redis_unix: RedisProc) -> None:
     sock = redis_unix.socket_path  # type: ignore[attr-defined]
-    client = HotClient.from_url(f"unix://{sock}?db=2")
+    client = HotClient.from_url(f"unix://{sock}?db=2", RELAXED)
     try:
         assert await client.evalsha(ECHO, ["k"], [b"unix"]) == b"unix"
         assert await client.execute("SET", "where", "db2") == b"OK"
@@ -486,8 +497,8 @@ async def test_unix_socket_url_with_db(redis_unix: RedisProc) -> None:
 async def test_username_and_password_from_the_url(redis_proc: RedisProc) -> None:
     admin = redis_proc.client()
     admin.execute_command("ACL", "SETUSER", "alice", "on", ">s3cret", "~*", "&*", "+@all")
-    client = HotClient.from_url(f"redis://alice:s3cret@127.0.0.1:{redis_proc.port}/1")
-    wrong = HotClient.from_url(f"redis://alice:nope@127.0.0.1:{redis_proc.port}/0")
+    client = HotClient.from_url(f"redis://alice:s3cret@127.0.0.1:{redis_proc.port}/1", RELAXED)
+    wrong = HotClient.from_url(f"redis://alice:nope@127.0.0.1:{redis_proc.port}/0", RELAXED)
     try:
         assert await client.execute("ACL", "WHOAMI") == b"alice"
         assert await client.execute("SET", "k", "db1") == b"OK"
@@ -503,8 +514,8 @@ async def test_username_and_password_from_the_url(redis_proc: RedisProc) -> None
 async def test_password_of_the_default_user(redis_proc: RedisProc) -> None:
     admin = redis_proc.client()
     admin.config_set("requirepass", "topsecret")
-    client = HotClient.from_url(f"redis://:topsecret@127.0.0.1:{redis_proc.port}/0")
-    anonymous = HotClient.from_url(redis_proc.url)
+    client = HotClient.from_url(f"redis://:topsecret@127.0.0.1:{redis_proc.port}/0", RELAXED)
+    anonymous = HotClient.from_url(redis_proc.url, RELAXED)
     try:
         assert await client.execute("PING") == b"PONG"
         with pytest.raises(redis.exceptions.AuthenticationError):
