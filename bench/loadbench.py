@@ -13,16 +13,21 @@ One run of this driver:
        reserve-3line  Reserve of three distinct lines, uniform over the 10,000
        reserve-hot    Reserve of one line, every request on ONE sales unit
        commit         Commit of HELD reservations made by the reserve rows
+       reserve-stream Reserve of one line (uniform) as ReserveStream messages: orders/s
+       reserve-batch  ReserveBatch calls of 16 one-line orders (uniform): orders/s
        naive-hot / naive-uniform   the naive server, one hot unit / uniform
    Every Reserve and Commit carries its own order id: nothing is an idempotent replay;
 3. samples the CPU of the generator (its own getrusage), of the server (the sum over its
    process tree, /proc/<pid>/stat) and of Redis over each measured window;
-4. checks that the successes the generator counted equal the counters in Redis;
+4. checks that the successes the generator counted equal the counters in Redis (and, for the
+   stream and batch rows, the order records in Redis, and that every order was answered once);
 5. prints a table and the targets, writes bench/results/loadbench-<UTC>.json and a PNG chart.
 
     .venv/bin/python bench/loadbench.py                # the whole run (about 4 minutes)
     .venv/bin/python bench/loadbench.py --quick        # 1 level, short windows (smoke test)
     .venv/bin/python bench/loadbench.py --profile      # + py-spy profile of the workers
+    .venv/bin/python bench/loadbench.py --quick --shapes stream,batch
+                     # only the no-op, unary Reserve, ReserveStream and ReserveBatch rows
 
 Exit status: 0 when the run completed and the correctness checks passed (targets are
 reported, not enforced, unless --strict-targets), 1 otherwise.
@@ -34,6 +39,8 @@ import argparse
 import contextlib
 import ctypes
 import datetime as dt
+import functools
+import itertools
 import json
 import math
 import os
@@ -49,7 +56,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -82,6 +89,8 @@ HOT_STOCK = 100_000_000
 
 METHOD_HEALTH = "/grpc.health.v1.Health/Check"
 METHOD_RESERVE = "/stockhold.v1.Inventory/Reserve"
+METHOD_RESERVE_STREAM = "/stockhold.v1.Inventory/ReserveStream"
+METHOD_RESERVE_BATCH = "/stockhold.v1.Inventory/ReserveBatch"
 METHOD_COMMIT = "/stockhold.v1.Inventory/Commit"
 METHOD_ADJUST = "/stockhold.v1.Inventory/AdjustStock"
 
@@ -90,6 +99,14 @@ UNCERTAIN = frozenset({"DEADLINE_EXCEEDED", "CANCELLED", "UNAVAILABLE", "UNKNOWN
 # Codes the issue accepts under load (besides INSUFFICIENT_STOCK); anything else is a problem.
 ACCEPTED_ERRORS = frozenset({"CANCELLED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
 MIN_REQUESTS = 20_000
+# Call shapes --shapes can pick; the no-op and unary Reserve rows always run (the references).
+SHAPES = ("unary", "stream", "batch")
+MANY_ORDER_ROWS = ("reserve-stream", "reserve-batch")
+# Request files of the many-orders rows hold this many times a unary row's orders (which
+# allow 1.5 x the no-op's RPS), so up to 3 x (stream) and 6 x (batch) the no-op's RPS in orders
+# (issue 10 expects 1.2 x and 2 x); from the second level on, also 1.5 x the row's best rate.
+STREAM_FILE_FACTOR = 2
+BATCH_FILE_FACTOR = 4
 
 
 def classify_errors(server_kind: str, messages: dict[str, int]) -> dict[str, dict[str, int]]:
@@ -443,6 +460,58 @@ def reserve_maker(
     return make
 
 
+# The stream and batch rows need several times a unary row's orders (hundreds of thousands):
+# they are built on the protobuf wire format directly, from each unit's line serialised once,
+# which is ~20x faster than building and serialising each message, and gives the same bytes.
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v > 0x7F:
+        out.append(v & 0x7F | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    """One length-delimited field (a string or a sub-message), as protobuf serialises it."""
+    if number < 16 and len(payload) < 0x80:  # one-byte tag and length: nearly every call
+        return bytes((number << 3 | 2, len(payload))) + payload
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+@functools.cache
+def _uniform_lines() -> list[bytes]:
+    """Per uniform unit: ReserveRequest.lines (field 2) holding one line of quantity 1."""
+    out = []
+    for u in range(UNITS):
+        line = pb.ReserveLine(warehouse=WAREHOUSE, quantity=1)
+        line.unit.sku, line.unit.spec, line.unit.barcode = sku(u), SPEC, barcode(u)
+        out.append(_len_field(2, line.SerializeToString()))
+    return out
+
+
+def one_line_orders(prefix: str, n: int, rng: random.Random) -> Iterator[bytes]:
+    """The bytes of reserve_bodies(prefix, n, 1, rng, hot=False): one uniform line each."""
+    lines = _uniform_lines()
+    for i in range(n):
+        yield _len_field(1, f"{prefix}-{i:07d}".encode()) + lines[rng.randrange(UNITS)]
+
+
+def stream_bodies(prefix: str, n: int, rng: random.Random) -> Iterator[bytes]:
+    """n ReserveStreamRequests of one uniform line each, order ids prefix-0000000...;
+    correlation id (field 1) = the message's index, the order is field 2."""
+    for i, order in enumerate(one_line_orders(prefix, n, rng)):
+        yield _len_field(1, str(i).encode()) + _len_field(2, order)
+
+
+def batch_bodies(prefix: str, calls: int, size: int, rng: random.Random) -> Iterator[bytes]:
+    """`calls` ReserveBatchRequests of `size` one-line uniform orders (field 1, repeated),
+    order ids prefix-0000000... across the calls."""
+    orders = one_line_orders(prefix, calls * size, rng)
+    for _ in range(calls):
+        yield b"".join(_len_field(1, order) for order in itertools.islice(orders, size))
+
+
 def pool_collector(pool: list[str], prefix: str) -> Callable[[int, dict[str, Any]], None]:
     """After an attempt without errors, its sent orders (all HELD) join the pool."""
 
@@ -496,11 +565,13 @@ def run_loadgen(
     mode: str = "",
     watch: tuple[int, int] | None = None,
     during: Callable[[], None] | None = None,
+    extra: Sequence[str] = (),
 ) -> GenRun:
     """Run the generator to its end (it stops by itself; killed if it overruns).
 
     `watch` = (server root pid, redis pid): sample CPU at its window marks. `during` is
-    called right after the window starts (e.g. to start a profiler).
+    called right after the window starts (e.g. to start a profiler). `extra`: more generator
+    arguments (--batch, --stream --streams S).
     """
     cmd = [
         str(LOADGEN),
@@ -523,6 +594,7 @@ def run_loadgen(
     ]
     if mode:
         cmd.append(f"--{mode}")
+    cmd += extra
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -623,6 +695,19 @@ def start_server(kind: str, workers: int, redis_url: str, workdir: Path) -> Serv
 
 
 # -- the benchmark -----------------------------------------------------------------------------
+@dataclass
+class ManyOrders:
+    """What the stream or batch rows of one server sent and counted, for their checks."""
+
+    row: str
+    ok: int = 0  # OK orders (each one line)
+    uncertain: int = 0  # orders whose outcome the client cannot know
+    counted: int = 0  # outcomes the generator counted
+    anomalies: int = 0
+    sent_ids: list[str] = field(default_factory=list)
+    best_rate: float = 0.0  # orders answered per second, the best level so far
+
+
 ROW_LABELS = {
     "baseline": "no-op RPC (Health/Check)",
     "reserve-1line": "Reserve, 1 line, uniform over 10,000 units",
@@ -631,6 +716,9 @@ ROW_LABELS = {
     "commit": "Commit of HELD reservations",
     "naive-hot": "naive lock server, Reserve on ONE hot unit",
     "naive-uniform": "naive lock server, Reserve uniform",
+    # last, so the chart keeps the older rows' colours
+    "reserve-stream": "Reserve through ReserveStream, 1 line, uniform (orders/s)",
+    "reserve-batch": "ReserveBatch of 16 one-line orders, uniform (orders/s)",
 }
 
 
@@ -676,6 +764,7 @@ class Bench:
         make_bodies: Callable[[int], Iterable[bytes]],
         mode: str = "",
         on_attempt: Callable[[int, dict[str, Any]], None] | None = None,
+        extra: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Measure one point: write the request file, run the generator, record, print.
 
@@ -683,19 +772,24 @@ class Bench:
         window (another job on the machine), the point is measured again (at most
         --busy-retries times, with fresh requests from make_bodies(attempt)); every attempt's
         answers still count for the correctness checks. on_attempt(attempt, record) runs after
-        each attempt (callers track which requests were sent).
+        each attempt (callers track which requests were sent). `extra`: generator arguments of the
+        many-orders rows (--batch, --stream ...): their figures are then per order.
         """
         a = self.args
         discarded: list[dict[str, Any]] = []
         ok_total = uncertain_total = 0
         for attempt in range(1 + a.busy_retries):
             self.wait_quiet()
-            rec = self._measure(srv, row, method, concurrency, make_bodies(attempt), mode)
+            rec = self._measure(srv, row, method, concurrency, make_bodies(attempt), mode, extra)
             rec["attempt"] = attempt
             ok_total += rec["all_by_code"].get("OK", 0)
             uncertain_total += sum(k for c, k in rec["errors"].items() if c in UNCERTAIN)
             for key, k in rec["error_classes"]["problem"].items():
                 self.problems.append(f"{srv.name} {row} c={concurrency}: {k} x {key}")
+            # Answers that should not exist: a replay of a new order id, an answer the
+            # generator could not decode or match, a batch answer of the wrong length.
+            for what, k in rec.get("anomalies", {}).items():
+                self.problems.append(f"{srv.name} {row} c={concurrency}: {k} answers {what}")
             if rec["exhausted"]:
                 self.problems.append(
                     f"{srv.name} {row} c={concurrency}: ran out of requests "
@@ -717,6 +811,20 @@ class Bench:
             self.baseline.setdefault(srv.name, {})[concurrency] = rec["rps"]
         base = self.baseline.get(srv.name) or self.baseline.get("stockhold-2w") or {}
         rec["vs_baseline"] = rec["rps"] / base[concurrency] if base.get(concurrency) else None
+        # The many-orders rows against unary Reserve at the same level (same server).
+        unary = next(
+            (
+                r
+                for r in self.rows
+                if r["server"] == srv.name
+                and r["row"] == "reserve-1line"
+                and r["concurrency"] == concurrency
+            ),
+            None,
+        )
+        rec["vs_reserve"] = (
+            rec["rps"] / unary["rps"] if rec["per"] == "order" and unary and unary["rps"] else None
+        )
         if rec["busy_elsewhere"]:
             self.skipped.append(
                 f"{srv.name} {row} c={concurrency}: measured while "
@@ -744,8 +852,13 @@ class Bench:
         concurrency: int,
         bodies: Iterable[bytes],
         mode: str,
+        extra: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """One generator run at one point, as a row record."""
+        """One generator run at one point, as a row record.
+
+        For the many-orders rows (the generator's output has "orders"), the counts, errors and
+        RPS are per order; latency stays per call (ReserveBatch) or per message (ReserveStream).
+        """
         a = self.args
         path = self.workdir / f"{srv.name}-{row}-c{concurrency}.bin"
         n = write_requests(path, bodies)
@@ -760,16 +873,28 @@ class Bench:
             a.deadline_ms,
             mode=mode,
             watch=(srv.child.pid, self.redis.child.pid),
+            extra=extra,
         )
         path.unlink()
         g = run.out
         m = g["measured"]
         cpu = run.cpu or {}
-        return {
+        orders = g.get("orders")
+        counted = orders or {
+            "measured": {"by_code": m["by_code"], "ok_per_s": m["ok_rps"], "per_s": m["rps"]},
+            "all": g["all"],
+            "error_messages": g["error_messages"],
+        }
+        all_by_code = counted["all"]["by_code"]
+        rec = {
             "server": srv.name,
             "workers": srv.workers,
             "row": row,
-            "label": ROW_LABELS.get(row, row),
+            "label": (
+                f"ReserveBatch of {a.batch_size} one-line orders, uniform (orders/s)"
+                if row == "reserve-batch"
+                else ROW_LABELS.get(row, row)
+            ),
             "method": method,
             "concurrency": concurrency,
             "channels": a.channels,
@@ -777,17 +902,20 @@ class Bench:
             "sent": g["sent"],
             "exhausted": bool(g["exhausted"]) and mode != "cycle",
             "window_s": g["window_s"],
-            "rps": m["ok_rps"],
-            "rps_all": m["rps"],
+            # per="order": rps and the counts are orders (OK orders/s), latency per call/message
+            "per": "order" if orders else "call",
+            "rps": counted["measured"]["ok_per_s"],
+            "rps_all": counted["measured"]["per_s"],
+            "calls_per_s": m["ok_rps"] if orders and g.get("mode") != "stream" else None,
             "p50_ms": m["latency_ms"]["p50"],
             "p90_ms": m["latency_ms"]["p90"],
             "p99_ms": m["latency_ms"]["p99"],
             "max_ms": m["latency_ms"]["max"],
-            "measured_by_code": m["by_code"],
-            "all_by_code": g["all"]["by_code"],
-            "errors": {c: k for c, k in g["all"]["by_code"].items() if c != "OK"},
-            "error_messages": g["error_messages"],
-            "error_classes": classify_errors(srv.kind, g["error_messages"]),
+            "measured_by_code": counted["measured"]["by_code"],
+            "all_by_code": all_by_code,
+            "errors": {c: k for c, k in all_by_code.items() if c != "OK"},
+            "error_messages": counted["error_messages"],
+            "error_classes": classify_errors(srv.kind, counted["error_messages"]),
             "gen_cpu_pct": m["cpu_pct"],
             "gen_cpu_user_s": m["cpu_user_s"],
             "gen_cpu_sys_s": m["cpu_sys_s"],
@@ -795,6 +923,17 @@ class Bench:
             "cpu": cpu,
             "loadgen": g,
         }
+        if orders:
+            rec["orders"] = {k: v for k, v in orders.items() if k not in ("warmup", "drain")}
+            rec["orders_sent"] = orders["sent"]
+            rec["orders_counted"] = orders["all"]["total"]
+            rec["anomalies"] = {
+                k: orders[k]
+                for k in ("replayed", "malformed", "unmatched", "result_count_mismatch")
+                if orders[k]
+            }
+            rec["streams_end"] = g.get("streams_end")
+        return rec
 
     # -- stock ---------------------------------------------------------------------------------
     def load_stockhold_stock(self, srv: ServerUnderTest) -> None:
@@ -836,8 +975,13 @@ class Bench:
             reserved += int(r or 0)
         return avail, reserved
 
-    def check(self, name: str, ok_count: int, uncertain: int, got: int, detail: str) -> bool:
-        """Record one correctness check: got == ok_count, or within the uncertain margin."""
+    def check(
+        self, name: str, ok_count: int, uncertain: int, got: int, detail: str, source: str = "redis"
+    ) -> bool:
+        """Record one correctness check: got == ok_count, or within the uncertain margin.
+
+        `source`: where `got` comes from ("redis", or "generator" for its own tallies).
+        """
         exact = got == ok_count
         passed = exact or (uncertain > 0 and ok_count <= got <= ok_count + uncertain)
         self.checks.append(
@@ -845,18 +989,25 @@ class Bench:
                 "check": name,
                 "expected_from_generator": ok_count,
                 "uncertain_calls": uncertain,
-                "found_in_redis": got,
+                "found_in_redis" if source == "redis" else "found_by_generator": got,
+                "source": source,
                 "passed": passed,
                 "detail": detail,
             }
         )
         mark = "ok" if passed else "FAILED"
-        print(f"  check {name}: generator {ok_count} (+{uncertain} uncertain), redis {got}: {mark}")
+        print(
+            f"  check {name}: expected {ok_count} (+{uncertain} uncertain), {source} {got}: {mark}"
+        )
         return passed
 
     # -- servers -------------------------------------------------------------------------------
-    def run_stockhold(self, workers: int) -> None:
-        """Baseline, reserve rows, correctness check, commit rows, check: on one server."""
+    def run_stockhold(self, workers: int, shapes: frozenset[str]) -> None:
+        """Baseline, reserve rows, correctness check, commit rows, check: on one server.
+
+        `shapes`: with "unary", every unary row (3-line, hot, commit too); without it, only the
+        no-op and 1-line Reserve rows, as the references of the "stream" / "batch" rows.
+        """
         a = self.args
         resolver = KeyResolver()
         keys = [resolver.unit(sku(i), SPEC, barcode(i)).stock_key for i in range(UNITS)]
@@ -871,11 +1022,10 @@ class Bench:
                 self.row(srv, "baseline", METHOD_HEALTH, c, lambda _: [b""], mode="cycle")
             pool: list[str] = []  # order ids of HELD 1-line reservations, for the commit rows
             units_ok = hot_ok = uncertain = 0
-            for row, lines, hot in (
-                ("reserve-1line", 1, False),
-                ("reserve-3line", 3, False),
-                ("reserve-hot", 1, True),
-            ):
+            unary_rows = [("reserve-1line", 1, False)]
+            if "unary" in shapes:
+                unary_rows += [("reserve-3line", 3, False), ("reserve-hot", 1, True)]
+            for row, lines, hot in unary_rows:
                 for c in a.levels:
                     prefix = f"lb-{self.tag}-{srv.name}-{row}-c{c}"
                     n = self.size_for(srv.name)
@@ -887,13 +1037,19 @@ class Bench:
                     uncertain += rec["uncertain_total"] * lines
                     if hot:
                         hot_ok += rec["ok_total"]
+            many = [self.many_orders_rows(srv, shape) for shape in ("stream", "batch")]
+            for m in many:
+                if m is not None:
+                    units_ok += m.ok
+                    uncertain += m.uncertain
             if self.profile_wanted(srv):
                 ok, unsure = self.profile(srv, pool)
                 units_ok += ok
                 uncertain += unsure
-            ok, unsure = self.top_up(srv, pool)
-            units_ok += ok
-            uncertain += unsure
+            if "unary" in shapes:
+                ok, unsure = self.top_up(srv, pool)
+                units_ok += ok
+                uncertain += unsure
             avail, reserved = self.counters([*keys, hot_key])
             passed = self.check(
                 f"{srv.name} reserve: units reserved",
@@ -917,12 +1073,97 @@ class Bench:
                 avail + reserved,
                 "available + reserved == stock loaded",
             )
-            if passed:
+            for m in many:
+                if m is not None:
+                    self.check_many_orders(srv, m)
+            if "unary" not in shapes:
+                self.skipped.append(f"{srv.name} commit rows: --shapes without unary")
+            elif passed:
                 self.run_commits(srv, pool, [*keys, hot_key], reserved)
             else:
                 self.skipped.append(f"{srv.name} commit rows: the reserve check failed")
         finally:
             self.stop_server(srv)
+
+    def many_orders_rows(self, srv: ServerUnderTest, shape: str) -> ManyOrders | None:
+        """The ReserveStream ("stream") or ReserveBatch ("batch") row at every level.
+
+        Every order is a 1-line uniform Reserve with its own order id. Stream rows keep
+        `concurrency` messages unanswered over min(concurrency, --streams) streams; batch rows
+        keep `concurrency` calls of --batch-size orders in flight.
+        """
+        a = self.args
+        if shape not in a.shapes:
+            return None
+        row = f"reserve-{shape}"
+        out = ManyOrders(row)
+        if shape == "stream":
+            method = METHOD_RESERVE_STREAM
+        else:
+            method, extra = METHOD_RESERVE_BATCH, ["--batch"]
+        for c in a.levels:
+            prefix = f"lb-{self.tag}-{srv.name}-{row}-c{c}"
+            factor = STREAM_FILE_FACTOR if shape == "stream" else BATCH_FILE_FACTOR
+            seen = 1.5 * out.best_rate * (a.warmup + a.duration)
+            orders = max(self.size_for(srv.name) * factor, math.ceil(seen))
+            if shape == "stream":
+                extra = ["--stream", "--streams", str(min(c, a.streams))]
+
+            def make(k: int, p: str = prefix, n: int = orders) -> Iterable[bytes]:
+                if shape == "stream":
+                    return stream_bodies(f"{p}-a{k}", n, self.rng)
+                return batch_bodies(
+                    f"{p}-a{k}", math.ceil(n / a.batch_size), a.batch_size, self.rng
+                )
+
+            def track(attempt: int, rec: dict[str, Any], p: str = prefix) -> None:
+                # The generator sends in file order: the first orders_sent of the file went out.
+                out.sent_ids += (f"{p}-a{attempt}-{i:07d}" for i in range(rec["orders_sent"]))
+                out.counted += rec["orders_counted"]
+                out.anomalies += sum(rec["anomalies"].values())
+
+            rec = self.row(srv, row, method, c, make, on_attempt=track, extra=extra)
+            out.best_rate = max(out.best_rate, rec["rps_all"])
+            out.ok += rec["ok_total"]
+            out.uncertain += rec["uncertain_total"]
+        return out
+
+    def check_many_orders(self, srv: ServerUnderTest, m: ManyOrders) -> None:
+        """A stream or batch row's orders, end to end.
+
+        Every order sent got exactly one outcome in the generator's counts, no answer was
+        anomalous (replayed, undecodable, unmatched, of the wrong length), and the order
+        records in Redis among the ids sent are exactly the OK answers (order ids are distinct,
+        so a double answer or a lost record shows).
+        """
+        self.check(
+            f"{srv.name} {m.row}: every order answered once",
+            len(m.sent_ids),
+            0,
+            m.counted,
+            "orders sent == outcomes counted by the generator (reserved + errors by code)",
+            source="generator",
+        )
+        self.check(
+            f"{srv.name} {m.row}: no anomalous answer",
+            0,
+            0,
+            m.anomalies,
+            "answers replayed + malformed + unmatched + of the wrong length, per the generator",
+            source="generator",
+        )
+        resolver = KeyResolver()
+        pipe = self.redis.client.pipeline(transaction=False)
+        for i in range(0, len(m.sent_ids), 1000):
+            pipe.exists(*(resolver.order(o).order_key for o in m.sent_ids[i : i + 1000]))
+        found = sum(int(n) for n in pipe.execute()) if m.sent_ids else 0
+        self.check(
+            f"{srv.name} {m.row}: order records",
+            m.ok,
+            m.uncertain,
+            found,
+            "order records in Redis among the ids sent == OK orders counted",
+        )
 
     def top_up(self, srv: ServerUnderTest, pool: list[str]) -> tuple[int, int]:
         """Make sure the commit rows will find enough HELD orders: reserve more, each once.
@@ -1115,14 +1356,17 @@ class Bench:
     def run(self) -> None:
         """Every server group, in order; the optional 1-worker group only if time allows."""
         a = self.args
-        self.run_stockhold(a.workers)
+        self.run_stockhold(a.workers, a.shapes)
+        if "unary" not in a.shapes:
+            self.skipped.append("naive and 1-worker rows: --shapes without unary")
+            return
         self.run_naive(a.workers)
         if a.single_worker and a.workers != 1:
             spent = time.monotonic() - self.started
             per_point = a.warmup + a.duration + 2.5
             need = 5 * len(a.levels) * per_point + 20
             if spent + need <= a.budget:
-                self.run_stockhold(1)
+                self.run_stockhold(1, frozenset({"unary"}))
             else:
                 self.skipped.append(
                     f"stockhold-1w rows: {spent:.0f} s spent, {need:.0f} s needed, "
@@ -1229,7 +1473,7 @@ def perf_report(perf: str, data: Path) -> dict[str, Any]:
 # -- output ------------------------------------------------------------------------------------
 HEADER = (
     f"{'server':<13} {'row':<14} {'conc':>5} {'RPS':>8} {'p50 ms':>8} {'p99 ms':>8} "
-    f"{'x base':>6} {'gen%':>5} {'srv%':>5} {'redis%':>6} {'other%':>6}  errors"
+    f"{'x base':>6} {'x rsv':>5} {'gen%':>5} {'srv%':>5} {'redis%':>6} {'other%':>6}  errors"
 )
 
 
@@ -1248,7 +1492,8 @@ def row_line(r: dict[str, Any]) -> str:
     return (
         f"{r['server']:<13} {r['row']:<14} {r['concurrency']:>5} {r['rps']:>8.0f} "
         f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {_fmt(r['vs_baseline'], '>6.2f')} "
-        f"{r['gen_cpu_pct']:>5.0f} {_fmt(cpu.get('server_pct'), '>5.0f')} "
+        f"{_fmt(r.get('vs_reserve'), '>5.2f')} {r['gen_cpu_pct']:>5.0f} "
+        f"{_fmt(cpu.get('server_pct'), '>5.0f')} "
         f"{_fmt(cpu.get('redis_pct'), '>6.0f')} {_fmt(cpu.get('other_pct'), '>6.0f')}  {errs}"
     )
 
@@ -1299,11 +1544,40 @@ def evaluate_targets(rows: list[dict[str, Any]], levels: list[int]) -> list[dict
                 }
             )
 
+    def past_unary(row: str, want: float) -> None:
+        # Issue 10: orders/s answered >= want x the no-op's unary RPS of the same level, with
+        # p99 <= 50 ms per call (batch) or message (stream), at some level: the best such point.
+        pts = []
+        for c in levels:
+            a, b = by.get((s, row, c)), by.get((s, "baseline", c))
+            if a and b and b["rps"]:
+                pts.append((a["rps"] / b["rps"], a, b))
+        if not pts:
+            return
+        good = [p for p in pts if p[1]["p99_ms"] <= 50.0]
+        v, a, b = max(good or pts, key=lambda p: p[0])
+        each = "; ".join(
+            f"c={x['concurrency']}: {r:.2f}x p99 {x['p99_ms']:.1f} ms" for r, x, _ in pts
+        )
+        out.append(
+            {
+                "target": f"{row}: orders/s >= {want} x no-op unary RPS, p99 <= 50 ms",
+                "concurrency": a["concurrency"],
+                "value": round(v, 3),
+                "threshold": want,
+                "met": bool(good) and v >= want,
+                "detail": f"{a['rps']:.0f} orders/s / {b['rps']:.0f} no-op RPS ({each})"
+                + ("" if good else " (no point with p99 <= 50 ms)"),
+            }
+        )
+
     s = "stockhold-2w"
     ratio("reserve-1line >= 0.8 x no-op baseline", (s, "reserve-1line"), (s, "baseline"), 0.8)
+    past_unary("reserve-stream", 1.2)
+    past_unary("reserve-batch", 2.0)
     ratio("hot unit >= 0.8 x uniform", (s, "reserve-hot"), (s, "reserve-1line"), 0.8)
     ratio("hot unit >= 10 x naive hot unit", (s, "reserve-hot"), ("naive-2w", "naive-hot"), 10.0)
-    for row in ("reserve-1line", "reserve-3line", "reserve-hot", "commit"):
+    for row in ("reserve-1line", "reserve-3line", "reserve-hot", "commit", *MANY_ORDER_ROWS):
         pts = [r for r in rows if r["server"] == s and r["row"] == row]
         if not pts:
             continue
@@ -1374,7 +1648,7 @@ def write_chart(rows: list[dict[str, Any]], levels: list[int], path: Path) -> bo
         ax.set_xlabel("outstanding calls (concurrency)")
         ax.grid(True, which="both", alpha=0.3)
     ax1.axhline(5000, color="grey", linewidth=0.8, linestyle="--")
-    ax1.set_ylabel("OK responses per second")
+    ax1.set_ylabel("OK answers per second (orders for stream / batch)")
     ax1.set_title("throughput")
     ax2.set_yscale("log")
     ax2.axhline(50, color="grey", linewidth=0.8, linestyle="--")
@@ -1439,9 +1713,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the extra 1-worker stockhold rows",
     )
     p.add_argument(
+        "--shapes",
+        default=",".join(SHAPES),
+        help="call shapes to measure, of unary (every unary row, the naive and 1-worker ones "
+        "too), stream (ReserveStream), batch (ReserveBatch); the no-op and 1-line Reserve "
+        "rows always run",
+    )
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=8,
+        help="ReserveStream rows: streams per point (at most the level), the level's messages "
+        "outstanding spread over them",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="ReserveBatch rows: orders per call")
+    p.add_argument(
         "--budget",
         type=float,
-        default=330.0,
+        default=450.0,
         help="seconds; the optional 1-worker rows run only if they fit",
     )
     p.add_argument("--profile", action="store_true", help="py-spy (+ perf) pass (extra, ~6 s)")
@@ -1474,6 +1763,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.quick:
         a.levels, a.warmup, a.duration, a.single_worker = "16", 0.5, 1.5, False
     a.levels = sorted({int(x) for x in str(a.levels).split(",") if x.strip()})
+    a.shapes = frozenset(x.strip() for x in str(a.shapes).split(",") if x.strip())
+    if not a.shapes or not a.shapes <= set(SHAPES):
+        p.error(f"--shapes: a comma-separated list of {', '.join(SHAPES)}")
+    if not 1 <= a.streams <= 1000:
+        p.error("--streams: 1..1000")
+    if not 1 <= a.batch_size <= 100:
+        p.error("--batch-size: 1..100 (the server refuses more than 100 orders per call)")
     if not a.levels or min(a.levels) < 1 or max(a.levels) > 10_000:
         p.error("--levels: 1..10000")
     if not (0 < a.duration <= 60 and 0 <= a.warmup <= 30):
@@ -1516,7 +1812,10 @@ def main(argv: list[str] | None = None) -> int:
         print("WARNING: the machine is busy before the run: results will be low and noisy")
     meta: dict[str, Any] = {
         "started_utc": stamp,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "args": {
+            k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, frozenset) else v)
+            for k, v in vars(a).items()
+        },
         "busy_before_pct": round(busy, 1),
         "loadavg_before": os.getloadavg(),
         **versions(),
@@ -1553,6 +1852,13 @@ def main(argv: list[str] | None = None) -> int:
         "(same server, same concurrency; naive rows vs stockhold-2w's); CPU % of one core "
         f"(machine: {os.cpu_count()} cores); other% = busy CPU that is none of ours."
     )
+    if any(r["per"] == "order" for r in rows):
+        print(
+            "reserve-stream / reserve-batch: RPS = OK ORDERS answered per second, x base = that "
+            "/ the no-op's unary RPS, x rsv = that / unary Reserve's RPS (same level); conc = "
+            f"messages outstanding over min(conc, {a.streams}) streams / calls of "
+            f"{a.batch_size} orders outstanding; p50/p99 per message / per call."
+        )
     print("\ntargets:")
     for t in targets:
         c = "" if t["concurrency"] is None else f" (c={t['concurrency']})"
@@ -1561,9 +1867,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("\ncorrectness checks:")
     for ch in bench.checks:
+        found = ch.get("found_in_redis", ch.get("found_by_generator"))
         print(
-            f"  [{'ok' if ch['passed'] else 'FAILED'}] {ch['check']}: generator "
-            f"{ch['expected_from_generator']}, redis {ch['found_in_redis']}"
+            f"  [{'ok' if ch['passed'] else 'FAILED'}] {ch['check']}: expected "
+            f"{ch['expected_from_generator']}, {ch['source']} {found}"
         )
     notes = [
         f"{r['server']} {r['row']} c={r['concurrency']}: {n} x {key} "
