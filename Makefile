@@ -13,7 +13,7 @@ LOADBENCH_ARGS ?=
 # The compiled hot path (native/*.pyx), built in place next to its pure-Python twin.
 EXT_SUFFIX := $(shell $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 NATIVE_SRC := $(wildcard native/*.pyx native/*.pxd)
-NATIVE_SO  := src/stockhold/_resolver_c$(EXT_SUFFIX)
+NATIVE_SO  := src/stockhold/_resolver_c$(EXT_SUFFIX) src/stockhold/_contention_c$(EXT_SUFFIX)
 
 .PHONY: all install stubs native run test lint fmt clean bench loadtest loadbench
 
@@ -29,8 +29,8 @@ $(STUBS): $(STAMP) $(PROTOS) scripts/gen_protos.py
 	$(BIN)/python scripts/gen_protos.py
 
 # setup.py build_ext only warns when it cannot compile (stockhold then runs pure Python);
-# make test fails in that case (tests/test_resolver_impls.py checks that it loaded).
-$(NATIVE_SO): $(STAMP) $(NATIVE_SRC) setup.py
+# make test fails in that case (tests/test_resolver_impls.py and test_contention_impls.py check).
+$(NATIVE_SO) &: $(STAMP) $(NATIVE_SRC) setup.py
 	$(BIN)/python setup.py -q build_ext --inplace --force
 
 native: $(NATIVE_SO)
@@ -81,5 +81,5 @@ fmt: install
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info src/stockhold/v1 .pytest_cache .mypy_cache .ruff_cache
-	rm -f src/stockhold/_resolver_c.*.so native/*.c
+	rm -f src/stockhold/_resolver_c.*.so src/stockhold/_contention_c.*.so native/*.c
 	rm -rf bench/loadgen/build

@@ -115,7 +115,14 @@ NATIVE = [
         ["native/_resolver_c.pyx"],
         extra_compile_args=["-O2"] if os.name != "nt" else [],
         define_macros=[("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if TRACE else [],
-    )
+    ),
+    # Contention statistics' live sketch (pure twin: stockhold.contention.Sketch).
+    Extension(
+        "stockhold._contention_c",
+        ["native/_contention_c.pyx"],
+        extra_compile_args=["-O2"] if os.name != "nt" else [],
+        define_macros=[("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if TRACE else [],
+    ),
 ]
 
 

@@ -11,8 +11,9 @@ partition sit in one Redis Cluster slot.
     <prefix>:{meta}:partitions           string  the partition count of this deployment
     <prefix>:{p<N>}:sku:<sku>            hash  a SKU's policy fields and its sales buckets
     <prefix>:{meta}:skus                 zset  SKUs with a stored policy or recent sales (lex)
-    <prefix>:{meta}:contention           hash  process id -> contention snapshot (JSON)
+    <prefix>:{meta}:contention           hash  process id -> contention snapshot head (JSON)
     <prefix>:{meta}:contention:seen      zset  process id -> last snapshot time (ms)
+    <prefix>:{meta}:contention:slots:<process id>  hash  closed sub-window -> its piece (JSON)
     <prefix>:{p<N>}:polls                zset  order id -> next payment poll (ms, Redis clock)
     <prefix>:{p<N>}:otn:<provider>:<no>  string  the order id paid under a provider's out_trade_no
 """
@@ -34,6 +35,7 @@ SKU: Final = "sku"
 META_SKUS: Final = "{meta}:skus"
 META_CONTENTION: Final = "{meta}:contention"
 META_CONTENTION_SEEN: Final = "{meta}:contention:seen"
+META_CONTENTION_SLOTS: Final = "{meta}:contention:slots"
 
 # SKU policy hash fields (sales buckets are "b:<bucket index>").
 POLICY_TIMEOUT: Final = "to"

@@ -75,19 +75,31 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from heapq import heapify, heappush, heapreplace
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple, Protocol
 
 import orjson
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["ok", "insufficient", "timeout", "error"]
+
+
+class UnitLike(Protocol):
+    """What `record_request` reads of a sales unit (stockhold.resolver.Unit has both)."""
+
+    @property
+    def unit_id(self) -> str: ...
+
+    @property
+    def sku(self) -> str: ...
+
 
 DEFAULT_CAPACITY: Final = 1024
 DEFAULT_WINDOW_SECONDS: Final = 60.0
@@ -103,6 +115,10 @@ HIGHEST_EDGE_US: Final = 60_000_000
 QUANTILE_RELATIVE_ERROR: Final = 2 ** (1 / (2 * BUCKETS_PER_OCTAVE)) - 1
 
 SNAPSHOT_VERSION: Final = 1
+# A snapshot whose sub-windows carry their index, [start, sketch, index], so that the closed
+# ones can be stored apart and joined again (`Publication`, `assemble`): each sub-window once.
+SNAPSHOT_VERSION_SPLIT: Final = 2
+_SNAPSHOT_VERSIONS: Final = (SNAPSHOT_VERSION, SNAPSHOT_VERSION_SPLIT)
 # Longer waits or script times are recorded as this (a clock gone wrong, not a real wait).
 _MAX_SECONDS: Final = 1e6
 _MAX_US: Final = 1_000_000_000_000
@@ -321,6 +337,22 @@ class Sketch:
                 s.errors += 1
         self.total += weight
 
+    def add_units(
+        self,
+        units: Sequence[UnitLike],
+        contended: Sequence[bool],
+        wait_us: int,
+        script_us: int,
+        bucket: int,
+        outcome: Outcome,
+    ) -> None:
+        """Count one request for each of its units; `contended[i]` is units[i]'s flag."""
+        if len(units) != len(contended):
+            raise ValueError("one contended flag per unit")
+        add = self.add
+        for u, busy in zip(units, contended, strict=True):
+            add(u.unit_id, u.sku, wait_us, script_us, bucket, busy, outcome)
+
     def _admit(self, key: str, sku: str, weight: int) -> KeyStats:
         """Track a new key whose first request weighs `weight`, evicting the lightest if full."""
         entries = self.entries
@@ -380,6 +412,85 @@ class Sketch:
         if type(floor) is not int or type(total) is not int:
             raise ValueError("malformed sketch")
         return cls(max(capacity, len(entries)), entries, floor, total)
+
+
+def _to_us(seconds: float) -> int:
+    """Integer µs (exact sums); negative or NaN reads as 0, absurd values are capped."""
+    if seconds > 0.0:
+        return int(seconds * 1e6 + 0.5) if seconds < _MAX_SECONDS else _MAX_US
+    return 0
+
+
+class LiveSketch(Protocol):
+    """What `ContentionStats` records into: `Sketch` or the compiled twin of its recording
+    half (stockhold._contention_c.LiveSketch), which gives the same answers."""
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def floor(self) -> int: ...
+
+    @property
+    def total(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def add(
+        self,
+        key: str,
+        sku: str,
+        wait_us: int,
+        script_us: int,
+        bucket: int,
+        contended: bool,
+        outcome: Outcome,
+    ) -> None: ...
+
+    def add_units(
+        self,
+        units: Sequence[UnitLike],
+        contended: Sequence[bool],
+        wait_us: int,
+        script_us: int,
+        bucket: int,
+        outcome: Outcome,
+    ) -> None: ...
+
+    def to_json(self, limit: int | None = None) -> dict[str, Any]: ...
+
+
+# The compiled live sketch, unless STOCKHOLD_NO_EXTENSIONS is set (non-empty) or it is not
+# built; NATIVE says which one `new_live_sketch` makes by default.
+NO_EXTENSIONS: Final = bool(os.environ.get("STOCKHOLD_NO_EXTENSIONS"))
+try:
+    from stockhold import _contention_c
+except ImportError:  # not built (no compiler or no Cython at install time)
+    _contention_c = None  # type: ignore[assignment]
+_NativeLiveSketch: Callable[[int, int], LiveSketch] | None = (
+    None if NO_EXTENSIONS or _contention_c is None else _contention_c.LiveSketch
+)
+NATIVE: Final = _NativeLiveSketch is not None
+
+
+def new_live_sketch(capacity: int, buckets: int, native: bool | None = None) -> LiveSketch:
+    """An empty sketch to record into: compiled when `native` (default: NATIVE), else pure."""
+    if native is None:
+        native = NATIVE
+    if native:
+        if _NativeLiveSketch is None:
+            raise RuntimeError("stockhold._contention_c is not available")
+        return _NativeLiveSketch(capacity, buckets)
+    if buckets < 1:
+        raise ValueError("buckets must be at least 1")
+    return Sketch(capacity)
+
+
+def _as_sketch(live: LiveSketch, buckets: int) -> Sketch:
+    """A live sketch as a (pure) Sketch: itself, or a copy of the compiled one's figures."""
+    if isinstance(live, Sketch):
+        return live
+    return Sketch.from_json(live.to_json(), live.capacity, buckets)
 
 
 def _combine(borrowed: Sequence[Sketch], owned: Sequence[Sketch], capacity: int) -> Sketch:
@@ -502,8 +613,49 @@ class Merged(NamedTuple):
     skipped: int
 
 
+class Publication(NamedTuple):
+    """What a process publishes (`ContentionStats.publication`), in two parts.
+
+    `head` is a version-2 snapshot: since start and the live sub-window. `closed` maps the
+    index of each closed sub-window in the window to its piece, `[start, sketch, index]`
+    (JSON). A closed sub-window never changes, so its piece is stored once, not with every
+    head; `assemble(head, pieces)` rebuilds a whole snapshot for `merge()`.
+    """
+
+    head: bytes
+    closed: dict[int, bytes]
+
+
+class _Closed:
+    """A closed sub-window: frozen into its JSON form, plus its last limited form."""
+
+    __slots__ = ("frozen", "index", "keys", "limit", "limited")
+
+    def __init__(self, index: int, keys: int, frozen: bytes) -> None:
+        self.index = index
+        self.keys = keys
+        self.frozen = frozen
+        self.limit: int | None = None
+        self.limited = frozen
+
+    def sketch_json(self, limit: int | None, capacity: int, buckets: int) -> bytes:
+        """Its sketch's JSON, only the heaviest `limit` keys if given (cached: it never
+        changes, so every snapshot after the first splices the same bytes)."""
+        if limit is None or limit >= self.keys:
+            return self.frozen
+        if limit != self.limit:
+            sketch = Sketch.from_json(orjson.loads(self.frozen), capacity, buckets)
+            self.limited = bytes(memoryview(orjson.dumps(sketch.to_json(limit))))
+            self.limit = limit
+        return self.limited
+
+
 class ContentionStats:
-    """Per-key contention figures of one process: since start and over a sliding window."""
+    """Per-key contention figures of one process: since start and over a sliding window.
+
+    `native` picks the live sketches' implementation: the compiled one (default when it is
+    built, see NATIVE) or the pure `Sketch`; both give the same figures.
+    """
 
     def __init__(
         self,
@@ -513,36 +665,58 @@ class ContentionStats:
         flag_ms: float = DEFAULT_FLAG_MS,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        native: bool | None = None,
     ) -> None:
         slots = round(window_s / slot_s) if slot_s > 0 else 0
         if slots < 1 or not math.isclose(slots * slot_s, window_s):
             raise ValueError("window_s must be a positive whole multiple of slot_s")
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.window_s = window_s
         self.slot_s = slot_s
         self.grid = WaitGrid(round(flag_ms * 1000))
+        self.native = NATIVE if native is None else native
+        self._buckets = self.grid.buckets
         self._edges = self.grid.edges
         self._slots = slots
         self._clock = clock
         self._wall_clock = wall_clock
-        self.since_start = Sketch(capacity)
+        self._since_start = self._new_live()
         # The sliding window: the current sub-window, live, and the closed ones before it,
         # frozen into their JSON form (oldest first) since they never change again.
-        self._closed: deque[tuple[int, int, bytes]] = deque()  # (index, keys, JSON)
-        self._current = Sketch(capacity)
+        self._closed: deque[_Closed] = deque()
+        self._current = self._new_live()
+        # The `limit` of the last snapshot: a sub-window closing encodes that form of itself
+        # at once, from the live sketch, so that no snapshot has to decode it again.
+        self._limit_hint: int | None = None
         self._index = math.floor(clock() / slot_s)
         self._slot_end = (self._index + 1) * slot_s
+
+    def _new_live(self) -> LiveSketch:
+        return new_live_sketch(self.capacity, self._buckets, self.native)
+
+    @property
+    def since_start(self) -> Sketch:
+        """The since-start sketch (a copy of its figures when the live one is compiled)."""
+        return _as_sketch(self._since_start, self._buckets)
 
     def _advance(self, now: float) -> None:
         """Close the current sub-window and open the one holding `now`."""
         index = math.floor(now / self.slot_s)
-        if self._current.entries:
-            frozen = orjson.dumps(self._current.to_json())
+        current = self._current
+        if len(current):
             # orjson's result keeps its over-allocated buffer (~3x); keep a tight copy.
-            self._closed.append((self._index, len(self._current), bytes(memoryview(frozen))))
-        while self._closed and self._closed[0][0] <= index - self._slots:
+            frozen = bytes(memoryview(orjson.dumps(current.to_json())))
+            closed = _Closed(self._index, len(current), frozen)
+            hint = self._limit_hint
+            if hint is not None and hint < len(current):
+                closed.limit = hint
+                closed.limited = bytes(memoryview(orjson.dumps(current.to_json(hint))))
+            self._closed.append(closed)
+        while self._closed and self._closed[0].index <= index - self._slots:
             self._closed.popleft()
-        self._current = Sketch(self.capacity)
+        self._current = self._new_live()
         self._index = index
         self._slot_end = (index + 1) * self.slot_s
 
@@ -559,43 +733,60 @@ class ContentionStats:
         now = self._clock()
         if now >= self._slot_end:
             self._advance(now)
-        # Integer µs (exact sums); negative or NaN reads as 0, absurd values are capped.
-        if waited_s > 0.0:
-            wait_us = int(waited_s * 1e6 + 0.5) if waited_s < _MAX_SECONDS else _MAX_US
-        else:
-            wait_us = 0
-        if script_s > 0.0:
-            script_us = int(script_s * 1e6 + 0.5) if script_s < _MAX_SECONDS else _MAX_US
-        else:
-            script_us = 0
+        wait_us = _to_us(waited_s)
+        script_us = _to_us(script_s)
         bucket = bisect_left(self._edges, wait_us)
-        self.since_start.add(key, sku, wait_us, script_us, bucket, contended, outcome)
+        self._since_start.add(key, sku, wait_us, script_us, bucket, contended, outcome)
         self._current.add(key, sku, wait_us, script_us, bucket, contended, outcome)
+
+    def record_request(
+        self,
+        units: Sequence[UnitLike],
+        contended: Sequence[bool],
+        waited_s: float,
+        script_s: float,
+        outcome: Outcome,
+    ) -> None:
+        """Count one request for each of its units, as `record` would unit by unit.
+
+        The request path's call (Engine.reserve): one clock read, one conversion and one
+        call per sketch for the whole request. `contended[i]` says whether another request
+        for units[i] was under way when this one arrived (`ContentionTracker.begin`).
+        """
+        now = self._clock()
+        if now >= self._slot_end:
+            self._advance(now)
+        wait_us = _to_us(waited_s)
+        script_us = _to_us(script_s)
+        bucket = bisect_left(self._edges, wait_us)
+        self._since_start.add_units(units, contended, wait_us, script_us, bucket, outcome)
+        self._current.add_units(units, contended, wait_us, script_us, bucket, outcome)
 
     def tracked(self) -> list[int]:
         """Keys held per sketch: since start, then each sub-window kept, oldest first."""
-        closed = [keys for _, keys, _ in self._closed]
-        return [len(self.since_start), *closed, len(self._current)]
+        closed = [slot.keys for slot in self._closed]
+        return [len(self._since_start), *closed, len(self._current)]
 
-    def _window_slots(self, now: float, span: float) -> list[tuple[int, Sketch | bytes]]:
-        """Sub-windows (index, live sketch or frozen JSON) that start within `span` of now."""
+    def _window_slots(self, now: float, span: float) -> list[tuple[int, LiveSketch | _Closed]]:
+        """Sub-windows (index, live sketch or closed one) that start within `span` of now."""
         start = now - span
-        slots: list[tuple[int, Sketch | bytes]] = [
-            (i, frozen) for i, _, frozen in self._closed if i * self.slot_s > start
+        slots: list[tuple[int, LiveSketch | _Closed]] = [
+            (slot.index, slot) for slot in self._closed if slot.index * self.slot_s > start
         ]
-        if self._index * self.slot_s > start and self._current.entries:
+        if self._index * self.slot_s > start and len(self._current):
             slots.append((self._index, self._current))
         return slots
 
-    def _thaw(self, slot: Sketch | bytes) -> Sketch:
-        if isinstance(slot, Sketch):
-            return slot
-        return Sketch.from_json(orjson.loads(slot), self.capacity, self.grid.buckets)
+    def _thaw(self, slot: LiveSketch | _Closed) -> Sketch:
+        if isinstance(slot, _Closed):
+            return Sketch.from_json(orjson.loads(slot.frozen), self.capacity, self._buckets)
+        return _as_sketch(slot, self._buckets)
 
     def window_sketch(self, window_s: float | None = None) -> Sketch:
         """The sliding window (default `window_s`, at most it) merged into one new sketch."""
         span = self.window_s if window_s is None else min(window_s, self.window_s)
         slots = [slot for _, slot in self._window_slots(self._clock(), span)]
+        # A pure live sketch is read where it is; anything decoded is a throwaway copy.
         live = [slot for slot in slots if isinstance(slot, Sketch)]
         thawed = [self._thaw(slot) for slot in slots if not isinstance(slot, Sketch)]
         return _combine(live, thawed, self.capacity)
@@ -608,29 +799,57 @@ class ContentionStats:
         """Reports of a sketch's `n` heaviest keys (e.g. of `merge()`'s result)."""
         return [KeyReport.from_stats(s, self.grid) for s in sketch.top(n)]
 
+    def _encode(
+        self, version: int, limit: int | None, closed: bool
+    ) -> tuple[bytes, dict[int, bytes]]:
+        """A snapshot of `version`, with the closed sub-windows inline when `closed`, else
+        apart (index -> piece); `limit` keeps the heaviest keys of each sketch."""
+        self._limit_hint = limit
+        now = self._clock()
+        wall = self._wall_clock()
+        offset = wall - now
+        inline: list[bytes] = []
+        apart: dict[int, bytes] = {}
+        for i, slot in self._window_slots(now, self.window_s):
+            start = orjson.dumps(i * self.slot_s + offset)
+            if isinstance(slot, _Closed):
+                # Closed sub-windows are spliced in as they are, never decoded again.
+                body = slot.sketch_json(limit, self.capacity, self._buckets)
+            else:
+                body = orjson.dumps(slot.to_json(limit))
+            if version == 1:
+                inline.append(b"[%s,%s]" % (start, body))
+            elif closed or not isinstance(slot, _Closed):
+                inline.append(b"[%s,%s,%d]" % (start, body, i))
+            else:
+                apart[i] = b"[%s,%s,%d]" % (start, body, i)
+        head = {
+            "v": version,
+            "grid": self.grid.signature,
+            "at": wall,
+            "slot_s": self.slot_s,
+            "start": self._since_start.to_json(limit),
+        }
+        return b'%s,"slots":[%s]}' % (orjson.dumps(head)[:-1], b",".join(inline)), apart
+
     def snapshot(self, limit: int | None = None) -> bytes:
         """This process's sketches as compact JSON, for `merge()` in any process.
 
         Sub-windows carry absolute wall-clock starts. `limit` keeps only the heaviest keys
         of each sketch: smaller snapshots, weaker guarantee (total / limit).
         """
-        now = self._clock()
-        wall = self._wall_clock()
-        offset = wall - now
-        slots: list[bytes] = []
-        for i, slot in self._window_slots(now, self.window_s):
-            if isinstance(slot, Sketch) or limit is not None:
-                slot = orjson.dumps(self._thaw(slot).to_json(limit))
-            # Frozen sub-windows are spliced in as they are, never decoded.
-            slots.append(b"[%s,%s]" % (orjson.dumps(i * self.slot_s + offset), slot))
-        head = {
-            "v": SNAPSHOT_VERSION,
-            "grid": self.grid.signature,
-            "at": wall,
-            "slot_s": self.slot_s,
-            "start": self.since_start.to_json(limit),
-        }
-        return b'%s,"slots":[%s]}' % (orjson.dumps(head)[:-1], b",".join(slots))
+        return self._encode(1, limit, closed=True)[0]
+
+    def publication(self, limit: int | None = None) -> Publication:
+        """This process's figures as `snapshot()` has them, the closed sub-windows apart.
+
+        A publisher stores each closed piece once and the head every time; a reader gives
+        `assemble(head, pieces)` to `merge()`. The pieces it may hold that left the window,
+        or a piece of the sub-window the head still has live, are harmless: `merge()` takes
+        only sub-windows inside its window, and each sub-window once (the head's first).
+        """
+        head, closed = self._encode(SNAPSHOT_VERSION_SPLIT, limit, closed=False)
+        return Publication(head, closed)
 
     def merge(
         self,
@@ -643,7 +862,8 @@ class ContentionStats:
         The window takes every sub-window that starts within the last `window_s` (default
         the configured window) before `now_wall` (default: the wall clock now). Each result
         is re-bounded to `capacity` keys. Unreadable snapshots, and those of another format
-        version or histogram grid, are skipped and counted.
+        version or histogram grid, are skipped and counted. Snapshots are `snapshot()`s or
+        `assemble()`d publications (either version).
         """
         now_wall = self._wall_clock() if now_wall is None else now_wall
         start = now_wall - (self.window_s if window_s is None else window_s)
@@ -654,14 +874,24 @@ class ContentionStats:
         for blob in snapshots:
             try:
                 data = orjson.loads(blob)
-                if data["v"] != SNAPSHOT_VERSION or data["grid"] != self.grid.signature:
+                version = data["v"]
+                if version not in _SNAPSHOT_VERSIONS or data["grid"] != self.grid.signature:
                     raise ValueError("another snapshot version or histogram grid")
                 one = Sketch.from_json(data["start"], self.capacity, buckets)
-                slots = [
-                    Sketch.from_json(sk, self.capacity, buckets)
-                    for slot_start, sk in data["slots"]
-                    if float(slot_start) > start
-                ]
+                slots: list[Sketch] = []
+                seen: set[int] = set()
+                for entry in data["slots"]:
+                    if version == SNAPSHOT_VERSION:
+                        slot_start, sk = entry
+                    else:
+                        slot_start, sk, index = entry
+                        if type(index) is not int:
+                            raise ValueError("malformed sub-window index")
+                        if index in seen:  # stored apart and still in the head: once
+                            continue
+                        seen.add(index)
+                    if float(slot_start) > start:
+                        slots.append(Sketch.from_json(sk, self.capacity, buckets))
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 log.warning("contention snapshot skipped: %s", exc)
                 skipped += 1
@@ -671,6 +901,19 @@ class ContentionStats:
         return Merged(
             _combine((), since, self.capacity), _combine((), window, self.capacity), skipped
         )
+
+
+def assemble(head: bytes, pieces: Iterable[bytes]) -> bytes:
+    """A whole snapshot for `merge()` from a `Publication`'s head and closed pieces.
+
+    Bytes are joined, nothing is decoded: a head or piece that is not what `publication()`
+    wrote makes the result unreadable, and `merge()` skips and counts it.
+    """
+    extra = b",".join(pieces)
+    if not extra or not head.endswith(b"]}"):
+        return head
+    body = head[:-2]
+    return b"%s%s%s]}" % (body, b"" if body.endswith(b"[") else b",", extra)
 
 
 class ContentionTracker:
@@ -709,15 +952,21 @@ __all__ = [
     "DEFAULT_FLAG_MS",
     "DEFAULT_SLOT_SECONDS",
     "DEFAULT_WINDOW_SECONDS",
+    "NATIVE",
     "QUANTILE_RELATIVE_ERROR",
     "ContentionStats",
     "ContentionTracker",
     "KeyReport",
     "KeyStats",
+    "LiveSketch",
     "Merged",
     "Outcome",
+    "Publication",
     "Sketch",
     "SkuHint",
+    "UnitLike",
     "WaitGrid",
+    "assemble",
+    "new_live_sketch",
     "sku_hints",
 ]

@@ -252,9 +252,7 @@ class Engine:
         script_s: float,
         outcome: Outcome,
     ) -> None:
-        record = self.contention.record
-        for u, busy in zip(units, contended, strict=True):
-            record(u.unit_id, u.sku, waited_s, script_s, busy, outcome)
+        self.contention.record_request(units, contended, waited_s, script_s, outcome)
 
     def sku_key(self, sku: str) -> str:
         """The policy hash of a SKU (memoised: the reserve path asks for it per order)."""
