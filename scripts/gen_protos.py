@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +30,13 @@ def googleapis_include() -> str:
     )
 
 
+def mypy_plugin(name: str) -> str | None:
+    """A mypy-protobuf console script: beside this interpreter (a venv), else on PATH (pip's
+    isolated build environment, as in `pip install .`, puts its scripts there)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
 def generate() -> None:
     """Run grpc_tools.protoc; add .pyi type stubs when the mypy-protobuf plugin is installed."""
     import grpc_tools
@@ -44,12 +52,12 @@ def generate() -> None:
         f"--python_out={OUT_DIR}",
         f"--grpc_python_out={OUT_DIR}",
     ]
-    plugin_dir = Path(sys.executable).parent
+    mypy, mypy_grpc = mypy_plugin("protoc-gen-mypy"), mypy_plugin("protoc-gen-mypy_grpc")
     has_mypy_protobuf = importlib.util.find_spec("mypy_protobuf") is not None
-    if has_mypy_protobuf and (plugin_dir / "protoc-gen-mypy").exists():
+    if has_mypy_protobuf and mypy and mypy_grpc:
         args += [
-            f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
-            f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
+            f"--plugin=protoc-gen-mypy={mypy}",
+            f"--plugin=protoc-gen-mypy_grpc={mypy_grpc}",
             f"--mypy_out={OUT_DIR}",
             f"--mypy_grpc_out={OUT_DIR}",
         ]
