@@ -65,10 +65,27 @@ async def test_2000_concurrent_reserves_on_stock_500_hold_exactly_500(
             return outcome(pool[c].Reserve(request, timeout=CALL_TIMEOUT))
 
         started = time.perf_counter()
-        results = await asyncio.gather(
-            *(reserve(c, j) for j in range(calls_each) for c in range(clients))
-        )
+        jobs = [(c, j) for j in range(calls_each) for c in range(clients)]
+        results = list(await asyncio.gather(*(reserve(c, j) for c, j in jobs)))
         elapsed = time.perf_counter() - started
+        # A busy machine may hold part of the stampede in the queue past the "Redis stuck"
+        # bound: those are answered UNAVAILABLE, and a client retries them with the same ids
+        # (safe: the answer is the same as one call's). The invariant is checked on the end
+        # state, however many rounds that took (bounded).
+        retried: set[int] = set()
+        for _ in range(10):
+            again = [
+                i
+                for i, r in enumerate(results)
+                if isinstance(r, RichError) and r.code == grpc.StatusCode.UNAVAILABLE
+            ]
+            if not again:
+                break
+            retried.update(again)
+            for i, r in zip(
+                again, await asyncio.gather(*(reserve(*jobs[i]) for i in again)), strict=True
+            ):
+                results[i] = r
 
         ok = [r for r in results if isinstance(r, pb.ReserveResponse)]
         refused = [r for r in results if isinstance(r, RichError)]
@@ -80,11 +97,14 @@ async def test_2000_concurrent_reserves_on_stock_500_hold_exactly_500(
             print(
                 f"\n[stampede] {len(results)} Reserves from {clients} clients on stock {stock}: "
                 f"{elapsed:.2f} s ({len(results) / elapsed:.0f}/s), {len(ok)} held, "
-                f"{len(refused)} refused; outcomes {dict(kinds)}"
+                f"{len(refused)} refused; outcomes {dict(kinds)}; "
+                f"{len(retried)} retried after UNAVAILABLE"
             )
 
         assert kinds == {("OK", ""): 500, ("FAILED_PRECONDITION", "INSUFFICIENT_STOCK"): 1500}
-        assert all(not r.replayed and r.reservation.state == HELD for r in ok)
+        assert all(r.reservation.state == HELD for r in ok)
+        # Only a retry can be a replay (its first call may have been sent before it failed).
+        assert all(not r.replayed for i, r in enumerate(results) if i not in retried and r in ok)
         for r in refused:
             assert r.metadata["requested"] == "1"
             assert r.metadata["available"] == "0"
