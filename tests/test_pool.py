@@ -29,5 +29,8 @@ async def test_far_more_concurrent_calls_than_connections_all_succeed(
     assert len(replies) == 600
     pool = running.server.engine.client.connection_pool
     assert pool.max_connections == 3
+    # The script calls went through the hot-path client, bounded the same way.
+    hot = running.server.engine.calls.hot
+    assert hot is not None and 1 <= hot.connection_count() <= 3
     assert all(r.levels[0].on_hand == 1_000 for r in replies[:300])
     assert sum(1 for r in replies[300:] if not r.replayed) == 300

@@ -33,6 +33,7 @@ from stockhold.resolver import (
 )
 from stockhold.settings import Settings
 from stockhold.store.calls import ScriptCalls, make_client, redis_errors
+from stockhold.store.hotclient import HotClient
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ def _raise_for(result: dict[str, Any]) -> None:
 class Engine:
     """Reservation operations over one Redis deployment."""
 
-    def __init__(self, client: Redis, settings: Settings) -> None:
-        self.calls = calls = ScriptCalls(client, settings)
+    def __init__(self, client: Redis, settings: Settings, hot: HotClient | None = None) -> None:
+        self.calls = calls = ScriptCalls(client, settings, hot)
         self.client = client
         self.settings = settings
         self.resolver = calls.resolver
@@ -131,14 +132,16 @@ class Engine:
 
     @classmethod
     def connect(cls, url: str, settings: Settings) -> Engine:
-        """An engine on a new client for `url`."""
-        return cls(make_client(url, settings), settings)
+        """An engine on new clients for `url`: redis-py, and the hot-path client for scripts
+        unless `settings.redis_hot_client` is off (both connect lazily)."""
+        hot = HotClient.from_url(url, settings) if settings.redis_hot_client else None
+        return cls(make_client(url, settings), settings, hot)
 
     async def close(self) -> None:
-        """Let calls in flight finish, then close the client and its pool."""
+        """Let calls in flight finish, then close the clients and their pools."""
         await self.reserves.drain()
         await self.transitions.drain()
-        await self.client.aclose(close_connection_pool=True)
+        await self.calls.aclose()
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[bytes | str]) -> Any:
         return await self.calls.call_script(script, keys, args)
@@ -342,11 +345,7 @@ class Engine:
 
     async def _transition_batch(self, items: Sequence[Transition]) -> list[dict[str, Any]]:
         """Read each record's stock and SKU keys (one pipeline), then one transition.lua call."""
-        with redis_errors():
-            async with self.client.pipeline(transaction=False) as pipe:
-                for t in items:
-                    pipe.hmget(t.keys.order_key, ("keys", "skeys"))
-                stored: list[list[bytes | None]] = await pipe.execute()
+        stored = await self.calls.hmget_many([t.keys.order_key for t in items], ("keys", "skeys"))
         results: list[dict[str, Any]] = [{"err": Reason.RESERVATION_NOT_FOUND.value} for _ in items]
         keys: list[str] = [self.policies.index_key]
         args: list[bytes] = [self._transition_header]

@@ -58,6 +58,8 @@ class Settings:
     # Per-SKU reserve timeout thresholds (issue 4): how long a Reserve may wait in this
     # process's queue before it is shed with RESERVE_TIMEOUT, unsent. A SKU's policy may set
     # its own; hot SKUs get the hot threshold.
+    # Script calls through the hot-path client (store/hotclient.py); off: through redis-py.
+    redis_hot_client: bool = True
     reserve_timeout_ms: int = 1000
     hot_reserve_timeout_ms: int = 300
     # ReserveStream flow control (issue 10): messages of one stream being reserved at once;

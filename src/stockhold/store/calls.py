@@ -1,8 +1,14 @@
-"""The script-call layer: one Redis client, its registered scripts, the key resolver.
+"""The script-call layer: the Redis clients, the registered scripts, the key resolver.
 
 Everything that runs a Lua script or a plain Redis command stands on `ScriptCalls`, which
 turns every Redis failure into the DomainError a client sees. The engine and the policy store
 are both built on it; neither imports the other's layer upwards.
+
+Two clients, one rule: every script call (the hot path: Reserve, Commit, Release, ...) goes
+through the hot-path client (store/hotclient.py: a pipelined asyncio Protocol on hiredis,
+chosen by measurement in issue 10); plain commands off the hot path (availability reads,
+policy pages, contention snapshots, the sweeper's hints) stay on redis-py. Without a hot client
+(`redis_hot_client = False`) scripts run through redis-py's `Script` objects, as before.
 """
 
 from __future__ import annotations
@@ -15,19 +21,30 @@ from typing import Any, TypeVar
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 
 from stockhold.errors import DomainError, Reason
 from stockhold.resolver import KeyResolver
 from stockhold.scripts import Scripts
 from stockhold.settings import Settings
+from stockhold.store.hotclient import HotClient, ScriptDef
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# ResponseError prefixes that mean "Redis cannot serve right now", not "the script is wrong".
+# Error replies that mean "Redis cannot serve right now", not "the script is wrong": by the
+# class redis-py's parser gives them (it strips the code from the message of the ones it
+# knows: READONLY, TRYAGAIN, CLUSTERDOWN, MASTERDOWN, OOM), else by the code in the message.
+_TRANSIENT_CLASSES = (ReadOnlyError, TryAgainError, ClusterDownError, OutOfMemoryError)
 _TRANSIENT = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 
 
@@ -67,27 +84,66 @@ def redis_errors() -> Iterator[None]:
 
 def backend_error(exc: BaseException) -> DomainError:
     """Translate a Redis client failure into the domain error a client sees."""
-    if isinstance(exc, ResponseError) and not str(exc).startswith(_TRANSIENT):
+    if (
+        isinstance(exc, ResponseError)
+        and not isinstance(exc, _TRANSIENT_CLASSES)
+        and not str(exc).startswith(_TRANSIENT)
+    ):
         log.error("redis refused a script call: %s", exc)
         return DomainError(Reason.INTERNAL, "the stock store refused the operation")
     return DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": type(exc).__name__})
 
 
 class ScriptCalls:
-    """A Redis client with the registered scripts, the key resolver and the settings."""
+    """The Redis clients with the registered scripts, the key resolver and the settings."""
 
-    def __init__(self, client: Redis, settings: Settings) -> None:
+    def __init__(self, client: Redis, settings: Settings, hot: HotClient | None = None) -> None:
         self.client = client
+        self.hot = hot
         self.settings = settings
         self.resolver = KeyResolver(settings.key_prefix, settings.partitions)
         self.scripts = Scripts(client)
+        # The hot client's view of each registered script (same source, same SHA).
+        self._defs: dict[int, ScriptDef] = {}
+
+    def _def(self, script: Any) -> ScriptDef:
+        found = self._defs.get(id(script))
+        if found is None:
+            found = self._defs[id(script)] = ScriptDef("script", script.script)
+        return found
 
     async def call_script(
         self, script: Any, keys: Sequence[str], args: Sequence[bytes | str]
     ) -> Any:
         """Run one registered script; Redis failures become the DomainError a client sees."""
         with redis_errors():
+            if self.hot is not None:
+                return await self.hot.evalsha(self._def(script), keys, args)
             return await script(keys=keys, args=args)
+
+    async def hmget_many(
+        self, keys: Sequence[str], fields: tuple[str, ...]
+    ) -> list[list[bytes | None]]:
+        """HMGET of the same fields from many hashes, in one pipeline (hot client if any)."""
+        with redis_errors():
+            if self.hot is not None:
+                replies: list[list[bytes | None]] = await self.hot.pipeline(
+                    [("HMGET", k, *fields) for k in keys]
+                )
+                return replies
+            async with self.client.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.hmget(k, fields)
+                stored: list[list[bytes | None]] = await pipe.execute()
+            return stored
+
+    async def aclose(self) -> None:
+        """Close both clients and their pools."""
+        try:
+            if self.hot is not None:
+                await self.hot.aclose()
+        finally:
+            await self.client.aclose(close_connection_pool=True)
 
     async def run(self, command: Awaitable[T]) -> T:
         """Await one plain Redis command, translating failures as `call_script` does."""
