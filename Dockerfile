@@ -20,8 +20,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# A C toolchain for stockhold's native extension (Cython) and for any dependency without a
-# binary wheel for this platform.
+# A C toolchain for stockhold's native extensions (native/*.pyx, Cython) and for any
+# dependency without a binary wheel for this platform.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
@@ -37,7 +37,8 @@ RUN python scripts/build_wheels.py --cache /wheelhouse --deps-only
 
 # Then stockhold: the sdist, the wheel built from the sdist (setup.py generates the gRPC stubs
 # from proto/ and compiles native/), a check that the wheel holds every module, Lua script and
-# stub and the compiled extension, and the dependency wheels beside it in /wheels.
+# stub and a compiled module for every native/*.pyx, and the dependency wheels beside it in
+# /wheels.
 # tests/test_wheel.py (make test) runs this same command on the files this context holds and
 # installs the result with the runtime stage's line, into a fresh venv.
 COPY . .
