@@ -85,8 +85,11 @@ class OptionalBuildExt(build_ext):
     def _cythonize(extensions: list[Extension]) -> list[Extension]:
         if cythonize is None or not extensions:
             return []
+        # One Cython process per extension and core (0: in this process).
+        workers = min(len(extensions), os.cpu_count() or 1)
         built: list[Extension] = cythonize(
             extensions,
+            nthreads=workers if workers > 1 else 0,
             compiler_directives={"language_level": 3, "linetrace": TRACE, "embedsignature": True},
             # Traced C sources live apart so that neither build reuses the other's.
             build_dir="build/cython-trace" if TRACE else None,
