@@ -9,7 +9,6 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, Final
 
 import grpc
@@ -21,7 +20,7 @@ from grpc_status import rpc_status
 
 from stockhold import top
 from stockhold.constants import SERVICE_NAME
-from stockhold.settings import Settings
+from stockhold.settings import ConfigError, Settings, worker_count
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
@@ -29,62 +28,85 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Check every setting and address first (one line and exit 2, or 1 for an address that
+    cannot be bound), then serve: one process, or a supervisor and its workers."""
     import uvloop
 
     from stockhold import logs
-    from stockhold.server import serve
-    from stockhold.supervisor import Supervisor
+    from stockhold.server import BindError, check_listen, check_payments, serve
+    from stockhold.supervisor import WORKER_CANNOT_START, Supervisor
 
-    settings = Settings.from_env(
-        listen=args.listen,
-        redis_url=args.redis_url,
-        data_dir=args.data_dir,
-        partitions=args.partitions,
-        default_hold_seconds=args.default_hold_seconds,
-        warehouse_priority=tuple(args.warehouse_priority.split(","))
-        if args.warehouse_priority
-        else None,
-        log_level=args.log_level,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        metrics_contention_top_n=args.metrics_top_n,
-        payment_webhook_listen=args.payment_webhook_listen,
-    )
-    logs.configure(settings.log_level)
-    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
-    if workers > 1:
-        # Workers get the same flags (minus --workers); the Redis URL comes from the parent.
-        argv: list[str] = []
-        for flag, _, _ in _WORKER_FLAGS:
-            value = getattr(args, flag.lstrip("-").replace("-", "_"))
-            if value is not None:
-                argv += [flag, str(value)]
-        return Supervisor(settings, workers, argv).run()
-    return uvloop.run(serve(settings))
+    flags = {field: flag for flag, field, _ in _SERVE_FLAGS}
+    try:
+        settings = Settings.from_env(
+            **{field: getattr(args, _dest(flag)) for flag, field, _ in _SERVE_FLAGS}
+        )
+        workers = worker_count(args.workers, settings)
+        check_payments(settings)
+        check_listen(settings)
+        logs.configure(settings.log_level)
+        if workers > 1:
+            # Workers get the same flags (minus --workers); the Redis URL comes from the
+            # parent. Each checks them again, so a worker starts only as the parent did.
+            argv: list[str] = []
+            for flag, _, _ in _WORKER_FLAGS:
+                value = getattr(args, _dest(flag))
+                if value is not None:
+                    argv += [flag, value]
+            return Supervisor(settings, workers, argv).run()
+        code = uvloop.run(serve(settings))
+    except ConfigError as err:
+        err.flag = err.flag or flags.get(err.field)
+        print(f"stockhold: {err}", file=sys.stderr)
+        code = 2
+    except BindError as err:
+        print(f"stockhold: {err}", file=sys.stderr)
+        code = 1
+    # A supervised worker that cannot start says so with its own status: a fresh worker
+    # would fail the same way, so the supervisor stops instead of restarting it.
+    return WORKER_CANNOT_START if args.supervised and code in (1, 2) else code
 
 
-# The serve flags a supervisor passes on to its workers (the Redis URL goes by environment).
-_WORKER_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
-    ("--listen", str, "HOST:PORT (env STOCKHOLD_LISTEN, default 127.0.0.1:50051)"),
-    ("--data-dir", Path, "embedded Redis data (default ./.stockhold)"),
-    ("--partitions", int, "partition count, fixed per deployment"),
-    ("--default-hold-seconds", int, "hold length when none is asked"),
-    ("--warehouse-priority", str, "comma-separated allocation order"),
-    ("--log-level", str, "DEBUG, INFO, WARNING, ..."),
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+# The serve flags a supervisor passes on to its workers (the Redis URL goes by environment),
+# as (flag, setting, help). Their text is parsed and checked by Settings, like the variables.
+_WORKER_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--listen", "listen", "HOST:PORT (env STOCKHOLD_LISTEN, default 127.0.0.1:50051)"),
+    ("--data-dir", "data_dir", "embedded Redis data (default ./.stockhold)"),
+    ("--partitions", "partitions", "partition count, fixed per deployment"),
+    ("--default-hold-seconds", "default_hold_seconds", "hold length when none is asked"),
+    ("--warehouse-priority", "warehouse_priority", "comma-separated allocation order"),
+    ("--log-level", "log_level", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     # Every worker binds it (SO_REUSEPORT); see docs/payments.md.
-    ("--payment-webhook-listen", str, "HOST:PORT of the WeChat Pay notification endpoint"),
+    (
+        "--payment-webhook-listen",
+        "payment_webhook_listen",
+        "HOST:PORT of the WeChat Pay notification endpoint",
+    ),
 )
 
 # Serve flags a supervisor keeps to itself: with --workers N it alone serves /metrics (the
 # workers record into its multiprocess directory), so none of these go to the workers.
-_METRICS_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+_METRICS_FLAGS: tuple[tuple[str, str, str], ...] = (
     (
         "--metrics-port",
-        int,
+        "metrics_port",
         "serve Prometheus /metrics on this port (env STOCKHOLD_METRICS_PORT; 0: off)",
     ),
-    ("--metrics-host", str, "address the metrics endpoint binds (default 127.0.0.1)"),
-    ("--metrics-top-n", int, "top contended keys exported as gauges (default 20)"),
+    ("--metrics-host", "metrics_host", "address the metrics endpoint binds (default 127.0.0.1)"),
+    ("--metrics-top-n", "metrics_contention_top_n", "top contended keys exported as gauges"),
+)
+_SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
+    (
+        "--redis-url",
+        "redis_url",
+        "redis://, rediss:// or unix:// URL (env STOCKHOLD_REDIS_URL); none: embedded redis-server",
+    ),
+    *_WORKER_FLAGS,
+    *_METRICS_FLAGS,
 )
 
 
@@ -633,18 +655,22 @@ def parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     top = argparse.ArgumentParser(prog="stockhold", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the gRPC server")
-    p.add_argument(
-        "--redis-url",
-        help="redis:// or unix:// URL (env STOCKHOLD_REDIS_URL); none: embedded redis-server",
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Run the gRPC server. Exit status: 0 after SIGTERM/SIGINT, 2 for a "
+        "setting it cannot run with, 1 for an address it cannot listen on (and other "
+        "failures); each error is one line on stderr.",
     )
-    for flag, kind, help_ in (*_WORKER_FLAGS, *_METRICS_FLAGS):
-        p.add_argument(flag, type=kind, help=help_)
+    # Values stay text here: Settings parses and checks them, as it does the variables.
+    for flag, _, help_ in _SERVE_FLAGS:
+        p.add_argument(flag, help=help_)
     p.add_argument(
         "--workers",
-        type=int,
         help="server processes sharing the port (SO_REUSEPORT); default: the number of cores",
     )
+    # Set by the supervisor on its workers (see supervisor.WORKER_CANNOT_START).
+    p.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(run=_serve)
     _commands(sub)
     return top

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+import redis.asyncio
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -23,13 +26,98 @@ from stockhold.payments.poller import PaymentPoller
 from stockhold.payments.sync import notification_handler
 from stockhold.payments.webhook import make_app, start_webhook
 from stockhold.servicer import InventoryServicer
-from stockhold.settings import Settings
+from stockhold.settings import ConfigError, Settings, mask_url, split_listen
 from stockhold.v1 import inventory_pb2, inventory_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class BindError(OSError):
+    """An address stockhold cannot listen on; str() is one line naming it and the cause
+    (`stockhold serve` prints it and exits 1)."""
+
+
+def _bind_error(setting: str, address: str, cause: BaseException) -> BindError:
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    return BindError(f"cannot listen on {address} ({setting}): {reason}")
+
+
+def _check_bindable(setting: str, host: str, port: int, reuse_port: bool) -> None:
+    """Bind a socket to (host, port) as the server will, and let it go; BindError if no
+    address of `host` can be bound."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as err:  # socket.gaierror: an unknown host
+        raise _bind_error(setting, address, err) from None
+    failure: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            # The options the real listeners use (grpc and aiohttp: both; metrics: REUSEADDR),
+            # so only what would stop them stops us: another owner of the port, a foreign
+            # address, a privileged port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as err:
+                failure = failure or err
+                continue
+        return  # like grpc, one bound address of a host name is enough
+    raise _bind_error(setting, address, failure or OSError("no address"))
+
+
+def check_listen(settings: Settings) -> None:
+    """Check, before anything starts, that every address serve will listen on can be bound:
+    the gRPC port, the payment webhook and the metrics endpoint. BindError names the first
+    that cannot (in use by another program, not an address of this host, privileged)."""
+    host, port = split_listen(settings.listen)
+    _check_bindable("--listen", host, port, reuse_port=True)
+    if settings.payment_webhook_listen:
+        host, port = split_listen(settings.payment_webhook_listen)
+        _check_bindable("--payment-webhook-listen", host, port, reuse_port=True)
+    if settings.metrics_port:
+        _check_bindable(
+            "--metrics-port", settings.metrics_host, settings.metrics_port, reuse_port=False
+        )
+
+
+def load_payments(settings: Settings, client: redis.asyncio.Redis) -> PaymentProviders:
+    """The configured payment providers; ConfigError for a configuration serve cannot use."""
+    try:
+        payments = load_providers(settings, client)
+    except (ValueError, OSError) as err:  # an incomplete configuration, a missing key file
+        raise ConfigError(
+            "wechatpay_mchid", settings.wechatpay_mchid, f"a complete WeChat Pay set-up ({err})"
+        ) from err
+    if settings.payment_webhook_listen and payments.verifier is None:
+        raise ConfigError(
+            "payment_webhook_listen",
+            settings.payment_webhook_listen,
+            "empty (off), as payment_webhook_listen needs WeChat Pay notifications configured "
+            "(wechatpay_mchid, platform keys and the APIv3 key)",
+        )
+    return payments
+
+
+def check_payments(settings: Settings) -> None:
+    """Load the payment configuration once, without serving and without touching Redis:
+    ConfigError if serve could not start with it (run before any worker starts)."""
+    if not (settings.wechatpay_mchid or settings.payment_webhook_listen):
+        return
+
+    async def load() -> None:
+        client = redis.asyncio.Redis()  # never connects: only the nonce guard holds it
+        try:
+            await load_payments(settings, client).aclose()
+        finally:
+            await client.aclose()
+
+    asyncio.run(load())
 
 
 class StockholdServer:
@@ -39,18 +127,15 @@ class StockholdServer:
         self, settings: Settings, redis_url: str, payments: PaymentProviders | None = None
     ) -> None:
         self.settings = settings
+        # For log lines: the URL without its password.
+        self.redis_url = mask_url(redis_url)
         self.engine = Engine.connect(redis_url, settings)
         # Payment providers (issue 5): from settings unless given (tests give fakes).
-        self.payments = payments or load_providers(settings, self.engine.client)
+        self.payments = payments or load_payments(settings, self.engine.client)
         self.poller: PaymentPoller | None = None
         if self.payments.clients:
             self.poller = PaymentPoller(
                 self.engine, self.payments.clients, settings.payment_poll_concurrency
-            )
-        if settings.payment_webhook_listen and self.payments.verifier is None:
-            raise ValueError(
-                "payment_webhook_listen needs WeChat Pay notifications configured "
-                "(wechatpay_mchid, platform keys and the APIv3 key)"
             )
         self.webhook_port = 0
         self._webhook: web.AppRunner | None = None  # while the notification endpoint runs
@@ -85,6 +170,9 @@ class StockholdServer:
         self.metrics: metrics.ProcessMetrics | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._serving: bool | None = None
+        # monotonic time of the first failed probe of an outage (None: Redis answers), so
+        # an outage is logged once when it starts and once when it ends.
+        self._redis_down_since: float | None = None
         self._partitions_checked = False
         self._stopping = False
         # Set by a signal or by a fatal condition (see `failure`): serve() then stops.
@@ -93,10 +181,17 @@ class StockholdServer:
 
     async def start(self) -> int:
         """Bind, start serving (NOT_SERVING until Redis answers) and start background tasks."""
-        self.port = self.server.add_insecure_port(self.settings.listen)
+        try:
+            self.port = self.server.add_insecure_port(self.settings.listen)
+        except RuntimeError as err:  # grpc: "Failed to bind to address ...; set GRPC_..."
+            cause = RuntimeError(str(err).split(";")[0])
+            raise _bind_error("--listen", self.settings.listen, cause) from None
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.listen}")
-        self.metrics = metrics.start_process_metrics(self.settings, self.port)
+            raise _bind_error("--listen", self.settings.listen, OSError("grpc bound no port"))
+        try:
+            self.metrics = metrics.start_process_metrics(self.settings, self.port)
+        except OSError as err:
+            raise BindError(str(err)) from None
         await self._set_serving(False)
         await self.server.start()
         await self._probe()
@@ -166,6 +261,7 @@ class StockholdServer:
                 self._partitions_checked = True
         except DomainError as err:
             log.debug("health probe failed: %s", err)
+            self._redis_down(err)
             await self._set_serving(False)
             return
         except PartitionMismatch as err:
@@ -174,7 +270,29 @@ class StockholdServer:
             self.failure = err
             self.stop_requested.set()
             return
+        self._redis_up()
         await self._set_serving(True)
+
+    def _redis_down(self, err: DomainError) -> None:
+        """Log the start of an outage (once), with the masked URL and what the client saw."""
+        if self._redis_down_since is not None:
+            return
+        self._redis_down_since = time.monotonic()
+        cause = err.__cause__ or err
+        log.warning(
+            "redis unreachable",
+            extra={"redis_url": self.redis_url, "cause": f"{type(cause).__name__}: {cause}"},
+        )
+
+    def _redis_up(self) -> None:
+        """Log the end of an outage (once)."""
+        if self._redis_down_since is None:
+            return
+        down_s = time.monotonic() - self._redis_down_since
+        self._redis_down_since = None
+        log.info(
+            "redis reachable again", extra={"redis_url": self.redis_url, "down_s": round(down_s, 1)}
+        )
 
     async def _sweep(self) -> None:
         try:
@@ -212,9 +330,11 @@ class StockholdServer:
         app = make_app(
             verifier, notification_handler(self.engine), path=self.settings.payment_webhook_path
         )
-        self._webhook, self.webhook_port = await start_webhook(
-            self.settings.payment_webhook_listen, app, reuse_port=True
-        )
+        listen = self.settings.payment_webhook_listen
+        try:
+            self._webhook, self.webhook_port = await start_webhook(listen, app, reuse_port=True)
+        except OSError as err:
+            raise _bind_error("--payment-webhook-listen", listen, err) from None
         log.info(
             "payment webhook listening",
             extra={"listen": self.settings.payment_webhook_listen, "port": self.webhook_port},
@@ -239,7 +359,11 @@ async def serve(settings: Settings) -> int:
         log.info("embedded redis started", extra={"url": url, "data_dir": str(settings.data_dir)})
     try:
         server = StockholdServer(settings, url)
-        port = await server.start()
+        try:
+            port = await server.start()
+        except BaseException:
+            await server.stop(grace=0)  # a failed start leaves nothing bound or running
+            raise
         log.info("stockhold serving", extra={"listen": settings.listen, "port": port})
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

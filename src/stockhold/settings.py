@@ -1,15 +1,25 @@
-"""Settings: one dataclass, filled from STOCKHOLD_* environment variables and CLI flags."""
+"""Settings: one dataclass, filled from STOCKHOLD_* environment variables and CLI flags.
+
+Every setting is checked here, once, when Settings is built (`_RULES`): a value stockhold
+cannot run with is a ConfigError, whose text names the setting, its value and what is
+expected (`stockhold serve` prints it as its one line and exits 2).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeAlias
+from urllib.parse import parse_qs, urlsplit
 
 from stockhold.constants import DEFAULT_KEY_PREFIX, DEFAULT_PARTITIONS
+from stockhold.contention import HIGHEST_EDGE_US, LOWEST_EDGE_US
 
 DAY = 86_400
 # The trailing sales window of auto-hot detection is counted in at most this many buckets
@@ -48,6 +58,8 @@ class Settings:
     redis_pool_timeout_seconds: float = 5.0
     redis_connect_timeout_seconds: float = 0.25
     redis_socket_timeout_seconds: float = 0.8
+    # Script calls through the hot-path client (store/hotclient.py); off: through redis-py.
+    redis_hot_client: bool = True
     # Explicit admission limit: beyond it calls get RESOURCE_EXHAUSTED, never a bare CANCELLED.
     max_concurrent_rpcs: int = 20_000
     # Prometheus /metrics (see metrics.py): port 0 is off; top-N keys of contention gauges.
@@ -58,8 +70,6 @@ class Settings:
     # Per-SKU reserve timeout thresholds (issue 4): how long a Reserve may wait in this
     # process's queue before it is shed with RESERVE_TIMEOUT, unsent. A SKU's policy may set
     # its own; hot SKUs get the hot threshold.
-    # Script calls through the hot-path client (store/hotclient.py); off: through redis-py.
-    redis_hot_client: bool = True
     reserve_timeout_ms: int = 1000
     hot_reserve_timeout_ms: int = 300
     # ReserveStream flow control (issue 10): messages of one stream being reserved at once;
@@ -110,28 +120,33 @@ class Settings:
     wechatpay_timeout_seconds: float = 5.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.partitions <= 16384:
-            raise ValueError("partitions must be within 1..16384")
-        if not 1 <= self.default_hold_seconds <= self.max_hold_seconds:
-            raise ValueError("default_hold_seconds must be within 1..max_hold_seconds")
-        if not 1 <= self.sweep_batch <= 500:
-            raise ValueError("sweep_batch must be within 1..500")
-        for name in ("reserve_timeout_ms", "hot_reserve_timeout_ms"):
-            if not 1 <= getattr(self, name) <= 60_000:
-                raise ValueError(f"{name} must be within 1..60000")
-        if self.hot_threshold_units < 0:
-            raise ValueError("hot_threshold_units must not be negative")
-        if not 1 <= self.hot_window_seconds <= 30 * DAY:
-            raise ValueError(f"hot_window_seconds must be within 1..{30 * DAY}")
-        if self.contention_capacity < 16 or self.contention_snapshot_keys < 1:
-            raise ValueError("contention_capacity must be >= 16, contention_snapshot_keys >= 1")
-        if not self.key_prefix or any(c in self.key_prefix for c in "{}: "):
-            raise ValueError("key_prefix must be non-empty without braces, colons or spaces")
-        parse_poll_schedule(self.payment_poll_schedule)
-        if self.payment_final_poll_margin_seconds < 0 or self.payment_poll_interval_seconds <= 0:
-            raise ValueError("payment poll margin must be >= 0 and its interval > 0")
-        if not 1 <= self.payment_poll_batch <= 500 or self.payment_poll_concurrency < 1:
-            raise ValueError("payment_poll_batch must be within 1..500, concurrency >= 1")
+        for f in dataclasses.fields(self):
+            rule = _RULES.get(f.name)
+            value = getattr(self, f.name)
+            if rule is not None and not (value is None and f.default is None):
+                accepts, expected = rule
+                if not accepts(value):
+                    raise ConfigError(f.name, value, expected)
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Rules that tie two settings together; each error names the one to change."""
+        if self.default_hold_seconds > self.max_hold_seconds:
+            raise ConfigError(
+                "default_hold_seconds",
+                self.default_hold_seconds,
+                f"at most max_hold_seconds ({self.max_hold_seconds})",
+            )
+        slots = round(self.contention_window_seconds / self.contention_slot_seconds)
+        if slots < 1 or not math.isclose(
+            slots * self.contention_slot_seconds, self.contention_window_seconds
+        ):
+            raise ConfigError(
+                "contention_slot_seconds",
+                self.contention_slot_seconds,
+                f"a whole fraction of contention_window_seconds "
+                f"({self.contention_window_seconds:g})",
+            )
 
     @property
     def sales_buckets(self) -> tuple[int, int]:
@@ -146,15 +161,24 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Build settings from STOCKHOLD_<FIELD> variables, then apply non-None overrides."""
+        """Build settings from STOCKHOLD_<FIELD> variables, then apply non-None overrides.
+
+        A string override is parsed as its environment variable would be (the CLI passes
+        its flags' text), anything else is taken as is. ConfigError for the first setting
+        refused.
+        """
         env = os.environ if env is None else env
+        unknown = set(overrides) - set(_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            raw = env.get(f"STOCKHOLD_{f.name.upper()}")
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _parse(f, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+            # A flag wins over the variable, which then is not even parsed.
+            value = overrides.get(f.name)
+            if value is None:
+                value = env.get(f"STOCKHOLD_{f.name.upper()}") or None
+            if value is not None:
+                values[f.name] = _parse(f, value) if isinstance(value, str) else value
         return cls(**values)
 
 
@@ -185,20 +209,266 @@ def parse_poll_schedule(text: str) -> tuple[int, ...]:
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    """The text of an environment variable or flag as the field's type; ConfigError if not."""
     default = f.default if f.default is not dataclasses.MISSING else None
-    if f.name == "redis_url":
+    kind = _KINDS.get(type(default))
+    if kind is None:  # str, and the optional str (redis_url)
         return raw
-    if isinstance(default, bool):
-        return raw.lower() in {"1", "true", "yes", "on"}
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    if isinstance(default, Path):
-        return Path(raw)
-    if isinstance(default, tuple):
-        return tuple(p.strip() for p in raw.split(",") if p.strip())
-    return raw
+    parse, expected = kind
+    try:
+        return parse(raw.strip())
+    except ValueError:
+        rule = _RULES.get(f.name)
+        raise ConfigError(f.name, raw, rule[1] if rule else expected) from None
 
 
-__all__ = ["Settings"]
+def _parse_bool(raw: str) -> bool:
+    word = raw.lower()
+    if word not in _TRUE | _FALSE:
+        raise ValueError(raw)
+    return word in _TRUE
+
+
+def _parse_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def _parse_tuple(raw: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in raw.split(",") if p.strip())
+
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+# Parsers by the type of a field's default (bool before int: bool is an int).
+_KINDS: Final[Mapping[type, tuple[Callable[[str], Any], str]]] = {
+    bool: (_parse_bool, "true or false (1/0, yes/no, on/off)"),
+    int: (int, "an integer"),
+    float: (_parse_float, "a number"),
+    Path: (Path, "a path"),
+    tuple: (_parse_tuple, "a comma-separated list"),
+}
+
+
+# -- what each setting accepts ------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A setting stockhold cannot run with. str() is the one line an operator sees: the
+    setting's flag (when it has one) and environment variable, its value (secrets masked)
+    and what is expected."""
+
+    def __init__(self, field: str, value: object, expected: str, flag: str | None = None) -> None:
+        super().__init__(field, shown(field, value), expected)
+        self.field = field
+        self.value = shown(field, value)  # never the secret itself, not even here
+        self.expected = expected
+        self.flag = flag
+
+    @property
+    def env(self) -> str | None:
+        """The setting's environment variable (None for a flag that is not a setting)."""
+        return f"STOCKHOLD_{self.field.upper()}" if self.field in _FIELDS else None
+
+    def __str__(self) -> str:
+        if self.flag and self.env:
+            name = f"{self.flag} (env {self.env})"
+        else:
+            name = self.flag or self.env or self.field
+        return f"invalid {name} {self.value!r}: expected {self.expected}"
+
+
+def shown(field: str, value: object) -> str:
+    """A setting's value as messages may show it: URL passwords and secrets masked."""
+    if value is None:
+        return ""
+    f = _FIELDS.get(field)
+    if f is not None and not f.repr:  # repr=False marks a secret (the APIv3 key)
+        return "<hidden>"
+    text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return mask_url(text) if field == "redis_url" else text
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password (in the authority or a `password=` parameter) as `***`.
+
+    Plain text work, not a URL parser: a malformed URL (the very one an error shows) must
+    not leak its password either, so all of the user part after its first colon goes.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, hostpart = rest.rpartition("@")
+        if ":" in userinfo:
+            userinfo = userinfo.partition(":")[0] + ":***"
+        url = f"{scheme}://{userinfo}@{hostpart}"
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
+_REDIS_URL: Final = "a redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss://... or unix:///PATH URL"
+
+
+def _redis_url_ok(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0  # .port raises for a bad port
+    except ValueError:
+        return False
+    if not all(v.isdigit() for v in parse_qs(parts.query).get("db", [])):
+        return False
+    if parts.scheme in ("redis", "rediss"):
+        db = parts.path.lstrip("/")
+        return bool(parts.hostname) and port_ok and (db == "" or db.isdigit())
+    return parts.scheme == "unix" and bool(parts.path) and not parts.netloc
+
+
+_LISTEN: Final = "HOST:PORT with a port within 0..65535 (an IPv6 address in brackets: [::1]:PORT)"
+_HOSTNAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPV6]:PORT` -> (host without brackets, port); ValueError if neither."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(listen)
+    if host.startswith("[") and host.endswith("]"):
+        ipaddress.IPv6Address(host[1:-1])  # ValueError if not one
+        return host[1:-1], int(port)
+    if not _HOSTNAME.fullmatch(host):
+        raise ValueError(listen)
+    return host, int(port)
+
+
+def _host_ok(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return bool(_HOSTNAME.fullmatch(host))
+    return True
+
+
+def _listen_ok(listen: str) -> bool:
+    try:
+        split_listen(listen)
+    except ValueError:
+        return False
+    return True
+
+
+def _schedule_ok(text: str) -> bool:
+    try:
+        parse_poll_schedule(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _http_url_ok(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+Rule: TypeAlias = tuple[Callable[[Any], bool], str]
+
+
+def _within(lo: int, hi: int) -> Rule:
+    return (lambda v: lo <= v <= hi), f"an integer within {lo}..{hi}"
+
+
+def _at_least(lo: int) -> Rule:
+    return (lambda v: v >= lo), f"an integer >= {lo}"
+
+
+_POSITIVE: Final[Rule] = (lambda v: math.isfinite(v) and v > 0, "a number > 0 (seconds)")
+_NOT_NEGATIVE: Final[Rule] = (lambda v: math.isfinite(v) and v >= 0, "a number >= 0 (seconds)")
+_PORT: Final = _within(0, 65535)
+_LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# The one table of what each setting accepts (a type error is caught when parsing).
+_RULES: Final[Mapping[str, Rule]] = {
+    "listen": (_listen_ok, _LISTEN),
+    "redis_url": (_redis_url_ok, _REDIS_URL),
+    "key_prefix": (
+        lambda v: bool(v) and not any(c in v for c in "{}: "),
+        "a non-empty prefix without braces, colons or spaces",
+    ),
+    "partitions": _within(1, 16384),
+    "default_hold_seconds": _at_least(1),
+    "max_hold_seconds": _at_least(1),
+    "event_stream_maxlen": _at_least(1),
+    "record_retention_seconds": _at_least(1),
+    "sweep_interval_seconds": _POSITIVE,
+    "sweep_batch": _within(1, 500),
+    "health_interval_seconds": _POSITIVE,
+    "batch_max_orders": _at_least(1),
+    "batch_max_inflight": _at_least(1),
+    "redis_max_connections": _at_least(1),
+    "redis_pool_timeout_seconds": _POSITIVE,
+    "redis_connect_timeout_seconds": _POSITIVE,
+    "redis_socket_timeout_seconds": _POSITIVE,
+    "max_concurrent_rpcs": _at_least(1),
+    "metrics_port": _PORT,
+    "metrics_host": (_host_ok, "a host name or IP address"),
+    "metrics_contention_top_n": _at_least(1),
+    "shutdown_grace_seconds": _NOT_NEGATIVE,
+    "reserve_timeout_ms": _within(1, 60_000),
+    "hot_reserve_timeout_ms": _within(1, 60_000),
+    "hot_threshold_units": _at_least(0),
+    "hot_window_seconds": _within(1, 30 * DAY),
+    "policy_refresh_seconds": _POSITIVE,
+    "policy_cache_size": _at_least(1),
+    "contention_window_seconds": _POSITIVE,
+    "contention_slot_seconds": _POSITIVE,
+    "contention_flag_ms": (
+        lambda v: LOWEST_EDGE_US <= v * 1000 <= HIGHEST_EDGE_US,
+        f"a number of ms within {LOWEST_EDGE_US / 1000:g}..{HIGHEST_EDGE_US // 1000}",
+    ),
+    "contention_capacity": _at_least(16),
+    "contention_flush_seconds": _POSITIVE,
+    "contention_snapshot_keys": _at_least(1),
+    "contention_stale_seconds": _POSITIVE,
+    "log_level": (lambda v: v.upper() in _LOG_LEVELS, "one of " + ", ".join(_LOG_LEVELS)),
+    "payment_poll_schedule": (
+        _schedule_ok,
+        f"<seconds>x<count>,... (each wait 1 ms..30 days, at most {MAX_POLLS} polls in all)",
+    ),
+    "payment_final_poll_margin_seconds": _NOT_NEGATIVE,
+    "payment_poll_interval_seconds": _POSITIVE,
+    "payment_poll_batch": _within(1, 500),
+    "payment_poll_concurrency": _at_least(1),
+    "payment_webhook_listen": (lambda v: v == "" or _listen_ok(v), f"empty (off) or {_LISTEN}"),
+    "payment_webhook_path": (lambda v: v.startswith("/"), "a path starting with /"),
+    "wechatpay_base_url": (_http_url_ok, "an http(s)://HOST[:PORT] URL"),
+    "wechatpay_timeout_seconds": _POSITIVE,
+}
+_FIELDS: Final[Mapping[str, dataclasses.Field[Any]]] = {
+    f.name: f for f in dataclasses.fields(Settings)
+}
+
+
+def worker_count(raw: str | None, settings: Settings) -> int:
+    """The `serve --workers` count: an integer >= 1, default the number of cores; with 2 or
+    more the listen port must be fixed. ConfigError otherwise."""
+    if raw is None:
+        workers = os.cpu_count() or 1
+    else:
+        try:
+            workers = int(raw)
+        except ValueError:
+            workers = 0
+        if workers < 1:
+            raise ConfigError("workers", raw, "an integer >= 1", flag="--workers")
+    if workers > 1 and split_listen(settings.listen)[1] == 0:
+        raise ConfigError(
+            "listen",
+            settings.listen,
+            "a fixed port with --workers N (with port 0 each worker would pick its own)",
+            flag="--listen",
+        )
+    return workers
+
+
+__all__ = ["ConfigError", "Settings", "mask_url", "split_listen", "worker_count"]

@@ -22,26 +22,32 @@ import tempfile
 import time
 from collections.abc import Sequence
 from types import FrameType
+from typing import Final
 
 from stockhold import metrics
 from stockhold.embedded import EmbeddedRedis
+from stockhold.server import BindError
 from stockhold.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # A worker that dies this soon after its start, twice in a row, is not restarted again:
-# something is wrong with its configuration (for example a partition-count mismatch).
+# something is wrong with its configuration or its surroundings.
 _EARLY_EXIT_SECONDS = 5.0
+
+# The exit status of a worker (`serve --supervised`) that cannot start and would fail the same
+# way again: a refused setting, an address it cannot bind, a partition-count mismatch. It has
+# printed why; the supervisor stops every worker and exits 1 instead of restarting it.
+WORKER_CANNOT_START: Final = 3
 
 
 class Supervisor:
     """Runs and watches the worker processes."""
 
     def __init__(self, settings: Settings, workers: int, argv: Sequence[str]) -> None:
+        # The caller checked the settings (settings.worker_count: a fixed port).
         if workers < 2:
             raise ValueError("the supervisor is for 2 or more workers")
-        if settings.listen.rsplit(":", 1)[-1] == "0":
-            raise ValueError("--workers needs a fixed port: with port 0 each would pick its own")
         self.settings = settings
         self.workers = workers
         self.argv = list(argv)
@@ -60,6 +66,7 @@ class Supervisor:
         if self.metrics_dir is not None:
             env[metrics.MULTIPROC_ENV] = self.metrics_dir
         cmd = [sys.executable, "-m", "stockhold.cli", "serve", *self.argv, "--workers", "1"]
+        cmd.append("--supervised")
         self.procs[slot] = subprocess.Popen(cmd, env=env)
         self.started_at[slot] = time.monotonic()
         log.info("worker started", extra={"worker": slot, "pid": self.procs[slot].pid})
@@ -88,11 +95,14 @@ class Supervisor:
                     metrics.local_target(self.settings.listen),
                     self.settings.metrics_contention_top_n,
                 )
-                endpoint = metrics.MetricsEndpoint(
-                    self.settings.metrics_host,
-                    self.settings.metrics_port,
-                    metrics.supervisor_registry(self.metrics_dir, contention),
-                )
+                try:
+                    endpoint = metrics.MetricsEndpoint(
+                        self.settings.metrics_host,
+                        self.settings.metrics_port,
+                        metrics.supervisor_registry(self.metrics_dir, contention),
+                    )
+                except OSError as err:
+                    raise BindError(str(err)) from None
                 log.info(
                     "metrics serving",
                     extra={"metrics_port": endpoint.port, "metrics_dir": self.metrics_dir},
@@ -126,6 +136,9 @@ class Supervisor:
                 log.error("worker exited", extra={"worker": slot, "code": rc, "lived_s": lived})
                 if self.metrics_dir is not None:
                     metrics.mark_process_dead(proc.pid, self.metrics_dir)
+                if rc == WORKER_CANNOT_START:
+                    log.critical("worker cannot start; stopping", extra={"worker": slot})
+                    return 1
                 if self.early_exits[slot] >= 2:
                     log.critical("worker keeps failing at start; stopping", extra={"worker": slot})
                     return 1
