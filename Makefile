@@ -50,7 +50,8 @@ test: install
 # run: make bench BENCH_ARGS=--benchmark-compare
 bench: install
 	$(BIN)/python -m pytest bench/test_bench_resolver.py bench/test_bench_engine.py \
-		bench/test_bench_hotclient.py --benchmark-only --benchmark-autosave $(BENCH_ARGS)
+		bench/test_bench_hotclient.py bench/test_bench_contention.py \
+		--benchmark-only --benchmark-autosave $(BENCH_ARGS)
 
 $(VENV)/.stamp-loadtest: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,loadtest]'

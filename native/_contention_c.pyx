@@ -361,3 +361,109 @@ cdef class LiveSketch:
             rows = [self._row(slot) for slot in range(self._n)]
         return {"floor": floor, "total": self._total, "keys": rows}
 
+
+
+cdef inline int64_t _to_us(double seconds) noexcept:
+    """contention._to_us: integer µs; negative or NaN reads as 0, absurd values are capped."""
+    if seconds > 0.0:
+        if seconds < 1e6:
+            return <int64_t> (seconds * 1e6 + 0.5)
+        return 1000000000000
+    return 0
+
+
+cdef Py_ssize_t _bisect_left(tuple edges, int64_t value) except -1:
+    """bisect.bisect_left(edges, value) for a tuple of floats (value < 2**53: exact)."""
+    cdef Py_ssize_t lo = 0, hi = len(edges), mid
+    cdef double v = <double> value
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if <double> edges[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def record_pair(
+    LiveSketch since,
+    LiveSketch current,
+    units,
+    contended,
+    double waited_s,
+    double script_s,
+    outcome,
+    tuple edges,
+):
+    """Count one request for each of its units in both sketches (stockhold.contention's
+    _record_pair: the waits to µs, the wait's bucket on `edges`, then add_units to each)."""
+    cdef int64_t wait_us = _to_us(waited_s)
+    cdef int64_t script_us = _to_us(script_s)
+    cdef Py_ssize_t bucket = _bisect_left(edges, wait_us)
+    cdef Py_ssize_t i, n = len(units)
+    if len(contended) != n:
+        raise ValueError("one contended flag per unit")
+    since._check(wait_us, script_us, bucket)
+    current._check(wait_us, script_us, bucket)
+    cdef int code = _outcome_code(outcome)
+    cdef bint busy
+    for i in range(n):
+        u = units[i]
+        key = u.unit_id
+        sku = u.sku
+        busy = contended[i]
+        since._add(key, sku, wait_us, script_us, bucket, busy, code)
+        current._add(key, sku, wait_us, script_us, bucket, busy, code)
+
+
+cdef class ContentionTracker:
+    """stockhold.contention.PyContentionTracker, compiled: which keys have a request queued
+    or in flight in this process, for `contended`."""
+
+    cdef dict _inflight
+
+    def __cinit__(self):
+        self._inflight = {}
+
+    def __len__(self):
+        return len(self._inflight)
+
+    cdef inline bint _begin(self, object key) except -1:
+        cdef PyObject *found = PyDict_GetItem(self._inflight, key)
+        if found is NULL:
+            self._inflight[key] = 1
+            return False
+        self._inflight[key] = (<object> found) + 1
+        return True
+
+    cdef inline int _end(self, object key) except -1:
+        cdef PyObject *found = PyDict_GetItem(self._inflight, key)
+        if found is NULL:
+            return 0
+        count = <object> found
+        if count > 1:
+            self._inflight[key] = count - 1
+        else:
+            PyDict_DelItem(self._inflight, key)
+        return 0
+
+    def begin(self, key):
+        """A request for `key` starts; True when another one for it is already under way."""
+        return self._begin(key)
+
+    def end(self, key):
+        """A request for `key` is done (an unmatched end is ignored: stats never raise)."""
+        self._end(key)
+
+    def begin_units(self, units):
+        """`begin` for each unit's `unit_id`: the request's contended flags, in order."""
+        cdef Py_ssize_t i, n = len(units)
+        cdef list flags = [None] * n
+        for i in range(n):
+            flags[i] = self._begin(units[i].unit_id)
+        return flags
+
+    def end_units(self, units):
+        """`end` for each unit's `unit_id`."""
+        for u in units:
+            self._end(u.unit_id)

@@ -321,3 +321,49 @@ def test_old_and_new_snapshot_versions_merge_together() -> None:
     assert merged.skipped == 0
     assert normal(merged.window.to_json()) == normal(both.window.to_json())
     assert merged.since_start.total == both.since_start.total
+
+
+# -- the compiled request path: waits to µs and buckets, the contended tracker -------------------
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [-1.0, -0.0, 0.0, 5e-7, 4.999e-7, 1.5e-6, 2.5e-6, 0.2, 0.2000005, 0.200001, 59.9, 1e6 - 1],
+)
+def test_the_compiled_request_path_converts_and_buckets_waits_as_the_pure_one(
+    seconds: float,
+) -> None:
+    need_native()
+    odd = [seconds, float("nan"), float("inf"), 1e300, 1e6]
+    clock = Clock()
+    pair = [
+        ContentionStats(capacity=8, clock=clock, wall_clock=clock.wall, native=n)
+        for n in (True, False)
+    ]
+    for i, wait in enumerate(odd):
+        for stats in pair:
+            stats.record_request([U(f"s/k{i}", "s")], [False], wait, seconds, "ok")
+    c, py = (normal(orjson.loads(stats.snapshot())["start"]) for stats in pair)
+    assert c == py
+
+
+@props
+@given(st.lists(st.tuples(st.integers(0, 3), st.lists(st.sampled_from("abcd"), max_size=3))))
+def test_both_trackers_flag_the_same_requests(ops: list[tuple[int, list[str]]]) -> None:
+    need_native()
+    trackers = [contention.new_tracker(True), contention.new_tracker(False)]
+    for op, names in ops:
+        units = [U(n, "s") for n in names]
+        answers = []
+        for tracker in trackers:
+            if op == 0:
+                answers.append(tracker.begin_units(units))
+            elif op == 1:
+                answers.append(tracker.end_units(units))
+            elif op == 2:
+                answers.append([tracker.begin(n) for n in names])
+            else:
+                answers.append([tracker.end(n) for n in names])
+        assert answers[0] == answers[1]
+        assert len(trackers[0]) == len(trackers[1])
+    assert type(trackers[0]).__module__ == "stockhold._contention_c"

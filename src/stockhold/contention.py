@@ -1,10 +1,11 @@
 """Lock-contention statistics per sales-unit key, in bounded memory whatever the number of keys.
 
-Pure computation, no Redis and no asyncio: the request path calls `ContentionStats.record`
-once per sales-unit key of a request (with the wait in the batcher queue, the script time,
-whether another request for the same key was ahead of it, and the outcome); a publisher calls
-`snapshot()` and stores the bytes in Redis; `GetContentionStats` reads every process's
-snapshot back, `merge()`s them and turns the result into `KeyReport`s and `SkuHint`s.
+No Redis and no asyncio: the request path calls `ContentionStats.record_request` once per
+request, for all its sales-unit keys (with the wait in the batcher queue, the script time,
+whether another request for each key was ahead of it, from a `new_tracker()`, and the
+outcome); a publisher calls `publication()` (or `snapshot()`) and stores the bytes in Redis;
+`GetContentionStats` reads every process's figures back, `merge()`s them and turns the result
+into `KeyReport`s and `SkuHint`s. `record(key, ...)` counts one key at a time, the same way.
 
 Design (and why):
 
@@ -47,11 +48,24 @@ Design (and why):
   cost, but since-start stays a true single-stream sketch and no merge ever runs on the
   request path. The window holds the current (partial) sub-window and the complete ones
   before it: data is kept at least `window_s - slot_s` and at most `window_s`.
+* The two live sketches are compiled (native/_contention_c.pyx, `NATIVE`): per-key counters
+  and a dense histogram in C arrays, a key -> slot dict, a C heap with the same lazy repair,
+  and one C call records a whole request into both. They give the pure `Sketch`'s answers
+  for every stream (same keys, figures, evictions, floor, total; tests/test_contention_impls.py)
+  and `Sketch` stays the reference and the fallback (`STOCKHOLD_NO_EXTENSIONS=1`, or not
+  built). The contended tracker is compiled the same way (`new_tracker`).
 * A closed sub-window never changes again, so it is kept frozen as its JSON (about 70 bytes a
   key instead of about 650 for a live entry): that is what keeps 13 sketches of 1024 keys
   near 2 MB, and `snapshot()` splices the frozen bytes in as they are. Freezing costs one
-  encode of the closed sketch (~0.5 ms for 1024 keys) once per `slot_s`, in the `record()`
-  that crosses the boundary; a window query decodes the frozen sub-windows again.
+  encode of the closed sketch (~0.5 ms for 1024 keys) once per `slot_s`, in the record that
+  crosses the boundary, plus one of its heaviest `limit` keys, the form the last snapshot
+  asked for: no snapshot decodes and re-encodes it again. A window query decodes the frozen
+  sub-windows again.
+* Publishing: a closed sub-window is stored once. `publication()` gives a head (since start
+  and the live sub-window, format version 2: sub-windows carry their index) and one piece per
+  closed sub-window; the store writes the head each time and a piece once
+  (contention_store.py); a reader joins them with `assemble()`, and `merge()` takes each
+  sub-window once, so a read between two writes never counts one twice.
 * Snapshots carry absolute wall-clock sub-window starts (the monotonic clock offset by the
   wall clock at snapshot time), so the reader picks, across processes, the sub-windows inside
   its own window, and a dead process's data ages out by itself. `merge()` returns `Merged`
@@ -60,14 +74,19 @@ Design (and why):
   rolling deploy or one corrupt entry never breaks the query.
 
 Memory: two live sketches (since start, current sub-window) of at most `capacity` keys at
-~650 bytes a key, plus `window_s / slot_s - 1` frozen ones at ~70 bytes a key; each distinct
-wait bucket a key has adds ~30-60 bytes live, ~8 frozen (at most 82 buckets). Measured with the
-defaults and 1,000,000 distinct keys: 2.1 MB held, 2.6 MB peak (tests/test_contention.py).
+~750 bytes a key compiled (counters and all 82 histogram buckets), ~650 pure, plus
+`window_s / slot_s - 1` frozen ones at ~70 bytes a key; each distinct wait bucket a key has
+adds ~30-60 bytes live in the pure sketch, ~8 frozen (at most 82 buckets). Measured with the
+defaults and 1,000,000 distinct keys: 2.1 MB held, 2.6 MB peak pure, 1.9 MB and 2.7 MB
+compiled (tests/test_contention.py).
 
-Cost of `record()` (pure Python, best of repeated batches): ~1 µs for a tracked key, ~4 µs
-when the key is new and evicts in both sketches. Reading is slower and belongs off the hot
-path: a local window query ~40 ms, merging 8 full snapshots (~1 MB each) ~0.5 s;
-`snapshot(limit=...)` trades the guarantee (total / limit) for smaller snapshots.
+Cost (bench/contention_cost.py: 10,000 uniform units and a hot one, 2,000 requests/s): about
+3 µs per request with the compiled tracker and sketches, 14-17 µs for the pure ones (and for
+the per-unit `record()` this replaced), mostly cache misses on a big sketch; a publish (256
+keys a sketch) about 2 ms and 43 KB, against 45-80 ms and 190 KB when every snapshot carried
+and re-encoded every sub-window. Reading is slower and belongs off the hot path: a local
+window query ~40 ms, merging 8 full snapshots (~1 MB each) ~0.5 s; `snapshot(limit=...)`
+trades the guarantee (total / limit) for smaller snapshots.
 """
 
 from __future__ import annotations
@@ -473,6 +492,50 @@ _NativeLiveSketch: Callable[[int, int], LiveSketch] | None = (
 NATIVE: Final = _NativeLiveSketch is not None
 
 
+class _RecordPair(Protocol):
+    def __call__(
+        self,
+        since: Any,
+        current: Any,
+        units: Sequence[UnitLike],
+        contended: Sequence[bool],
+        waited_s: float,
+        script_s: float,
+        outcome: Outcome,
+        edges: tuple[float, ...],
+    ) -> None: ...
+
+
+def _record_pair_py(
+    since: LiveSketch,
+    current: LiveSketch,
+    units: Sequence[UnitLike],
+    contended: Sequence[bool],
+    waited_s: float,
+    script_s: float,
+    outcome: Outcome,
+    edges: tuple[float, ...],
+) -> None:
+    """One request into both sketches: waits to µs, the wait's bucket, then each sketch."""
+    if len(units) != len(contended):
+        raise ValueError("one contended flag per unit")
+    wait_us = _to_us(waited_s)
+    script_us = _to_us(script_s)
+    bucket = bisect_left(edges, wait_us)
+    add_since, add_current = since.add, current.add
+    for u, busy in zip(units, contended, strict=True):
+        key, sku = u.unit_id, u.sku
+        add_since(key, sku, wait_us, script_us, bucket, busy, outcome)
+        add_current(key, sku, wait_us, script_us, bucket, busy, outcome)
+
+
+def _record_pair_for(native: bool) -> _RecordPair:
+    """The compiled `_record_pair_py` (whole request in C) for compiled sketches."""
+    if native and _contention_c is not None:
+        return _contention_c.record_pair
+    return _record_pair_py
+
+
 def new_live_sketch(capacity: int, buckets: int, native: bool | None = None) -> LiveSketch:
     """An empty sketch to record into: compiled when `native` (default: NATIVE), else pure."""
     if native is None:
@@ -683,6 +746,7 @@ class ContentionStats:
         self._clock = clock
         self._wall_clock = wall_clock
         self._since_start = self._new_live()
+        self._record_pair = _record_pair_for(self.native)
         # The sliding window: the current sub-window, live, and the closed ones before it,
         # frozen into their JSON form (oldest first) since they never change again.
         self._closed: deque[_Closed] = deque()
@@ -756,11 +820,16 @@ class ContentionStats:
         now = self._clock()
         if now >= self._slot_end:
             self._advance(now)
-        wait_us = _to_us(waited_s)
-        script_us = _to_us(script_s)
-        bucket = bisect_left(self._edges, wait_us)
-        self._since_start.add_units(units, contended, wait_us, script_us, bucket, outcome)
-        self._current.add_units(units, contended, wait_us, script_us, bucket, outcome)
+        self._record_pair(
+            self._since_start,
+            self._current,
+            units,
+            contended,
+            waited_s,
+            script_s,
+            outcome,
+            self._edges,
+        )
 
     def tracked(self) -> list[int]:
         """Keys held per sketch: since start, then each sub-window kept, oldest first."""
@@ -916,11 +985,37 @@ def assemble(head: bytes, pieces: Iterable[bytes]) -> bytes:
     return b"%s%s%s]}" % (body, b"" if body.endswith(b"[") else b",", extra)
 
 
+class Tracker(Protocol):
+    """What the request path uses to flag contended requests (`new_tracker`)."""
+
+    def __len__(self) -> int: ...
+
+    def begin(self, key: str) -> bool: ...
+
+    def end(self, key: str) -> None: ...
+
+    def begin_units(self, units: Sequence[UnitLike]) -> list[bool]: ...
+
+    def end_units(self, units: Sequence[UnitLike]) -> None: ...
+
+
+def new_tracker(native: bool | None = None) -> Tracker:
+    """A tracker for the request path: compiled when `native` (default: NATIVE), else pure."""
+    if native is None:
+        native = NATIVE
+    if native:
+        if _contention_c is None:
+            raise RuntimeError("stockhold._contention_c is not available")
+        return _contention_c.ContentionTracker()
+    return ContentionTracker()
+
+
 class ContentionTracker:
     """Which keys have a request queued or in flight in this process, for `contended`.
 
     A request is contended when, as it arrives, another request for the same key is already
-    queued or in flight. Only keys with requests under way are held.
+    queued or in flight. Only keys with requests under way are held. The reference for the
+    compiled twin that `new_tracker` gives the request path.
     """
 
     __slots__ = ("_inflight",)
@@ -946,6 +1041,17 @@ class ContentionTracker:
         elif count == 1:
             del self._inflight[key]
 
+    def begin_units(self, units: Sequence[UnitLike]) -> list[bool]:
+        """`begin` for each unit's `unit_id`: the request's contended flags, in order."""
+        begin = self.begin
+        return [begin(u.unit_id) for u in units]
+
+    def end_units(self, units: Sequence[UnitLike]) -> None:
+        """`end` for each unit's `unit_id`."""
+        end = self.end
+        for u in units:
+            end(u.unit_id)
+
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -964,9 +1070,11 @@ __all__ = [
     "Publication",
     "Sketch",
     "SkuHint",
+    "Tracker",
     "UnitLike",
     "WaitGrid",
     "assemble",
     "new_live_sketch",
+    "new_tracker",
     "sku_hints",
 ]

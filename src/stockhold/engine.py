@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from stockhold import constants as c
 from stockhold import metrics
 from stockhold.batcher import Batcher, NotSent
-from stockhold.contention import ContentionStats, ContentionTracker, Outcome
+from stockhold.contention import ContentionStats, Outcome, new_tracker
 from stockhold.errors import DomainError, FieldViolation, Reason, invalid
 from stockhold.model import PaymentReport, PendingPayment, PollClaim, Reservation, StockLevel
 from stockhold.policies import PolicyStore
@@ -121,7 +121,7 @@ class Engine:
             slot_s=settings.contention_slot_seconds,
             flag_ms=settings.contention_flag_ms,
         )
-        self.tracker = ContentionTracker()
+        self.tracker = new_tracker()
         # Concurrent reserves and commits/releases are coalesced into few script calls.
         self.reserves: Batcher[ResolvedOrder | PaidOrder, dict[str, Any]] = Batcher(
             self._reserve_batch, settings.batch_max_orders, settings.batch_max_inflight
@@ -197,7 +197,7 @@ class Engine:
         backend_limit = self.settings.redis_socket_timeout_seconds
         shed = limit < backend_limit
         tracker = self.tracker
-        contended = [tracker.begin(u.unit_id) for u in units]
+        contended = tracker.begin_units(units)
         started = time.perf_counter()
         try:
             timed = await self.reserves.submit_timed(item, limit if shed else backend_limit)
@@ -220,8 +220,7 @@ class Engine:
             self._record(units, contended, time.perf_counter() - started, 0.0, "error")
             raise
         finally:
-            for u in units:
-                tracker.end(u.unit_id)
+            tracker.end_units(units)
         result = timed.result
         pol = result.get("pol")
         if pol:
