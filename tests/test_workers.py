@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -155,6 +156,27 @@ def test_a_killed_worker_is_replaced_and_sigterm_stops_everything(workers: Any) 
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         )
+
+
+def test_workers_stop_when_the_supervisor_is_killed(workers: Any) -> None:
+    proc, port = workers
+    children = _children(proc.pid)
+    assert len(children) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    # Each worker got SIGTERM from the kernel (parent death) and drains, bounded by its grace.
+    deadline = time.monotonic() + 30
+    alive = children
+    while alive and time.monotonic() < deadline:
+        alive = [
+            p
+            for p in children
+            if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()
+        ]
+        time.sleep(0.1)
+    assert not alive, f"workers {alive} outlived their supervisor"
+    with socket.socket() as sock:  # and nobody listens on the port any more
+        sock.bind(("127.0.0.1", port))
 
 
 def test_workers_refuse_port_zero(redis_proc: Any) -> None:

@@ -75,6 +75,9 @@ _QUIET = frozenset(
         Reason.RESERVE_TIMEOUT,
         # flow control of a stream that sends faster than its answers come back
         Reason.STREAM_BACKPRESSURE,
+        # Redis unreachable: the health loop logs the outage once and its end once, not a
+        # line per refused call (overload, cause "queued", is counted in metrics)
+        Reason.BACKEND_UNAVAILABLE,
     }
 )
 

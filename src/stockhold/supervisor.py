@@ -25,7 +25,7 @@ from types import FrameType
 from typing import Final
 
 from stockhold import metrics
-from stockhold.embedded import EmbeddedRedis
+from stockhold.embedded import EmbeddedRedis, parent_death_argv
 from stockhold.server import BindError
 from stockhold.settings import Settings
 
@@ -67,7 +67,10 @@ class Supervisor:
             env[metrics.MULTIPROC_ENV] = self.metrics_dir
         cmd = [sys.executable, "-m", "stockhold.cli", "serve", *self.argv, "--workers", "1"]
         cmd.append("--supervised")
-        self.procs[slot] = subprocess.Popen(cmd, env=env)
+        # A worker gets SIGTERM (and drains) when the supervisor dies, even by SIGKILL: it
+        # must not keep serving the port without the supervisor and its embedded Redis. The
+        # run loop, which spawns, is the main thread: it lives as long as the supervisor.
+        self.procs[slot] = subprocess.Popen(parent_death_argv(cmd), env=env)
         self.started_at[slot] = time.monotonic()
         log.info("worker started", extra={"worker": slot, "pid": self.procs[slot].pid})
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from stockhold.payments.provider import PaymentResult, RetryLater
 from stockhold.payments.wechatpay import NotificationVerifier, VerificationError, VerificationReason
+from stockhold.settings import split_listen
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,6 @@ def make_app(
     return app
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"listen must be HOST:PORT (port 0: any free port), got {listen!r}")
-    return host.strip("[]"), int(port)
-
-
 async def start_webhook(
     listen: str, app: web.Application, reuse_port: bool = False
 ) -> tuple[web.AppRunner, int]:
@@ -106,7 +100,12 @@ async def start_webhook(
     `reuse_port`: SO_REUSEPORT, so that the worker processes of `serve --workers N` all bind
     the same port (the kernel spreads connections over them).
     """
-    host, port = _split_listen(listen)
+    try:
+        host, port = split_listen(listen)
+    except ValueError:
+        raise ValueError(
+            f"listen must be HOST:PORT (port 0: any free port), got {listen!r}"
+        ) from None
     # A short shutdown grace: WeChat redelivers whatever a stop cuts off.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
