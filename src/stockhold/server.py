@@ -359,15 +359,17 @@ async def serve(settings: Settings) -> int:
         log.info("embedded redis started", extra={"url": url, "data_dir": str(settings.data_dir)})
     try:
         server = StockholdServer(settings, url)
+        # Before the start: health may say SERVING before start() returns, and a signal sent
+        # then must stop the server gracefully, not interrupt it (KeyboardInterrupt) or kill it.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop_requested.set)
         try:
             port = await server.start()
         except BaseException:
             await server.stop(grace=0)  # a failed start leaves nothing bound or running
             raise
         log.info("stockhold serving", extra={"listen": settings.listen, "port": port})
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, server.stop_requested.set)
         await server.stop_requested.wait()
         log.info("stockhold stopping")
         await server.stop()
