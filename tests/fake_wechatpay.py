@@ -271,6 +271,9 @@ class FakeWeChatPay:
             "platform_keys": self.platform_keys(),
             "base_url": self.base_url,
             "timeout_seconds": 2.0,
+            # The fake's clock: a fixed clock (tests/test_wechatpay.py) must not fall out of
+            # the signature window however long the suite ran before this test.
+            "clock": self.wall_clock,
         }
         kwargs.update(overrides)
         return WeChatPayClient(**kwargs)

@@ -196,8 +196,14 @@ async def test_many_calls_are_pipelined_over_at_most_max_connections(
 async def test_a_burst_opens_no_more_than_one_connection_at_a_time(
     redis_proc: RedisProc,
 ) -> None:
-    """64 first calls at once share the first connection instead of opening 64."""
-    client = HotClient.from_url(redis_proc.url, Settings(redis_connect_timeout_seconds=5.0))
+    """64 first calls at once share the first connection instead of opening 64.
+
+    The pipeline depth (128) is above the burst, so however slowly Redis answers, no call ever
+    finds the first connection full: a second one would be this test's failure, not growth.
+    """
+    client = HotClient.from_url(
+        redis_proc.url, Settings(redis_connect_timeout_seconds=5.0), pipeline_depth=128
+    )
     try:
         results = await asyncio.gather(*(client.evalsha(ECHO, ["b"], [b"x"]) for _ in range(64)))
         assert results == [b"x"] * 64

@@ -8,8 +8,9 @@ otherwise. A failed call becomes a one-line error in the frame, and polling goes
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
-import time
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final, TextIO
@@ -215,12 +216,19 @@ def run(
     request = stats_request(top_n, window_s, since_start)
     ok = True
     drawn = 0
+    # Ctrl-C sets a flag the loop checks between calls and during the pause, instead of a
+    # KeyboardInterrupt unwinding through grpc's C core (which could leave the channel's
+    # close waiting on a busy machine). Only the main thread may install a handler.
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.InventoryStub(channel)
-            while iterations is None or drawn < iterations:
-                if drawn:
-                    time.sleep(interval)
+            while (iterations is None or drawn < iterations) and not stop.is_set():
+                if drawn and stop.wait(interval):
+                    break
                 size = shutil.get_terminal_size((120, 40))
                 more = iterations is None or drawn + 1 < iterations
                 try:
@@ -228,6 +236,8 @@ def run(
                     frame, ok = render(reply, size.columns), True
                 except grpc.RpcError as err:
                     frame, ok = render_error(err, size.columns, interval if more else None), False
+                if stop.is_set():
+                    break
                 if tty:
                     frame = _CLEAR + "\n".join(frame.splitlines()[: max(size.lines - 1, 1)])
                 elif drawn:
@@ -237,7 +247,10 @@ def run(
                 drawn += 1
     except KeyboardInterrupt:
         return 0
-    return 0 if ok else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return 0 if ok or stop.is_set() else 1
 
 
 __all__ = ["header", "render", "render_error", "run", "stats_request"]
