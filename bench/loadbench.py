@@ -28,6 +28,10 @@ One run of this driver:
     .venv/bin/python bench/loadbench.py --profile      # + py-spy profile of the workers
     .venv/bin/python bench/loadbench.py --quick --shapes stream,batch
                      # only the no-op, unary Reserve, ReserveStream and ReserveBatch rows
+    .venv/bin/python bench/loadbench.py --quick --shapes unary \
+        --rows baseline,reserve-1line,commit --variant redispy:STOCKHOLD_REDIS_HOT_CLIENT=false
+                     # + a second stockhold-2w with that variable, each point measured on both
+                     # back to back; a comparison table (RPS, x base, CPU µs per OK) at the end
 
 Exit status: 0 when the run completed and the correctness checks passed (targets are
 reported, not enforced, unless --strict-targets), 1 otherwise.
@@ -342,8 +346,8 @@ def proc_cpu_s(pid: int) -> float:
     return sum(int(x) for x in f[11:15]) / CLK_TCK
 
 
-def proc_tree(root: int) -> list[int]:
-    """root and all its descendants."""
+def _children() -> dict[int, list[int]]:
+    """Every process's children, by parent pid."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -351,6 +355,13 @@ def proc_tree(root: int) -> list[int]:
         f = _stat_fields(int(name))
         if f is not None:
             children.setdefault(int(f[1]), []).append(int(name))
+    return children
+
+
+def proc_tree(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """root and all its descendants (`children`: a _children() listing to reuse)."""
+    if children is None:
+        children = _children()
     out: list[int] = []
     todo = [root]
     while todo and len(out) < 10_000:
@@ -378,16 +389,28 @@ class Snapshot:
     redis: float
     gen: float
     busy: float
+    idle: dict[int, float] | None = None  # the other servers of a --variant group, idle
 
 
-def snapshot(server_root: int, redis_pid: int, gen_pid: int) -> Snapshot:
-    """CPU counters of the server tree, Redis, the generator and the machine, now."""
+def snapshot(
+    server_root: int, redis_pid: int, gen_pid: int, idle_roots: Sequence[int] = ()
+) -> Snapshot:
+    """CPU counters of the server tree, Redis, the generator and the machine, now.
+
+    `idle_roots`: processes (with their trees) that run but are not under test, the other
+    servers of a --variant group and their redis-servers: their CPU is reported apart.
+    """
+    children = _children()
+    idle = None
+    if idle_roots:
+        idle = {p: proc_cpu_s(p) for r in idle_roots for p in proc_tree(r, children)}
     return Snapshot(
         t=time.monotonic(),
-        server={p: proc_cpu_s(p) for p in proc_tree(server_root)},
+        server={p: proc_cpu_s(p) for p in proc_tree(server_root, children)},
         redis=proc_cpu_s(redis_pid),
         gen=proc_cpu_s(gen_pid),
         busy=machine_cpu_s()[0],
+        idle=idle,
     )
 
 
@@ -398,7 +421,12 @@ def cpu_between(a: Snapshot, b: Snapshot) -> dict[str, Any]:
     per_pid = {p: max(0.0, s) for p, s in per_pid.items()}
     server = sum(per_pid.values())
     redis_s, gen_s, busy = b.redis - a.redis, b.gen - a.gen, b.busy - a.busy
-    return {
+    idle_s = 0.0
+    if a.idle is not None and b.idle is not None:
+        idle_s = sum(
+            max(0.0, b.idle.get(p, 0.0) - a.idle.get(p, 0.0)) for p in a.idle.keys() | b.idle
+        )
+    out = {
         "wall_s": round(wall, 4),
         "server_pct": round(100 * server / wall, 1),
         "server_pct_by_pid": {str(p): round(100 * s / wall, 1) for p, s in sorted(per_pid.items())},
@@ -406,8 +434,12 @@ def cpu_between(a: Snapshot, b: Snapshot) -> dict[str, Any]:
         "gen_proc_pct": round(100 * gen_s / wall, 1),
         "machine_busy_pct": round(100 * busy / wall, 1),
         # Busy CPU that is none of ours: other users of the machine (or the kernel).
-        "other_pct": round(100 * max(0.0, busy - server - redis_s - gen_s) / wall, 1),
+        "other_pct": round(100 * max(0.0, busy - server - redis_s - gen_s - idle_s) / wall, 1),
     }
+    if a.idle is not None:
+        # The idle servers of a --variant group (and their redis-servers): ours, not "other".
+        out["idle_servers_pct"] = round(100 * idle_s / wall, 1)
+    return out
 
 
 def idle_check(seconds: float = 1.0) -> float:
@@ -566,12 +598,14 @@ def run_loadgen(
     watch: tuple[int, int] | None = None,
     during: Callable[[], None] | None = None,
     extra: Sequence[str] = (),
+    idle: Sequence[int] = (),
 ) -> GenRun:
     """Run the generator to its end (it stops by itself; killed if it overruns).
 
     `watch` = (server root pid, redis pid): sample CPU at its window marks. `during` is
     called right after the window starts (e.g. to start a profiler). `extra`: more generator
-    arguments (--batch, --stream --streams S).
+    arguments (--batch, --stream --streams S). `idle`: root pids of processes running beside
+    the one under test (the other servers of a --variant group), their CPU reported apart.
     """
     cmd = [
         str(LOADGEN),
@@ -613,14 +647,14 @@ def run_loadgen(
         for line in proc.stderr:  # ends when the generator exits (or is killed)
             if "loadgen: window-start" in line:
                 if watch:
-                    marks["start"] = snapshot(watch[0], watch[1], proc.pid)
+                    marks["start"] = snapshot(watch[0], watch[1], proc.pid, idle)
                     port = int(target.rsplit(":", 1)[1])
                     conns = connections_by_pid(proc_tree(watch[0]), port)
                 if during:
                     during()
             elif "loadgen: window-end" in line:
                 if watch:
-                    marks["end"] = snapshot(watch[0], watch[1], proc.pid)
+                    marks["end"] = snapshot(watch[0], watch[1], proc.pid, idle)
             elif len(other) < 50:
                 other.append(line.rstrip())
         text = proc.stdout.read()
@@ -640,15 +674,47 @@ def run_loadgen(
 
 
 # -- servers under test ------------------------------------------------------------------------
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,23}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass
+class Variant:
+    """--variant NAME:ENV=VALUE[,ENV=VALUE...]: one more stockhold server, started exactly like
+    the main one (same command, same clean environment) plus these variables."""
+
+    name: str
+    env: dict[str, str]
+
+
+def parse_variant(spec: str) -> Variant:
+    """NAME, NAME: or NAME:ENV=VALUE[,ENV=VALUE...]; a comma not followed by ENV= stays in the
+    value. Raises ValueError with what is wrong."""
+    name, _, rest = spec.partition(":")
+    if not VARIANT_NAME.fullmatch(name):
+        raise ValueError(f"variant name {name!r}: 1-24 of A-Z a-z 0-9 _ . - (first alphanumeric)")
+    env: dict[str, str] = {}
+    for part in re.split(r",(?=[A-Za-z_][A-Za-z0-9_]*=)", rest) if rest else []:
+        key, eq, value = part.partition("=")
+        if not eq or not ENV_NAME.fullmatch(key):
+            raise ValueError(f"variant {name}: {part!r} is not ENV=VALUE")
+        if key in env:
+            raise ValueError(f"variant {name}: {key} given twice")
+        env[key] = value
+    return Variant(name, env)
+
+
 @dataclass
 class ServerUnderTest:
-    """A running server: its supervising process, address and kind."""
+    """A running server: its supervising process, address, kind and the Redis it uses."""
 
     name: str
     kind: str  # "stockhold" | "naive"
     workers: int
     child: Child
     target: str
+    redis: PrivateRedis
+    variant: Variant | None = None  # a --variant server (not the main one)
 
 
 def clean_env() -> dict[str, str]:
@@ -656,19 +722,26 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("STOCKHOLD_")}
 
 
-def start_server(kind: str, workers: int, redis_url: str, workdir: Path) -> ServerUnderTest:
-    """Start stockhold or the naive server and wait until every worker listens and serves."""
+def start_server(
+    kind: str, workers: int, red: PrivateRedis, workdir: Path, variant: Variant | None = None
+) -> ServerUnderTest:
+    """Start stockhold or the naive server and wait until every worker listens and serves.
+
+    A `variant` (stockhold only) is named stockhold-<workers>w+<variant name> and gets its
+    variables on top of the clean environment.
+    """
     port = free_port()
     listen = f"127.0.0.1:{port}"
-    name = f"{kind}-{workers}w"
+    name = f"{kind}-{workers}w" + (f"+{variant.name}" if variant else "")
     if kind == "stockhold":
         exe = Path(sys.executable).parent / "stockhold"
         cmd = [str(exe), "serve", "--workers", str(workers), "--listen", listen]
-        cmd += ["--redis-url", redis_url]
+        cmd += ["--redis-url", red.url]
     else:
         cmd = [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--workers", str(workers)]
-        cmd += ["--listen", listen, "--redis-url", redis_url]
-    child = Child(name, cmd, workdir / f"{name}.log", env=clean_env())
+        cmd += ["--listen", listen, "--redis-url", red.url]
+    env = clean_env() | (variant.env if variant else {})
+    child = Child(name, cmd, workdir / f"{name}.log", env=env)
     deadline = time.monotonic() + 45
     while listeners(port) < workers:
         if not child.alive():
@@ -691,7 +764,7 @@ def start_server(kind: str, workers: int, redis_url: str, workdir: Path) -> Serv
             raise Abort(f"{name}: not SERVING within 45 s; see {child.log}")
         if serving == 0:
             time.sleep(0.1)
-    return ServerUnderTest(name, kind, workers, child, listen)
+    return ServerUnderTest(name, kind, workers, child, listen, red, variant)
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -706,6 +779,24 @@ class ManyOrders:
     anomalies: int = 0
     sent_ids: list[str] = field(default_factory=list)
     best_rate: float = 0.0  # orders answered per second, the best level so far
+
+
+@dataclass
+class Member:
+    """One stockhold server of a group run side by side (the main one, then each --variant)
+    and what its rows counted, for its own checks against its own Redis."""
+
+    srv: ServerUnderTest
+    pool: list[str] = field(default_factory=list)  # HELD 1-line orders, for the commit rows
+    units_ok: int = 0  # OK Reserve lines (stream and batch orders included)
+    hot_ok: int = 0
+    uncertain: int = 0
+    many: list[ManyOrders] = field(default_factory=list)
+    passed: bool = False  # the reserve check
+    reserved: int = 0  # sum of r: after the reserve rows
+    pos: int = 0  # commit rows: pool[:pos] went out
+    committed: int = 0
+    commit_uncertain: int = 0
 
 
 ROW_LABELS = {
@@ -740,6 +831,20 @@ class Bench:
     waited_s: float = 0.0  # time spent waiting for the machine to be idle (--wait-idle)
     # per server name: concurrency -> baseline OK/s
     baseline: dict[str, dict[int, float]] = field(default_factory=dict)
+    variants: list[Variant] = field(default_factory=list)
+    group: list[ServerUnderTest] = field(default_factory=list)  # servers running side by side
+    turns: int = 0  # points measured on a group so far (which order the next one goes in)
+    width: int = 13  # of the table's server column
+
+    def wanted(self, row: str) -> bool:
+        """Whether --rows (when given) asks for this row."""
+        return self.args.rows is None or row in self.args.rows
+
+    def turn(self, group: list[Member]) -> list[Member]:
+        """The group in the order of the next point: forward, then backward, alternately, so
+        a drift of the machine over a pair of points weighs on every server alike."""
+        self.turns += 1
+        return group if self.turns % 2 else group[::-1]
 
     # -- sizing --------------------------------------------------------------------------------
     def expected_rps(self, server: str) -> float:
@@ -831,7 +936,7 @@ class Bench:
                 f"{rec['cpu']['other_pct']:.0f}% of a core was busy elsewhere (marked *)"
             )
         self.rows.append(rec)
-        print_row(rec)
+        print_row(rec, self.width)
         return rec
 
     def wait_quiet(self) -> None:
@@ -872,8 +977,9 @@ class Bench:
             a.duration,
             a.deadline_ms,
             mode=mode,
-            watch=(srv.child.pid, self.redis.child.pid),
+            watch=(srv.child.pid, srv.redis.child.pid),
             extra=extra,
+            idle=[p for s in self.group if s is not srv for p in (s.child.pid, s.redis.child.pid)],
         )
         path.unlink()
         g = run.out
@@ -933,6 +1039,9 @@ class Bench:
                 if orders[k]
             }
             rec["streams_end"] = g.get("streams_end")
+        if srv.variant:
+            rec["variant"] = srv.variant.name
+            rec["variant_env"] = srv.variant.env
         return rec
 
     # -- stock ---------------------------------------------------------------------------------
@@ -964,9 +1073,9 @@ class Bench:
         )
         pipe.execute()
 
-    def counters(self, keys: list[str]) -> tuple[int, int]:
-        """(sum of available, sum of reserved) over stock hashes."""
-        pipe = self.redis.client.pipeline(transaction=False)
+    def counters(self, keys: list[str], red: PrivateRedis | None = None) -> tuple[int, int]:
+        """(sum of available, sum of reserved) over stock hashes (in `red`, else the main Redis)."""
+        pipe = (red or self.redis).client.pipeline(transaction=False)
         for k in keys:
             pipe.hmget(k, f"a:{WAREHOUSE}", f"r:{WAREHOUSE}")
         avail = reserved = 0
@@ -1002,131 +1111,177 @@ class Bench:
         return passed
 
     # -- servers -------------------------------------------------------------------------------
-    def run_stockhold(self, workers: int, shapes: frozenset[str]) -> None:
-        """Baseline, reserve rows, correctness check, commit rows, check: on one server.
+    def run_stockhold(
+        self, workers: int, shapes: frozenset[str], variants: Sequence[Variant] = ()
+    ) -> None:
+        """Baseline, reserve rows, correctness check, commit rows, check: on one server, or on
+        the main server and each --variant side by side.
 
         `shapes`: with "unary", every unary row (3-line, hot, commit too); without it, only the
         no-op and 1-line Reserve rows, as the references of the "stream" / "batch" rows.
+        `variants`: more stockhold servers, each with its own private Redis (so each one's
+        checks stay exact), all running at once; every point (row, level) is measured on each
+        server back to back, in alternating order, so that drift of the machine cancels out of
+        their ratios.
         """
         a = self.args
         resolver = KeyResolver()
         keys = [resolver.unit(sku(i), SPEC, barcode(i)).stock_key for i in range(UNITS)]
         hot_key = resolver.unit(HOT_SKU, SPEC, HOT_BARCODE).stock_key
         self.redis.client.flushall()
-        srv = start_server("stockhold", workers, self.redis.url, self.workdir)
-        print(f"\n== {srv.name}: {srv.target}, pid {srv.child.pid}")
+        group: list[Member] = []
+        own_redis: list[PrivateRedis] = []
         try:
-            self.load_stockhold_stock(srv)
+            for v in (None, *variants):
+                if v is None:
+                    red = self.redis
+                else:
+                    red = PrivateRedis(self.workdir / f"redis-{v.name}")
+                    own_redis.append(red)
+                srv = start_server("stockhold", workers, red, self.workdir, v)
+                group.append(Member(srv))
+                if v is None:
+                    print(f"\n== {srv.name}: {srv.target}, pid {srv.child.pid}")
+                else:
+                    env = " ".join(f"{k}={x}" for k, x in v.env.items()) or "no extra variable"
+                    print(
+                        f"\n== {srv.name}: {srv.target}, pid {srv.child.pid}; {env}; "
+                        f"its own redis-server on port {red.port}"
+                    )
+                self.load_stockhold_stock(srv)
+            self.group = [m.srv for m in group]
             total_stock = UNITS * UNIT_STOCK + HOT_STOCK
-            for c in a.levels:
-                self.row(srv, "baseline", METHOD_HEALTH, c, lambda _: [b""], mode="cycle")
-            pool: list[str] = []  # order ids of HELD 1-line reservations, for the commit rows
-            units_ok = hot_ok = uncertain = 0
+            if self.wanted("baseline"):
+                for c in a.levels:
+                    for m in self.turn(group):
+                        self.row(m.srv, "baseline", METHOD_HEALTH, c, lambda _: [b""], mode="cycle")
             unary_rows = [("reserve-1line", 1, False)]
             if "unary" in shapes:
                 unary_rows += [("reserve-3line", 3, False), ("reserve-hot", 1, True)]
             for row, lines, hot in unary_rows:
+                if not self.wanted(row):
+                    continue
                 for c in a.levels:
-                    prefix = f"lb-{self.tag}-{srv.name}-{row}-c{c}"
-                    n = self.size_for(srv.name)
-                    bodies = reserve_maker(prefix, n, lines, self.rng, hot)
-                    # Orders of a clean 1-line attempt are HELD: the commit rows use them.
-                    held = pool_collector(pool, prefix) if lines == 1 else None
-                    rec = self.row(srv, row, METHOD_RESERVE, c, bodies, on_attempt=held)
-                    units_ok += rec["ok_total"] * lines
-                    uncertain += rec["uncertain_total"] * lines
-                    if hot:
-                        hot_ok += rec["ok_total"]
-            many = [self.many_orders_rows(srv, shape) for shape in ("stream", "batch")]
-            for m in many:
-                if m is not None:
-                    units_ok += m.ok
-                    uncertain += m.uncertain
-            if self.profile_wanted(srv):
-                ok, unsure = self.profile(srv, pool)
-                units_ok += ok
-                uncertain += unsure
-            if "unary" in shapes:
-                ok, unsure = self.top_up(srv, pool)
-                units_ok += ok
-                uncertain += unsure
-            avail, reserved = self.counters([*keys, hot_key])
-            passed = self.check(
-                f"{srv.name} reserve: units reserved",
-                units_ok,
-                uncertain,
-                reserved,
-                "sum of r:<warehouse> over all stock hashes == OK Reserve lines counted",
-            )
-            _, hot_reserved = self.counters([hot_key])
-            self.check(
-                f"{srv.name} reserve: hot unit",
-                hot_ok,
-                uncertain,
-                hot_reserved,
-                "r: of the hot unit",
-            )
-            self.check(
-                f"{srv.name} reserve: stock conserved",
-                total_stock,
-                0,
-                avail + reserved,
-                "available + reserved == stock loaded",
-            )
-            for m in many:
-                if m is not None:
-                    self.check_many_orders(srv, m)
+                    for m in self.turn(group):
+                        prefix = f"lb-{self.tag}-{m.srv.name}-{row}-c{c}"
+                        n = self.size_for(m.srv.name)
+                        bodies = reserve_maker(prefix, n, lines, self.rng, hot)
+                        # Orders of a clean 1-line attempt are HELD: the commit rows use them.
+                        held = pool_collector(m.pool, prefix) if lines == 1 else None
+                        rec = self.row(m.srv, row, METHOD_RESERVE, c, bodies, on_attempt=held)
+                        m.units_ok += rec["ok_total"] * lines
+                        m.uncertain += rec["uncertain_total"] * lines
+                        if hot:
+                            m.hot_ok += rec["ok_total"]
+            for shape in ("stream", "batch"):
+                self.many_orders_rows(group, shape)
+            for m in group:
+                for mo in m.many:
+                    m.units_ok += mo.ok
+                    m.uncertain += mo.uncertain
+            main = group[0]
+            if self.profile_wanted(main.srv):
+                ok, unsure = self.profile(main.srv, main.pool)
+                main.units_ok += ok
+                main.uncertain += unsure
+            commits = "unary" in shapes and self.wanted("commit")
+            for m in group if commits else []:
+                ok, unsure = self.top_up(m.srv, m.pool)
+                m.units_ok += ok
+                m.uncertain += unsure
+            for m in group:
+                self.check_reserves(m, keys, hot_key, total_stock)
             if "unary" not in shapes:
-                self.skipped.append(f"{srv.name} commit rows: --shapes without unary")
-            elif passed:
-                self.run_commits(srv, pool, [*keys, hot_key], reserved)
-            else:
-                self.skipped.append(f"{srv.name} commit rows: the reserve check failed")
+                for m in group:
+                    self.skipped.append(f"{m.srv.name} commit rows: --shapes without unary")
+            elif commits:
+                for m in group:
+                    if not m.passed:
+                        self.skipped.append(f"{m.srv.name} commit rows: the reserve check failed")
+                self.run_commits([m for m in group if m.passed], [*keys, hot_key])
         finally:
-            self.stop_server(srv)
+            self.group = []
+            for m in group:
+                self.stop_server(m.srv)
+            for red in own_redis:
+                red.stop()
 
-    def many_orders_rows(self, srv: ServerUnderTest, shape: str) -> ManyOrders | None:
-        """The ReserveStream ("stream") or ReserveBatch ("batch") row at every level.
+    def check_reserves(self, m: Member, keys: list[str], hot_key: str, total_stock: int) -> None:
+        """The reserve rows' checks of one server, against its own Redis."""
+        srv = m.srv
+        avail, m.reserved = self.counters([*keys, hot_key], srv.redis)
+        m.passed = self.check(
+            f"{srv.name} reserve: units reserved",
+            m.units_ok,
+            m.uncertain,
+            m.reserved,
+            "sum of r:<warehouse> over all stock hashes == OK Reserve lines counted",
+        )
+        _, hot_reserved = self.counters([hot_key], srv.redis)
+        self.check(
+            f"{srv.name} reserve: hot unit",
+            m.hot_ok,
+            m.uncertain,
+            hot_reserved,
+            "r: of the hot unit",
+        )
+        self.check(
+            f"{srv.name} reserve: stock conserved",
+            total_stock,
+            0,
+            avail + m.reserved,
+            "available + reserved == stock loaded",
+        )
+        for mo in m.many:
+            self.check_many_orders(srv, mo)
+
+    def many_orders_rows(self, group: list[Member], shape: str) -> None:
+        """The ReserveStream ("stream") or ReserveBatch ("batch") row at every level, on each
+        server of the group (its ManyOrders is appended to the member's `many`).
 
         Every order is a 1-line uniform Reserve with its own order id. Stream rows keep
         `concurrency` messages unanswered over min(concurrency, --streams) streams; batch rows
         keep `concurrency` calls of --batch-size orders in flight.
         """
         a = self.args
-        if shape not in a.shapes:
-            return None
         row = f"reserve-{shape}"
-        out = ManyOrders(row)
+        if shape not in a.shapes or not self.wanted(row):
+            return
+        for m in group:
+            m.many.append(ManyOrders(row))
         if shape == "stream":
             method = METHOD_RESERVE_STREAM
         else:
             method, extra = METHOD_RESERVE_BATCH, ["--batch"]
         for c in a.levels:
-            prefix = f"lb-{self.tag}-{srv.name}-{row}-c{c}"
-            factor = STREAM_FILE_FACTOR if shape == "stream" else BATCH_FILE_FACTOR
-            seen = 1.5 * out.best_rate * (a.warmup + a.duration)
-            orders = max(self.size_for(srv.name) * factor, math.ceil(seen))
-            if shape == "stream":
-                extra = ["--stream", "--streams", str(min(c, a.streams))]
-
-            def make(k: int, p: str = prefix, n: int = orders) -> Iterable[bytes]:
+            for m in self.turn(group):
+                out = m.many[-1]
+                prefix = f"lb-{self.tag}-{m.srv.name}-{row}-c{c}"
+                factor = STREAM_FILE_FACTOR if shape == "stream" else BATCH_FILE_FACTOR
+                seen = 1.5 * out.best_rate * (a.warmup + a.duration)
+                orders = max(self.size_for(m.srv.name) * factor, math.ceil(seen))
                 if shape == "stream":
-                    return stream_bodies(f"{p}-a{k}", n, self.rng)
-                return batch_bodies(
-                    f"{p}-a{k}", math.ceil(n / a.batch_size), a.batch_size, self.rng
-                )
+                    extra = ["--stream", "--streams", str(min(c, a.streams))]
 
-            def track(attempt: int, rec: dict[str, Any], p: str = prefix) -> None:
-                # The generator sends in file order: the first orders_sent of the file went out.
-                out.sent_ids += (f"{p}-a{attempt}-{i:07d}" for i in range(rec["orders_sent"]))
-                out.counted += rec["orders_counted"]
-                out.anomalies += sum(rec["anomalies"].values())
+                def make(k: int, p: str = prefix, n: int = orders) -> Iterable[bytes]:
+                    if shape == "stream":
+                        return stream_bodies(f"{p}-a{k}", n, self.rng)
+                    return batch_bodies(
+                        f"{p}-a{k}", math.ceil(n / a.batch_size), a.batch_size, self.rng
+                    )
 
-            rec = self.row(srv, row, method, c, make, on_attempt=track, extra=extra)
-            out.best_rate = max(out.best_rate, rec["rps_all"])
-            out.ok += rec["ok_total"]
-            out.uncertain += rec["uncertain_total"]
-        return out
+                def track(
+                    attempt: int, rec: dict[str, Any], p: str = prefix, out: ManyOrders = out
+                ) -> None:
+                    # The generator sends in file order: the first orders_sent of the file went.
+                    out.sent_ids += (f"{p}-a{attempt}-{i:07d}" for i in range(rec["orders_sent"]))
+                    out.counted += rec["orders_counted"]
+                    out.anomalies += sum(rec["anomalies"].values())
+
+                rec = self.row(m.srv, row, method, c, make, on_attempt=track, extra=extra)
+                out.best_rate = max(out.best_rate, rec["rps_all"])
+                out.ok += rec["ok_total"]
+                out.uncertain += rec["uncertain_total"]
 
     def check_many_orders(self, srv: ServerUnderTest, m: ManyOrders) -> None:
         """A stream or batch row's orders, end to end.
@@ -1153,7 +1308,7 @@ class Bench:
             source="generator",
         )
         resolver = KeyResolver()
-        pipe = self.redis.client.pipeline(transaction=False)
+        pipe = srv.redis.client.pipeline(transaction=False)
         for i in range(0, len(m.sent_ids), 1000):
             pipe.exists(*(resolver.order(o).order_key for o in m.sent_ids[i : i + 1000]))
         found = sum(int(n) for n in pipe.execute()) if m.sent_ids else 0
@@ -1195,47 +1350,47 @@ class Bench:
         print(f"  commit pre-load: {need} more HELD reservations: {codes}")
         return ok, sum(k for code, k in codes.items() if code in UNCERTAIN)
 
-    def run_commits(
-        self, srv: ServerUnderTest, pool: list[str], keys: list[str], reserved: int
-    ) -> None:
-        """Commit rows over HELD 1-line reservations, each committed once; then the counters."""
-        pos = 0
-        committed = uncertain = 0
-
-        def bodies(_attempt: int) -> Iterable[bytes]:
-            return commit_bodies(pool[pos : pos + self.size_for(srv.name)])
-
-        def sent(_attempt: int, r: dict[str, Any]) -> None:
-            # The generator sends in file order: the unsent rest is still HELD, for the next.
-            nonlocal pos
-            pos += r["sent"]
-
+    def run_commits(self, group: list[Member], keys: list[str]) -> None:
+        """Commit rows over each server's HELD 1-line reservations, each committed once
+        (servers side by side at each level, as the other rows); then each one's counters."""
         for c in self.args.levels:
-            if len(pool) - pos < 1000:
-                self.skipped.append(f"{srv.name} commit c={c}: no HELD reservations left")
-                continue
-            rec = self.row(srv, "commit", METHOD_COMMIT, c, bodies, on_attempt=sent)
-            committed += rec["ok_total"]
-            uncertain += rec["uncertain_total"]
-        _, after = self.counters(keys)
-        self.check(
-            f"{srv.name} commit: reserved counter fell by the commits",
-            committed,
-            uncertain,
-            reserved - after,
-            "sum of r: before the commit rows - after == OK Commits counted",
-        )
+            for m in self.turn(group):
+                if len(m.pool) - m.pos < 1000:
+                    self.skipped.append(f"{m.srv.name} commit c={c}: no HELD reservations left")
+                    continue
+
+                def bodies(_attempt: int, m: Member = m) -> Iterable[bytes]:
+                    return commit_bodies(m.pool[m.pos : m.pos + self.size_for(m.srv.name)])
+
+                def sent(_attempt: int, r: dict[str, Any], m: Member = m) -> None:
+                    # The generator sends in file order: the unsent rest is still HELD.
+                    m.pos += r["sent"]
+
+                rec = self.row(m.srv, "commit", METHOD_COMMIT, c, bodies, on_attempt=sent)
+                m.committed += rec["ok_total"]
+                m.commit_uncertain += rec["uncertain_total"]
+        for m in group:
+            _, after = self.counters(keys, m.srv.redis)
+            self.check(
+                f"{m.srv.name} commit: reserved counter fell by the commits",
+                m.committed,
+                m.commit_uncertain,
+                m.reserved - after,
+                "sum of r: before the commit rows - after == OK Commits counted",
+            )
 
     def run_naive(self, workers: int) -> None:
         """The naive lock server: one hot unit and uniform, then its counter check."""
         a = self.args
         self.redis.client.flushall()
         self.load_naive_stock()
-        srv = start_server("naive", workers, self.redis.url, self.workdir)
+        srv = start_server("naive", workers, self.redis, self.workdir)
         print(f"\n== {srv.name}: {srv.target}, pid {srv.child.pid}")
         ok = uncertain = 0
         try:
             for row, hot in (("naive-hot", True), ("naive-uniform", False)):
+                if not self.wanted(row):
+                    continue
                 for c in a.levels:
                     prefix = f"lb-{self.tag}-{srv.name}-{row}-c{c}"
                     n = self.size_for("stockhold-2w")
@@ -1315,7 +1470,7 @@ class Bench:
             a.warmup,
             a.duration,
             a.deadline_ms,
-            watch=(srv.child.pid, self.redis.child.pid),
+            watch=(srv.child.pid, srv.redis.child.pid),
             during=start_profilers,
         )
         path.unlink()
@@ -1356,11 +1511,14 @@ class Bench:
     def run(self) -> None:
         """Every server group, in order; the optional 1-worker group only if time allows."""
         a = self.args
-        self.run_stockhold(a.workers, a.shapes)
+        self.run_stockhold(a.workers, a.shapes, self.variants)
         if "unary" not in a.shapes:
             self.skipped.append("naive and 1-worker rows: --shapes without unary")
             return
-        self.run_naive(a.workers)
+        if self.wanted("naive-hot") or self.wanted("naive-uniform"):
+            self.run_naive(a.workers)
+        else:
+            self.skipped.append("naive rows: not in --rows")
         if a.single_worker and a.workers != 1:
             spent = time.monotonic() - self.started
             per_point = a.warmup + a.duration + 2.5
@@ -1471,18 +1629,23 @@ def perf_report(perf: str, data: Path) -> dict[str, Any]:
 
 
 # -- output ------------------------------------------------------------------------------------
-HEADER = (
-    f"{'server':<13} {'row':<14} {'conc':>5} {'RPS':>8} {'p50 ms':>8} {'p99 ms':>8} "
-    f"{'x base':>6} {'x rsv':>5} {'gen%':>5} {'srv%':>5} {'redis%':>6} {'other%':>6}  errors"
-)
+def header(width: int = 13) -> str:
+    """The table's header line (`width`: of the server column)."""
+    return (
+        f"{'server':<{width}} {'row':<14} {'conc':>5} {'RPS':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'x base':>6} {'x rsv':>5} {'gen%':>5} {'srv%':>5} {'redis%':>6} {'other%':>6}  errors"
+    )
+
+
+HEADER = header()
 
 
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def row_line(r: dict[str, Any]) -> str:
-    """One table line."""
+def row_line(r: dict[str, Any], width: int = 13) -> str:
+    """One table line (`width`: of the server column)."""
     errs = " ".join(f"{k}={v}" for k, v in sorted(r["errors"].items())) or "-"
     if r["exhausted"]:
         errs += " (ran out of requests)"
@@ -1490,7 +1653,7 @@ def row_line(r: dict[str, Any]) -> str:
         errs += " *"
     cpu = r["cpu"] or {}
     return (
-        f"{r['server']:<13} {r['row']:<14} {r['concurrency']:>5} {r['rps']:>8.0f} "
+        f"{r['server']:<{width}} {r['row']:<14} {r['concurrency']:>5} {r['rps']:>8.0f} "
         f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {_fmt(r['vs_baseline'], '>6.2f')} "
         f"{_fmt(r.get('vs_reserve'), '>5.2f')} {r['gen_cpu_pct']:>5.0f} "
         f"{_fmt(cpu.get('server_pct'), '>5.0f')} "
@@ -1498,9 +1661,96 @@ def row_line(r: dict[str, Any]) -> str:
     )
 
 
-def print_row(r: dict[str, Any]) -> None:
+def print_row(r: dict[str, Any], width: int = 13) -> None:
     """Progress: the row as soon as it is measured."""
-    print("  " + row_line(r), flush=True)
+    print("  " + row_line(r, width), flush=True)
+
+
+def cpu_us_per_ok(r: dict[str, Any], party: str) -> float | None:
+    """CPU µs of `party` ("server" or "redis") per OK answer (per OK order in the stream and
+    batch rows) of the measured window: its CPU seconds over the window / the OK answers."""
+    cpu = r["cpu"] or {}
+    pct, wall = cpu.get(f"{party}_pct"), cpu.get("wall_s")
+    ok = int(r["measured_by_code"].get("OK", 0))
+    if pct is None or not wall or not ok:
+        return None
+    return round(float(pct) / 100 * float(wall) * 1e6 / ok, 1)
+
+
+def _cell(v: float | None, spec: str) -> str:
+    """_fmt, with "-" padded to the column's width too (spec: ">W.Pf")."""
+    return format("-", spec.split(".")[0]) if v is None else format(v, spec)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def variant_comparison(
+    rows: list[dict[str, Any]], main: str, servers: list[str]
+) -> list[dict[str, Any]]:
+    """Per row and level of the main server: each server's figures, and each variant's
+    against the main one's at the same point (rps_x_main, vs_baseline_x_main, ...)."""
+    by = {(r["server"], r["row"], r["concurrency"]): r for r in rows}
+    out = []
+    for r in rows:
+        if r["server"] != main:
+            continue
+        point: dict[str, Any] = {"row": r["row"], "concurrency": r["concurrency"], "servers": []}
+        ref: dict[str, Any] | None = None
+        for name in (main, *servers):
+            x = by.get((name, r["row"], r["concurrency"]))
+            if x is None:
+                continue
+            fig: dict[str, Any] = {
+                "server": name,
+                "variant": x.get("variant"),
+                "rps": round(x["rps"], 1),
+                "vs_baseline": None if x["vs_baseline"] is None else round(x["vs_baseline"], 3),
+                "p99_ms": x["p99_ms"],
+                "server_cpu_us_per_ok": cpu_us_per_ok(x, "server"),
+                "redis_cpu_us_per_ok": cpu_us_per_ok(x, "redis"),
+                "idle_servers_pct": (x["cpu"] or {}).get("idle_servers_pct"),
+                "busy_elsewhere": bool(x.get("busy_elsewhere")),
+            }
+            if ref is None:
+                ref = fig
+            else:
+                for key in ("rps", "vs_baseline", "server_cpu_us_per_ok", "redis_cpu_us_per_ok"):
+                    fig[f"{key}_x_main"] = _ratio(fig[key], ref[key])
+            point["servers"].append(fig)
+        out.append(point)
+    return out
+
+
+def print_comparison(points: list[dict[str, Any]], variants: list[Variant], width: int) -> None:
+    """The --variant comparison table."""
+    print("\nvariants (each server measured back to back at each point, in alternating order):")
+    for v in variants:
+        env = " ".join(f"{k}={x}" for k, x in v.env.items()) or "no extra variable"
+        print(f"  {v.name}: {env}")
+    print(
+        f"{'row':<14} {'conc':>5} {'server':<{width}} {'RPS':>8} {'x base':>6} {'p99 ms':>7} "
+        f"{'srv us':>7} {'rds us':>7} {'RPS/main':>8} {'xb/main':>7} {'srv us/main':>11}"
+    )
+    for p in points:
+        for i, f in enumerate(p["servers"]):
+            lead = f"{p['row']:<14} {p['concurrency']:>5}" if i == 0 else " " * 20
+            print(
+                f"{lead} {f['server']:<{width}} {f['rps']:>8.0f} "
+                f"{_cell(f['vs_baseline'], '>6.2f')} {f['p99_ms']:>7.2f} "
+                f"{_cell(f['server_cpu_us_per_ok'], '>7.0f')} "
+                f"{_cell(f['redis_cpu_us_per_ok'], '>7.0f')} "
+                f"{_cell(f.get('rps_x_main'), '>8.3f')} "
+                f"{_cell(f.get('vs_baseline_x_main'), '>7.3f')} "
+                f"{_cell(f.get('server_cpu_us_per_ok_x_main'), '>11.3f')}"
+                + (" *" if f["busy_elsewhere"] else "")
+            )
+    print(
+        "srv us / rds us = server (all workers) / Redis CPU µs per OK answer (per OK order for "
+        "stream and batch) in the window; x base against the server's own no-op at the same "
+        "level; .../main = the variant's figure / the main server's at the same point."
+    )
 
 
 def print_profile(p: dict[str, Any]) -> None:
@@ -1728,6 +1978,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=16, help="ReserveBatch rows: orders per call")
     p.add_argument(
+        "--rows",
+        default=None,
+        help="only these rows (comma-separated, of " + ", ".join(ROW_LABELS) + "), among "
+        "those --shapes asks for; default: all of them",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:ENV=VALUE[,ENV=VALUE...]",
+        help="repeatable: one more stockhold server named stockhold-<workers>w+NAME, started "
+        "like the main one plus these environment variables, with its own Redis, measured on "
+        "the same rows, each point back to back with the main server; a comparison table at "
+        "the end (e.g. redispy:STOCKHOLD_REDIS_HOT_CLIENT=false)",
+    )
+    p.add_argument(
         "--budget",
         type=float,
         default=450.0,
@@ -1774,6 +2040,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--levels: 1..10000")
     if not (0 < a.duration <= 60 and 0 <= a.warmup <= 30):
         p.error("--duration must be in (0, 60], --warmup in [0, 30]")
+    if a.rows is not None:
+        a.rows = frozenset(x.strip() for x in str(a.rows).split(",") if x.strip())
+        unknown = a.rows - set(ROW_LABELS)
+        if not a.rows or unknown:
+            p.error(f"--rows: a comma-separated list of {', '.join(ROW_LABELS)}")
+        shape_of = {"reserve-stream": "stream", "reserve-batch": "batch"}
+        off = sorted(
+            r
+            for r in a.rows
+            if shape_of.get(r, "unary") not in a.shapes and r not in ("baseline", "reserve-1line")
+        )
+        if off:
+            p.error(f"--rows {','.join(off)}: not measured with --shapes {','.join(a.shapes)}")
+    variants = []
+    for spec in a.variant:
+        try:
+            variants.append(parse_variant(spec))
+        except ValueError as exc:
+            p.error(f"--variant {spec!r}: {exc}")
+    if len({v.name for v in variants}) < len(variants):
+        p.error("--variant: two variants of the same name")
+    if variants:
+        # Each variant is one more stockhold server measured on the same rows: more time.
+        rows = ["baseline", "reserve-1line"]
+        if "unary" in a.shapes:
+            rows += ["reserve-3line", "reserve-hot", "commit"]
+        rows += [f"reserve-{x}" for x in ("stream", "batch") if x in a.shapes]
+        points = len(a.levels) * sum(1 for r in rows if a.rows is None or r in a.rows)
+        a.budget += len(variants) * (points * (a.warmup + a.duration + 2.5) + 30)
     return a
 
 
@@ -1828,6 +2123,12 @@ def main(argv: list[str] | None = None) -> int:
         meta["redis"] = {"version": red.version, "binary": red.binary}
         print(f"redis-server {red.version} on port {red.port} (pid {red.child.pid})")
         bench = Bench(a, stamp, workdir, red, random.Random(a.seed))
+        bench.variants = [parse_variant(v) for v in a.variant]
+        main_name = f"stockhold-{a.workers}w"
+        bench.width = max([13] + [len(f"{main_name}+{v.name}") for v in bench.variants])
+        if bench.variants:
+            names = ", ".join(f"{main_name}+{v.name}" for v in bench.variants)
+            print(f"variants: {names}; time budget {a.budget:.0f} s with them")
         bench.run()
     except (Abort, KeyboardInterrupt) as exc:
         failure = f"{type(exc).__name__}: {exc}"
@@ -1844,9 +2145,9 @@ def main(argv: list[str] | None = None) -> int:
     meta["finished_utc"] = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     meta["elapsed_s"] = round(time.monotonic() - bench.started, 1)
     meta["waited_for_idle_s"] = round(bench.waited_s, 1)
-    print("\n" + HEADER)
+    print("\n" + header(bench.width))
     for r in rows:
-        print(row_line(r))
+        print(row_line(r, bench.width))
     print(
         "RPS = OK responses/s in the measured window; x base = RPS / no-op baseline RPS "
         "(same server, same concurrency; naive rows vs stockhold-2w's); CPU % of one core "
@@ -1859,6 +2160,22 @@ def main(argv: list[str] | None = None) -> int:
             f"messages outstanding over min(conc, {a.streams}) streams / calls of "
             f"{a.batch_size} orders outstanding; p50/p99 per message / per call."
         )
+    comparison: dict[str, Any] | None = None
+    if bench.variants:
+        main_name = f"stockhold-{a.workers}w"
+        servers = [f"{main_name}+{v.name}" for v in bench.variants]
+        points = variant_comparison(rows, main_name, servers)
+        if points:
+            print_comparison(points, bench.variants, bench.width)
+        comparison = {
+            "main": main_name,
+            "variants": [
+                {"variant": v.name, "server": n, "env": v.env}
+                for v, n in zip(bench.variants, servers, strict=True)
+            ],
+            "order": "each point (row, level) on every server back to back, order alternating",
+            "points": points,
+        }
     print("\ntargets:")
     for t in targets:
         c = "" if t["concurrency"] is None else f" (c={t['concurrency']})"
@@ -1902,6 +2219,8 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": bench.profiles,
         "failure": failure,
     }
+    if comparison is not None:
+        doc["variants"] = comparison
     out_json.write_text(json.dumps(doc, indent=1, default=str))
     print(f"\nJSON: {out_json}")
     if rows and write_chart(rows, a.levels, out_png):
