@@ -17,7 +17,7 @@ import pytest
 from stockhold_fixtures import Factory
 
 from stockhold import constants as c
-from stockhold.engine import Engine
+from stockhold.engine import Engine, reserve_results
 from stockhold.errors import DomainError, Reason
 from stockhold.settings import Settings
 from stockhold.v1 import inventory_pb2 as pb
@@ -74,13 +74,13 @@ async def hold_many(
             u = units[i % len(units)]
             line = (u.sku, u.spec, u.barcode, "w1", 1)
             orders.append(engine.resolver.resolve_order(oid, [line], hold, max_hold))
-        calls.append(engine.reserve_call(orders))
-    replies = [await engine.scripts.reserve(keys=k, args=a) for k, a in calls]
+        calls.append((orders, *engine.reserve_call(orders)))
+    replies = [(o, await engine.scripts.reserve(keys=k, args=a)) for o, k, a in calls]
     deadlines: dict[str, int] = {}
-    for reply in replies:
-        for r in orjson.loads(reply):
-            assert r.get("ok") == 1, r
-            deadlines[r["rec"]["oid"]] = int(r["rec"]["dl"])
+    for orders, reply in replies:
+        for r in reserve_results(orders, reply):
+            assert r.err is None and r.reservation is not None and not r.replayed, r
+            deadlines[r.reservation.order_id] = r.reservation.expires_ms
     assert len(deadlines) == len(order_ids)
     return deadlines
 

@@ -22,16 +22,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis
 import redis.asyncio
 import redis.exceptions
 from redis_proc import RedisProc, free_port
 
-from stockhold.engine import Engine
+from stockhold.engine import Engine, reserve_results
 from stockhold.errors import Reason
-from stockhold.model import Reservation
 from stockhold.settings import Settings
 from stockhold.store.calls import backend_error, make_client
 from stockhold.store.hotclient import HotClient, ScriptDef, parse_url
@@ -132,11 +130,12 @@ async def test_the_real_reserve_script_holds_stock(redis_proc: RedisProc) -> Non
             "order-1", [(unit.sku, unit.spec, unit.barcode, "", 3)], 0, settings.max_hold_seconds
         )
         keys, args = engine.reserve_call([order])
-        first = orjson.loads(await client.evalsha(ScriptDef.of("reserve"), keys, args))
-        assert first[0]["ok"] == 1 and first[0]["replayed"] == 0
-        replay = orjson.loads(await engine.scripts.reserve(keys=keys, args=args))
-        assert replay[0]["replayed"] == 1
-        assert Reservation.from_record(replay[0]["rec"]) == Reservation.from_record(first[0]["rec"])
+        first = reserve_results([order], await client.evalsha(ScriptDef.of("reserve"), keys, args))
+        assert first[0].err is None and not first[0].replayed
+        replay = reserve_results([order], await engine.scripts.reserve(keys=keys, args=args))
+        assert replay[0].replayed
+        # the hold built from the reply equals the stored record read back
+        assert replay[0].reservation == first[0].reservation
         [level] = await engine.availability([unit])
         assert (level.available, level.reserved) == (7, 3)
     finally:

@@ -17,7 +17,7 @@ import orjson
 from redis.asyncio import Redis
 
 from stockhold import constants as c
-from stockhold import metrics
+from stockhold import metrics, scripts
 from stockhold.batcher import Batcher, NotSent
 from stockhold.contention import ContentionStats, Outcome, new_tracker
 from stockhold.errors import DomainError, FieldViolation, Reason, invalid
@@ -80,6 +80,65 @@ def _distinct_skus(units: Sequence[Unit]) -> list[str]:
     return skus
 
 
+class ReserveResult(NamedTuple):
+    """One order's answer from reserve.lua (`reserve_results`)."""
+
+    reservation: Reservation | None  # None when refused
+    replayed: bool
+    err: str | None  # the refusal's reason
+    meta: dict[str, Any]  # the refusal's details
+    pol: Sequence[int]  # flat (timeout ms, hot 0|1, pinned 0|1) per distinct SKU, maybe empty
+
+
+# Small counts and indexes as ARGV text, formatted once.
+_TEXT = tuple(str(i) for i in range(c.MAX_LINES + 2))
+
+
+def _text(i: int) -> str:
+    return _TEXT[i] if i < len(_TEXT) else str(i)
+
+
+_NO_META: dict[str, Any] = {}
+
+
+def reserve_results(
+    orders: Sequence[ResolvedOrder | PaidOrder], reply: bytes | str
+) -> list[ReserveResult]:
+    """Read reserve.lua's reply (one JSON text, see its header) for the orders of its call: a
+    fresh hold is built from what the call sent plus the reply, a replay from the stored
+    record."""
+    now, *entries = orjson.loads(reply)
+    out: list[ReserveResult] = []
+    for item, entry in zip(orders, entries, strict=True):
+        kind, pol = entry[0], entry[1]
+        if kind == 1:
+            if isinstance(item, PaidOrder):
+                order, amount, payment = item.order, item.amount, item.payment
+            else:
+                order, amount, payment = item, 0, None
+            held = Reservation.held(
+                order.keys.order_id, order.units, entry[3], now, entry[2], amount, payment, entry[4]
+            )
+            out.append(ReserveResult(held, False, None, _NO_META, pol))
+        elif kind == 2:
+            flat = entry[2]
+            rec = dict(zip(flat[::2], flat[1::2], strict=True))
+            out.append(ReserveResult(Reservation.from_record(rec), True, None, _NO_META, pol))
+        else:
+            out.append(ReserveResult(None, False, entry[2], entry[3] or {}, pol))
+    return out
+
+
+def _transition_result(entry: Sequence[Any]) -> dict[str, Any]:
+    """One entry of transition.lua's reply (see its header) as a result dict: {"ok": 1,
+    "changed", "replayed", "stuck", "rec": record} or {"err": REASON, "meta": {...}}."""
+    if entry[0] == 0:
+        return {"err": entry[1], "meta": entry[2]}
+    flat = entry[2]
+    rec = dict(zip(flat[::2], flat[1::2], strict=True))
+    return {"ok": 1, "changed": entry[1], "replayed": entry[3], "stuck": entry[4], "rec": rec}
+
+
 def _raise_for(result: dict[str, Any]) -> None:
     err = result.get("err")
     if err is not None:
@@ -97,22 +156,9 @@ class Engine:
         self.resolver = calls.resolver
         self.scripts = calls.scripts
         self.policies = PolicyStore(calls)
-        self._reserve_header = orjson.dumps(
-            {
-                "maxlen": settings.event_stream_maxlen,
-                "priority": list(settings.warehouse_priority),
-                "dhold": settings.default_hold_seconds,
-                "pol": self.policies.window,
-                "pay": self._poll_schedule(),
-            }
-        )
-        self._transition_header = orjson.dumps(
-            {
-                "maxlen": settings.event_stream_maxlen,
-                "retention": settings.record_retention_seconds * 1000,
-                "pol": self.policies.window,
-            }
-        )
+        # The scripts carry the configuration in their source; a call names the one it was
+        # built for (stockhold.scripts): ARGV[1] of reserve.lua and transition.lua.
+        self._config_id = scripts.config_id(settings)
         self._sku_keys: dict[str, str] = {}
         # Contention figures of this process (published to Redis by the server).
         self.contention = ContentionStats(
@@ -123,7 +169,7 @@ class Engine:
         )
         self.tracker = new_tracker()
         # Concurrent reserves and commits/releases are coalesced into few script calls.
-        self.reserves: Batcher[ResolvedOrder | PaidOrder, dict[str, Any]] = Batcher(
+        self.reserves: Batcher[ResolvedOrder | PaidOrder, ReserveResult] = Batcher(
             self._reserve_batch, settings.batch_max_orders, settings.batch_max_inflight
         )
         self.transitions: Batcher[Transition, dict[str, Any]] = Batcher(
@@ -222,18 +268,18 @@ class Engine:
         finally:
             tracker.end_units(units)
         result = timed.result
-        pol = result.get("pol")
+        pol = result.pol
         if pol:
             update = self.policies.cache.update
-            for s, (to, is_hot, pinned) in zip(_distinct_skus(units), pol, strict=True):
-                update(s, int(to), bool(is_hot), bool(pinned))
-        err = result.get("err")
+            for j, s in enumerate(_distinct_skus(units)):
+                update(s, pol[3 * j], bool(pol[3 * j + 1]), bool(pol[3 * j + 2]))
+        err = result.err
         outcome: Outcome = (
             "ok" if err is None else "insufficient" if err == Reason.INSUFFICIENT_STOCK else "error"
         )
         self._record(units, contended, timed.queued_s, timed.call_s, outcome)
         if err == Reason.INVALID_ARGUMENT:
-            meta = result["meta"]
+            meta = result.meta
             raise invalid(
                 [
                     FieldViolation(
@@ -243,8 +289,9 @@ class Engine:
                     )
                 ]
             )
-        _raise_for(result)
-        return Reservation.from_record(result["rec"]), bool(result["replayed"])
+        if err is not None or result.reservation is None:
+            raise DomainError(Reason(err or Reason.INTERNAL.value), metadata=result.meta)
+        return result.reservation, result.replayed
 
     def _record(
         self,
@@ -267,46 +314,49 @@ class Engine:
 
     async def _reserve_batch(
         self, orders: Sequence[ResolvedOrder | PaidOrder]
-    ) -> list[dict[str, Any]]:
+    ) -> list[ReserveResult]:
         """One reserve.lua call for a batch of orders; one result per order."""
         keys, args = self.reserve_call(orders)
-        results: list[dict[str, Any]] = orjson.loads(
-            await self._call(self.scripts.reserve, keys, args)
-        )
-        return results
+        return reserve_results(orders, await self._call(self.scripts.reserve, keys, args))
 
     def reserve_call(
         self, orders: Sequence[ResolvedOrder | PaidOrder]
-    ) -> tuple[list[str], list[bytes]]:
-        """KEYS and ARGV of one reserve.lua call for a batch of orders."""
+    ) -> tuple[list[str], list[bytes | str]]:
+        """KEYS and ARGV of one reserve.lua call for a batch of orders (its header says
+        what each field is); `reserve_results` reads the reply."""
         keys: list[str] = []
-        args: list[bytes] = [self._reserve_header]
+        args: list[bytes | str] = [self._config_id]
         for item in orders:
             if isinstance(item, PaidOrder):
-                order, paid = item.order, item
+                order, fp, amount, payment = item.order, item.fingerprint, item.amount, item.payment
             else:
-                order, paid = item, None
+                order, fp, amount, payment = item, item.fingerprint, 0, None
             k = order.keys
             units = order.units
             skus = _distinct_skus(units)
-            keys += (k.order_key, k.expiry_key, k.events_key)
-            keys += (u.stock_key for u in units)
-            keys += (self.sku_key(s) for s in skus)
-            arg: dict[str, Any] = {
-                "oid": k.order_id,
-                "fp": order.fingerprint,
-                "hold": order.hold_seconds,
-                "units": [(u.sku, u.spec, u.barcode) for u in units],
-                "us": [skus.index(u.sku) + 1 for u in units],
-                "m": len(skus),
-                "lines": [(i + 1, wh, q) for i, wh, q in order.lines],
-            }
-            if paid is not None:
-                arg["fp"], arg["amt"] = paid.fingerprint, paid.amount
-                if paid.payment is not None:
-                    arg["pay"] = list(paid.payment)
-                    keys += (self.polls_key(k.partition), self.payment_map_key(*paid.payment))
-            args.append(orjson.dumps(arg))
+            stock_keys = [u.stock_key for u in units]
+            sku_keys = [self.sku_key(s) for s in skus]
+            keys += (k.order_key, k.expiry_key, k.events_key, *stock_keys, *sku_keys)
+            lines = order.lines
+            flags = (1 if amount else 0) | (2 if payment is not None else 0)
+            args += (
+                k.order_id,
+                fp,
+                str(order.hold_seconds),
+                bytes((len(units), len(skus), len(lines), flags)),
+                orjson.dumps(stock_keys),
+                orjson.dumps(sku_keys),
+                orjson.dumps([skus.index(u.sku) + 1 for u in units]),
+            )
+            if amount:
+                args.append(str(amount))
+            if payment is not None:
+                args += payment
+                keys += (self.polls_key(k.partition), self.payment_map_key(*payment))
+            # each unit as JSON without its array's brackets (reserve.lua splices it)
+            args += (orjson.dumps((u.sku, u.spec, u.barcode))[1:-1] for u in units)
+            for i, wh, q in lines:
+                args += (_text(i + 1), wh, str(q))
         return keys, args
 
     async def commit(self, order_id: str, payment_ref: str = "") -> Reservation:
@@ -343,11 +393,12 @@ class Engine:
         raise DomainError(Reason.INTERNAL, "the reservation kept changing under the call")
 
     async def _transition_batch(self, items: Sequence[Transition]) -> list[dict[str, Any]]:
-        """Read each record's stock and SKU keys (one pipeline), then one transition.lua call."""
+        """Read each record's stock and SKU keys (one pipeline), then one transition.lua call
+        (its header says what each field is)."""
         stored = await self.calls.hmget_many([t.keys.order_key for t in items], ("keys", "skeys"))
         results: list[dict[str, Any]] = [{"err": Reason.RESERVATION_NOT_FOUND.value} for _ in items]
         keys: list[str] = [self.policies.index_key]
-        args: list[bytes] = [self._transition_header]
+        args: list[bytes | str] = [self._config_id]
         sent: list[int] = []
         for i, (t, (raw, raw_skus)) in enumerate(zip(items, stored, strict=True)):
             if raw is None:
@@ -359,23 +410,15 @@ class Engine:
             # ReportPayment stops the order's polls: its partition's poll index.
             extra = (self.polls_key(k.partition),) if t.op == "pay" else ()
             keys += (k.order_key, k.expiry_key, k.events_key, *stock_keys, *sku_keys, *extra)
-            args.append(
-                orjson.dumps(
-                    {
-                        "op": t.op,
-                        "oid": k.order_id,
-                        "n": len(stock_keys),
-                        "m": len(sku_keys),
-                        "x": len(extra),
-                        "arg": t.arg,
-                    }
-                )
-            )
+            # The texts KEYS were built from go along: the script checks them against the
+            # record's by equality, without decoding.
+            counts = bytes((len(stock_keys), len(sku_keys), len(extra)))
+            args += (t.op, k.order_id, counts, raw, raw_skus or b"", t.arg)
             sent.append(i)
         if sent:
             replies = orjson.loads(await self._call(self.scripts.transition, keys, args))
             for i, reply in zip(sent, replies, strict=True):
-                results[i] = reply
+                results[i] = _transition_result(reply)
         return results
 
     async def get_reservation(self, order_id: str) -> Reservation:
@@ -564,13 +607,7 @@ class Engine:
     # -- payments (issue 5, docs/payments.md) --------------------------------------------------
     def _poll_schedule(self) -> dict[str, Any]:
         """The poll schedule as the scripts take it (reserve.lua, payment_mark.lua)."""
-        s = self.settings
-        return {
-            "steps": list(s.payment_poll_steps_ms),
-            "margin": round(s.payment_final_poll_margin_seconds * 1000),
-            # The out_trade_no map outlives the longest hold plus the record's retention.
-            "ttl": (s.max_hold_seconds + s.record_retention_seconds) * 1000,
-        }
+        return scripts.poll_schedule(self.settings)
 
     def _tag(self, partition: int) -> str:
         """A partition's key tag, `<prefix>:{p<N>}:`, which every key of the partition starts

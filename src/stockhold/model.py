@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -90,6 +90,55 @@ class Reservation:
     release_reason: str
     amount: int = 0  # from Reserve, minor units (0: not given)
     payment: PaymentInfo | None = None
+
+    @classmethod
+    def held(
+        cls,
+        order_id: str,
+        units: Sequence[Sequence[Any]],
+        alloc: Sequence[Sequence[Any]],
+        created_ms: int,
+        expires_ms: int,
+        amount: int = 0,
+        payment: PendingPayment | None = None,
+        next_poll_ms: int = 0,
+    ) -> Reservation:
+        """A hold just made, from what the caller sent and what reserve.lua answered: equal
+        to `from_record` of the record it wrote, without reading that record back.
+
+        `units` are the order's (sku, spec, barcode, ...) in KEYS order, `alloc` the record's
+        allocations ([unit index from 1, warehouse, quantity], ...), `payment` the payment
+        marked pending (first poll at `next_poll_ms`).
+        """
+        allocations = []
+        for u, wh, q in alloc:
+            unit = units[u - 1]
+            allocations.append(Allocation(unit[0], unit[1], unit[2], wh, int(q)))
+        info = None
+        if payment is not None:
+            info = PaymentInfo(
+                provider=payment.provider,
+                out_trade_no=payment.out_trade_no,
+                transaction_id="",
+                status="PENDING",
+                polls=0,
+                next_poll_ms=next_poll_ms or None,
+                flag="",
+                recommitted_ms=None,
+                paid_at_ms=None,
+            )
+        return cls(
+            order_id=order_id,
+            state=State.HELD,
+            allocations=tuple(allocations),
+            created_ms=created_ms,
+            expires_ms=expires_ms,
+            updated_ms=None,
+            payment_ref="",
+            release_reason="",
+            amount=amount,
+            payment=info,
+        )
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> Reservation:

@@ -1,10 +1,13 @@
 -- _prelude.lua: helpers prepended to every operation script by stockhold.scripts (not a script
 -- of its own). Everything here is local to the script that includes it.
 
--- Milliseconds on Redis's own clock: the only clock stockhold trusts.
+-- Milliseconds on Redis's own clock (the only clock stockhold trusts), and the same as text:
+-- the seconds' text followed by the first three of the six microsecond digits, so no number
+-- is formatted.
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local text = t[1] .. string.sub('00000' .. t[2], -6, -4)
+  return tonumber(text), text
 end
 
 -- HGETALL reply -> table.
@@ -14,10 +17,19 @@ local function hash_table(flat)
   return t
 end
 
--- Append one event to a partition stream, trimmed to about maxlen entries.
+-- Append one event to a partition stream, trimmed to about maxlen entries. `data` is a table,
+-- or its JSON text already encoded (the reserve path builds it as text: cheaper than cjson).
 local function emit(stream, maxlen, etype, id_field, id, now, data)
+  if type(data) ~= 'string' then data = cjson.encode(data) end
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-    'type', etype, id_field, id, 'ts', now, 'data', cjson.encode(data))
+    'type', etype, id_field, id, 'ts', now, 'data', data)
+end
+
+-- A string as a JSON string literal: quoted as is when nothing in it needs escaping (the
+-- common case, and no cjson call), else through cjson.
+local function json_str(s)
+  if string.find(s, '[%c"\\]') then return cjson.encode(s) end
+  return '"' .. s .. '"'
 end
 
 -- A reservation record's allocations as event payload: [[sku, spec, barcode, warehouse, qty]].
@@ -44,8 +56,10 @@ local function stale_buckets(old, now, p)
   return fields, cutoff
 end
 
--- Read-only: the SKU's stored policy and whether it is hot now.
-local function sku_state(key, now, p)
+-- Read-only: a SKU hash's fields as HMGET returns them (false where absent): [1] timeout ms,
+-- [2] hold s, [3] max line quantity, [4] hot flag, [5] pinned, [6] stored, [7] updated ms,
+-- [8] sold, [9] oldest bucket; then the units sold in the window and whether it is hot now.
+local function sku_read(key, now, p)
   local v = redis.call('HMGET', key, 'to', 'hold', 'maxq', 'hot', 'pin', 'set', 'up', 'sold', 'old')
   local sold = tonumber(v[8]) or 0
   if sold > 0 then
@@ -56,11 +70,16 @@ local function sku_state(key, now, p)
       end
     end
   end
-  local pin = v[5] == '1'
   local hot
-  if pin then hot = v[4] == '1' else hot = sold > p.thr end
+  if v[5] == '1' then hot = v[4] == '1' else hot = sold > p.thr end
+  return v, sold, hot
+end
+
+-- Read-only: the SKU's stored policy and whether it is hot now.
+local function sku_state(key, now, p)
+  local v, sold, hot = sku_read(key, now, p)
   return {to = tonumber(v[1]) or 0, hold = tonumber(v[2]) or 0, maxq = tonumber(v[3]) or 0,
-    hot_flag = v[4] == '1', pin = pin, stored = v[6] == '1', up = tonumber(v[7]) or 0,
+    hot_flag = v[4] == '1', pin = v[5] == '1', stored = v[6] == '1', up = tonumber(v[7]) or 0,
     sold = sold, hot = hot}
 end
 
@@ -85,9 +104,11 @@ local function sku_add_sold(key, index_key, sku, now, p, q)
     old = math.floor(now / p.bms)
     redis.call('ZADD', index_key, 0, sku)
   end
-  redis.call('HINCRBY', key, 'b:' .. math.floor(now / p.bms), q)
-  redis.call('HSET', key, 'sold', sold + q, 'old', old)
-  if v[3] ~= '1' then redis.call('PEXPIRE', key, (p.nb + 1) * p.bms) end
+  -- integers formatted as such ('%d'): cheaper than the float format Redis and `..` apply
+  local fmt = string.format
+  redis.call('HINCRBY', key, fmt('b:%d', math.floor(now / p.bms)), fmt('%d', q))
+  redis.call('HSET', key, 'sold', fmt('%d', sold + q), 'old', fmt('%d', old))
+  if v[3] ~= '1' then redis.call('PEXPIRE', key, fmt('%d', (p.nb + 1) * p.bms)) end
 end
 
 -- Payment sync (issue 5, docs/payments.md) ------------------------------------------------------

@@ -8,18 +8,20 @@
 --   [g+4+n .. g+3+n+m] the SKU policy hashes named in its "skeys" field (m = 0: none stored)
 --   [g+4+n+m .. g+3+n+m+x] extra keys of the op (x = 0 but for "pay": the poll index of the
 --                          order's partition)
--- ARGV[1]   JSON header: {"maxlen": int, "retention": ms,
---                         "pol": {"thr": units, "bms": bucket ms, "nb": buckets}}
--- ARGV[1+i] JSON of order i: {"op": "commit"|"release"|"pay"|"expire", "oid": str, "n": int,
---                             "m": int, "x": int, "arg": payment_ref (commit) | reason (release)
---                             | JSON of the payment report (pay, see report_one) | "" (expire)}
+-- ARGV[1] the configuration id the call was built for (CONFIG_ID, see stockhold.scripts).
+-- Then per order, 6 plain fields: op ("commit" | "release" | "pay" | "expire"), order id,
+--   counts (3 bytes: n, m, x), the record's "keys" and "skeys" texts the caller built KEYS
+--   from ("" for a record without skeys), arg (payment_ref (commit) | reason (release) | JSON
+--   of the payment report (pay, see report_one) | "" (expire)).
+--   KEYS match the record when those texts equal the record's: nothing to decode to check.
 -- A commit counts its units as sold in each SKU's trailing sales window (auto-hot detection).
--- Returns a JSON array, one entry per order:
---   {"ok": 1, "changed": 0|1, "rec": record}   the reservation after the call
---   {"err": REASON}                             refused, nothing written (but see commit)
---   pay: {"ok": 1, "replayed": 0|1, "rec": record} or {"err": REASON, "meta": {...}}
---   expire: {"ok": 1, "changed": 0|1, "rec": record, "stuck": 1 (refused: a reserved counter
---           below the hold; nothing written, the record is returned as it is)}
+-- Returns one JSON text, an array with one entry per order (built as text: Redis converts a
+-- Lua table reply element by element, at a high cost):
+--   [1, changed 0|1, record, replayed 0|1, stuck 0|1]   the reservation after the call, the
+--       record flat [field, value, ...] (a field may repeat: the last value counts);
+--       pay: replayed 1 when the report was seen before; expire: stuck 1 when refused (a
+--       reserved counter below the hold; nothing written, the record returned as it is)
+--   [0, REASON, meta or null]    refused, nothing written (but see commit)
 -- States only move forward: H -> C | R | E. The deadline decides, not the sweeper: a HELD
 -- record at or after its deadline is expired by whichever call finds it first, exactly as
 -- expire.lua would (stock back, out of the expiry index, one ORDER_EXPIRED event, st = E,
@@ -29,14 +31,16 @@
 -- it and changes nothing otherwise. Each re-checks st == 'H' in this call, so the sweeper and
 -- concurrent readers never write a second expiry.
 
-local header = cjson.decode(ARGV[1])
-local now = now_ms()
-local results = {}
-local base = 1
+if ARGV[1] ~= CONFIG_ID then
+  return redis.error_reply('STOCKHOLD_CONFIG transition.lua built for configuration '
+    .. CONFIG_ID .. ', called for ' .. tostring(ARGV[1]))
+end
 
-local function count_sold(rec, alloc, first_sku, m)
+local now, now_s = now_ms()
+
+local function count_sold(rec, units, alloc, first_sku, m)
   if m == 0 then return end
-  local units, usk, per = cjson.decode(rec.units), cjson.decode(rec.usk), {}
+  local usk, per = cjson.decode(rec.usk), {}
   for _, a in ipairs(alloc) do
     local j = usk[a[1]]
     per[j] = (per[j] or 0) + a[3]
@@ -45,43 +49,65 @@ local function count_sold(rec, alloc, first_sku, m)
     if per[j] then
       local sku = nil
       for u, uj in ipairs(usk) do if uj == j then sku = units[u][1] break end end
-      sku_add_sold(KEYS[first_sku + j - 1], KEYS[1], sku, now, header.pol, per[j])
+      sku_add_sold(KEYS[first_sku + j - 1], KEYS[1], sku, now, CFG_POL, per[j])
     end
   end
 end
 
-local function apply(rec, rk, xk, ek, keys, to, extra_field, extra, first_sku, m, more)
-  local alloc = cjson.decode(rec.alloc)
+-- A record's allocations as event payload: [[sku, spec, barcode, warehouse, qty]].
+local function payload_of(units, alloc)
+  local out = {}
+  for i, a in ipairs(alloc) do
+    local u = units[a[1]]
+    out[i] = {u[1], u[2], u[3], a[2], a[3]}
+  end
+  return out
+end
+
+-- The record as read (`flat`, HGETALL) with fields set since: the reply's record.
+local function with_fields(flat, ...)
+  local n = #flat
+  for i, v in ipairs({...}) do flat[n + i] = v end
+  return flat
+end
+
+-- Move a HELD record to `to` (C, R or E): stock back (or sold), out of the expiry index, one
+-- event. `first_stock`: the record's stock keys start there in KEYS (checked equal).
+local function apply(rec, flat, rk, xk, ek, first_stock, to, extra_field, extra, first_sku, m,
+                     more)
+  local alloc, units = cjson.decode(rec.alloc), cjson.decode(rec.units)
   for _, a in ipairs(alloc) do
-    local r = tonumber(redis.call('HGET', keys[a[1]], 'r:' .. a[2])) or 0
+    local r = tonumber(redis.call('HGET', KEYS[first_stock + a[1] - 1], 'r:' .. a[2])) or 0
     if r < a[3] then return {err = 'INTERNAL', meta = {detail = 'reserved counter below hold'}} end
   end
   for _, a in ipairs(alloc) do
-    local key, wh, q = keys[a[1]], a[2], a[3]
-    redis.call('HINCRBY', key, 'r:' .. wh, -q)
-    if to ~= 'C' then redis.call('HINCRBY', key, 'a:' .. wh, q) end
+    local key, wh, q_s = KEYS[first_stock + a[1] - 1], a[2], string.format('%d', a[3])
+    redis.call('HINCRBY', key, 'r:' .. wh, '-' .. q_s)
+    if to ~= 'C' then redis.call('HINCRBY', key, 'a:' .. wh, q_s) end
   end
-  if to == 'C' then count_sold(rec, alloc, first_sku, m) end
-  rec.st, rec.up = to, now
+  if to == 'C' then count_sold(rec, units, alloc, first_sku, m) end
+  rec.st, rec.up = to, now_s
   if extra_field then
     rec[extra_field] = extra
-    redis.call('HSET', rk, 'st', to, 'up', now, extra_field, extra)
+    redis.call('HSET', rk, 'st', to, 'up', now_s, extra_field, extra)
+    with_fields(flat, 'st', to, 'up', now_s, extra_field, extra)
   else
-    redis.call('HSET', rk, 'st', to, 'up', now)
+    redis.call('HSET', rk, 'st', to, 'up', now_s)
+    with_fields(flat, 'st', to, 'up', now_s)
   end
   redis.call('ZREM', xk, rec.oid)
-  redis.call('PEXPIRE', rk, header.retention)
+  redis.call('PEXPIRE', rk, CFG_RETENTION_S)
   local etype = ({C = 'ORDER_COMMITTED', R = 'ORDER_RELEASED', E = 'ORDER_EXPIRED'})[to]
-  local data = {allocations = alloc_payload(rec)}
+  local data = {allocations = payload_of(units, alloc)}
   if extra_field then data[extra_field == 'pref' and 'payment_ref' or 'reason'] = extra end
   if more then
     for k, v in pairs(more) do data[k] = v end
   end
-  emit(ek, header.maxlen, etype, 'order_id', rec.oid, now, data)
-  return {ok = 1, changed = 1, rec = rec}
+  emit(ek, CFG_MAXLEN, etype, 'order_id', rec.oid, now_s, data)
+  return {ok = 1, changed = 1, flat = flat}
 end
 
--- ReportPayment (op "pay"). o.arg: {"prov": provider, "tx": transaction id ("" allowed unless
+-- ReportPayment (op "pay"). arg: {"prov": provider, "tx": transaction id ("" allowed unless
 -- PAID), "status": "PAID"|"FAILED"|"CLOSED", "amount": minor units, "paid_at": ms (0: none)}.
 -- Idempotent by (provider, transaction id): the first report's answer is stored in the record
 -- (field "t:<provider>:<tx>", "t:<provider>:~<status>" without a tx id) and every later report
@@ -98,18 +124,18 @@ end
 --   FAILED / CLOSED, HELD: released ("payment FAILED") or, at/after the deadline, expired;
 --     finished reservations are left as they are.
 -- Every decided report stops the order's polls. States only move forward.
-local function report_one(o, rec, rk, xk, ek, keys, first_sku, m, pk)
-  local p = cjson.decode(o.arg)
+local function report_one(arg, rec, flat, rk, xk, ek, first_stock, first_sku, m, pk)
+  local p = cjson.decode(arg)
   local tfield = 't:' .. p.prov .. ':' .. (p.tx ~= '' and p.tx or ('~' .. p.status))
   local stored = redis.call('HGET', rk, tfield)
   if stored then
     local answer = cjson.decode(stored)
     if answer.err then return {err = answer.err, meta = answer.meta} end
-    return {ok = 1, changed = 0, replayed = 1, rec = rec}
+    return {ok = 1, changed = 0, replayed = 1, flat = flat}
   end
   local st, due = rec.st, now >= tonumber(rec.dl)
   local amt = tonumber(rec.amt) or 0
-  local oid, maxlen = rec.oid, header.maxlen
+  local oid, maxlen = rec.oid, CFG_MAXLEN
   local info = {provider = p.prov, transaction_id = p.tx, status = p.status, amount = p.amount}
   local paid = {'pst', 'PAID', 'ptx', p.tx}
   if p.paid_at > 0 then paid[#paid + 1] = 'ppaid' paid[#paid + 1] = p.paid_at end
@@ -124,8 +150,8 @@ local function report_one(o, rec, rk, xk, ek, keys, first_sku, m, pk)
     redis.call('HSET', rk, tfield, cjson.encode(answer), unpack(fields))
     redis.call('ZREM', pk, oid)
     redis.call('HDEL', rk, 'pnext')
-    if redis.call('HGET', rk, 'st') ~= 'H' then redis.call('PEXPIRE', rk, header.retention) end
-    return {ok = 1, changed = 1, replayed = 0, rec = hash_table(redis.call('HGETALL', rk))}
+    if redis.call('HGET', rk, 'st') ~= 'H' then redis.call('PEXPIRE', rk, CFG_RETENTION_S) end
+    return {ok = 1, changed = 1, replayed = 0, flat = redis.call('HGETALL', rk)}
   end
   local function flagged(flag, reason, extra)
     local data = {flag = flag, reason = reason, payment = info}
@@ -145,7 +171,8 @@ local function report_one(o, rec, rk, xk, ek, keys, first_sku, m, pk)
       return settle({ok = 1}, {'pflag', 'REFUND'})
     end
     if st == 'H' and not due then
-      local r = apply(rec, rk, xk, ek, keys, 'C', 'pref', p.tx, first_sku, m, {payment = info})
+      local r = apply(rec, flat, rk, xk, ek, first_stock, 'C', 'pref', p.tx, first_sku, m,
+        {payment = info})
       if r.err then return r end
       return settle({ok = 1}, paid)
     elseif st == 'C' then
@@ -156,22 +183,25 @@ local function report_one(o, rec, rk, xk, ek, keys, first_sku, m, pk)
     end
     -- EXPIRED, or HELD at/after its deadline: the deadline decided before the payment came.
     if st == 'H' then
-      local r = apply(rec, rk, xk, ek, keys, 'E')
+      local r = apply(rec, flat, rk, xk, ek, first_stock, 'E')
       if r.err then return r end
     end
     local alloc, enough = cjson.decode(rec.alloc), true
     for _, a in ipairs(alloc) do
-      if (tonumber(redis.call('HGET', keys[a[1]], 'a:' .. a[2])) or 0) < a[3] then
+      if (tonumber(redis.call('HGET', KEYS[first_stock + a[1] - 1], 'a:' .. a[2])) or 0) < a[3] then
         enough = false
         break
       end
     end
-    local data = {allocations = alloc_payload(rec), payment = info, recommitted = enough}
+    local units = cjson.decode(rec.units)
+    local data = {allocations = payload_of(units, alloc), payment = info, recommitted = enough}
     local fields
     if enough then
-      for _, a in ipairs(alloc) do redis.call('HINCRBY', keys[a[1]], 'a:' .. a[2], -a[3]) end
-      count_sold(rec, alloc, first_sku, m)
-      fields = with(paid, 'plate', now)
+      for _, a in ipairs(alloc) do
+        redis.call('HINCRBY', KEYS[first_stock + a[1] - 1], 'a:' .. a[2], -a[3])
+      end
+      count_sold(rec, units, alloc, first_sku, m)
+      fields = with(paid, 'plate', now_s)
     else
       data.flag = 'REFUND'
       fields = with(paid, 'pflag', 'REFUND')
@@ -183,9 +213,9 @@ local function report_one(o, rec, rk, xk, ek, keys, first_sku, m, pk)
   if st == 'H' then
     local r
     if due then
-      r = apply(rec, rk, xk, ek, keys, 'E')
+      r = apply(rec, flat, rk, xk, ek, first_stock, 'E')
     else
-      r = apply(rec, rk, xk, ek, keys, 'R', 'why', 'payment ' .. p.status, nil, nil,
+      r = apply(rec, flat, rk, xk, ek, first_stock, 'R', 'why', 'payment ' .. p.status, nil, nil,
         {payment = info})
     end
     if r.err then return r end
@@ -195,53 +225,61 @@ local function report_one(o, rec, rk, xk, ek, keys, first_sku, m, pk)
   return settle({ok = 1}, rec.pst == 'PENDING' and {'pst', p.status} or {})
 end
 
-local function transition_one(o, rk, xk, ek, first_stock)
-  local op = o.op
-  local rec = hash_table(redis.call('HGETALL', rk))
-  if rec.st == nil then return {err = 'RESERVATION_NOT_FOUND'} end
-  local keys = cjson.decode(rec.keys)
-  if #keys ~= o.n then return {err = 'KEYS_CHANGED'} end
-  for u = 1, o.n do
-    if keys[u] ~= KEYS[first_stock + u - 1] then return {err = 'KEYS_CHANGED'} end
+-- One order: b is its first ARGV field - 1, g its first KEYS entry - 1.
+local function transition_one(b, g, n, m)
+  local op, rk = ARGV[b + 1], KEYS[g + 1]
+  local xk, ek, first_stock = KEYS[g + 2], KEYS[g + 3], g + 4
+  local flat = redis.call('HGETALL', rk)
+  if #flat == 0 then return {err = 'RESERVATION_NOT_FOUND'} end
+  local rec = hash_table(flat)
+  -- KEYS came from these texts: equal texts, equal keys.
+  if rec.keys ~= ARGV[b + 4] or (rec.skeys or '') ~= ARGV[b + 5] then
+    return {err = 'KEYS_CHANGED'}
   end
-  local m = o.m or 0
-  local skeys = rec.skeys and cjson.decode(rec.skeys) or {}
-  if #skeys ~= m then return {err = 'KEYS_CHANGED'} end
-  local first_sku = first_stock + o.n
-  for j = 1, m do
-    if skeys[j] ~= KEYS[first_sku + j - 1] then return {err = 'KEYS_CHANGED'} end
-  end
+  local first_sku = first_stock + n
   if op == 'pay' then
-    return report_one(o, rec, rk, xk, ek, keys, first_sku, m, KEYS[first_sku + m])
+    return report_one(ARGV[b + 6], rec, flat, rk, xk, ek, first_stock, first_sku, m,
+      KEYS[first_sku + m])
   end
   local st, due = rec.st, now >= tonumber(rec.dl)
   if op == 'expire' then
-    if st ~= 'H' or not due then return {ok = 1, changed = 0, rec = rec} end
-    local r = apply(rec, rk, xk, ek, keys, 'E')
-    if r.err then return {ok = 1, changed = 0, rec = rec, stuck = 1} end
+    if st ~= 'H' or not due then return {ok = 1, changed = 0, flat = flat} end
+    local r = apply(rec, flat, rk, xk, ek, first_stock, 'E')
+    if r.err then return {ok = 1, changed = 0, flat = flat, stuck = 1} end
     return r
   end
   if op == 'commit' then
-    if st == 'C' then return {ok = 1, changed = 0, rec = rec} end
+    if st == 'C' then return {ok = 1, changed = 0, flat = flat} end
     if st == 'R' then return {err = 'RESERVATION_RELEASED'} end
     if st == 'H' and due then
       -- the deadline decided first: expire it now, then refuse
-      local r = apply(rec, rk, xk, ek, keys, 'E')
+      local r = apply(rec, flat, rk, xk, ek, first_stock, 'E')
       if r.err then return r end
     end
     if st == 'E' or due then return {err = 'RESERVATION_EXPIRED'} end
-    return apply(rec, rk, xk, ek, keys, 'C', 'pref', o.arg, first_sku, m)
+    return apply(rec, flat, rk, xk, ek, first_stock, 'C', 'pref', ARGV[b + 6], first_sku, m)
   end
   -- release
-  if st == 'R' or st == 'E' then return {ok = 1, changed = 0, rec = rec} end
+  if st == 'R' or st == 'E' then return {ok = 1, changed = 0, flat = flat} end
   if st == 'C' then return {err = 'RESERVATION_COMMITTED'} end
-  if due then return apply(rec, rk, xk, ek, keys, 'E') end
-  return apply(rec, rk, xk, ek, keys, 'R', 'why', o.arg)
+  if due then return apply(rec, flat, rk, xk, ek, first_stock, 'E') end
+  return apply(rec, flat, rk, xk, ek, first_stock, 'R', 'why', ARGV[b + 6])
 end
 
-for i = 2, #ARGV do
-  local o = cjson.decode(ARGV[i])
-  results[i - 1] = transition_one(o, KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], base + 4)
-  base = base + 3 + o.n + (o.m or 0) + (o.x or 0)
+local FLAG = {[0] = '0', [1] = '1'}
+local results = {}
+local b, g = 1, 1
+while b < #ARGV do
+  local n, m, x = string.byte(ARGV[b + 3], 1, 3)
+  local r = transition_one(b, g, n, m)
+  if r.err then
+    results[#results + 1] = '[0,"' .. r.err .. '",' .. (r.meta and cjson.encode(r.meta) or 'null')
+      .. ']'
+  else
+    results[#results + 1] = '[1,' .. FLAG[r.changed or 0] .. ',' .. cjson.encode(r.flat) .. ','
+      .. FLAG[r.replayed or 0] .. ',' .. FLAG[r.stuck or 0] .. ']'
+  end
+  g = g + 3 + n + m + x
+  b = b + 6
 end
-return cjson.encode(results)
+return '[' .. table.concat(results, ',') .. ']'

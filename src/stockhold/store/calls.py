@@ -102,7 +102,7 @@ class ScriptCalls:
         self.hot = hot
         self.settings = settings
         self.resolver = KeyResolver(settings.key_prefix, settings.partitions)
-        self.scripts = Scripts(client)
+        self.scripts = Scripts(client, settings)
         # The hot client's view of each registered script (same source, same SHA).
         self._defs: dict[int, ScriptDef] = {}
 
