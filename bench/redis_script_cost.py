@@ -521,9 +521,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     binary = args.redis_server or redis_binaries()[0][1]
     with tempfile.TemporaryDirectory() as trees:
-        variants = [] if args.no_current else [Variant("current")]
-        for rev in args.baseline:
-            variants.append(Variant(rev, src=unpack_rev(rev, trees)))
+        # Baselines first: ratios are to the first variant.
+        variants = [Variant(rev, src=unpack_rev(rev, trees)) for rev in args.baseline]
+        if not args.no_current:
+            variants.append(Variant("current"))
         for spec in args.tree:
             name, _, path = spec.partition("=")
             variants.append(Variant(name, src=Path(path)))
