@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from stockhold import constants as c
+from stockhold.scripts import policy_window
 from stockhold.settings import Settings
 from stockhold.store.calls import ScriptCalls
 
@@ -146,8 +147,7 @@ class PolicyStore:
         self.calls = calls
         self.settings = settings = calls.settings
         self.cache = PolicyCache(settings)
-        nb, bms = settings.sales_buckets
-        self.window = {"thr": settings.hot_threshold_units, "bms": bms, "nb": nb}
+        self.window = policy_window(settings)
         self.index_key = calls.resolver.meta_key(c.META_SKUS)
         self._refresh_after = ""  # the refresh pass's cursor over the SKU index
 

@@ -88,14 +88,16 @@ class ScriptDef:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
     @classmethod
-    def of(cls, name: str) -> ScriptDef:
-        """The registered operation script `name` (stockhold/scripts/<name>.lua + prelude)."""
-        return _script(name)
+    def of(cls, name: str, settings: Settings | None = None) -> ScriptDef:
+        """The operation script `name` as built for `settings` (the defaults when None): the
+        configuration is part of the source, so a script built for other settings is refused
+        by Redis-side checks (STOCKHOLD_CONFIG)."""
+        return _script(name, settings or Settings())
 
 
 @functools.cache
-def _script(name: str) -> ScriptDef:
-    return ScriptDef(name, scripts.source(name))
+def _script(name: str, settings: Settings) -> ScriptDef:
+    return ScriptDef(name, scripts.source(name, settings))
 
 
 # -- addresses and options ---------------------------------------------------------------------
