@@ -6,6 +6,7 @@ into script calls and script replies into domain objects or DomainErrors.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
@@ -65,6 +66,19 @@ class PaidOrder(NamedTuple):
     amount: int
     payment: PendingPayment | None
     fingerprint: str
+
+
+class _PendingReserve(NamedTuple):
+    """An order queued in the reserve batcher, with what its answer needs."""
+
+    entry: Any  # batcher._Entry of the order
+    units: Sequence[Unit]
+    contended: Sequence[bool]
+    threshold_ms: int
+    sku: str
+    hot: bool
+    by_deadline: bool
+    shed: bool
 
 
 class PartitionMismatch(RuntimeError):
@@ -230,6 +244,50 @@ class Engine:
         units, 0: not given) and `payment` (mark it payment-pending) are stored with the hold
         and are part of what a replay must match.
         """
+        pending = self._reserve_enqueue(order, time_remaining, amount, payment)
+        try:
+            await pending.entry.fut
+        except BaseException:
+            if not pending.entry.fut.done():
+                pending.entry.fut.cancel()  # never sent, if still queued
+            # Records the outcome; raises the DomainError (or the cancellation) it stands for.
+            self._reserve_finish(pending)
+            raise
+        return self._reserve_finish(pending)
+
+    async def reserve_many(
+        self,
+        orders: Sequence[tuple[ResolvedOrder, int, PendingPayment | None]],
+        time_remaining: float | None = None,
+    ) -> list[tuple[Reservation, bool] | DomainError]:
+        """`reserve` for many orders at once (ReserveBatch): the same limits, results and
+        errors, each order on its own, one result per order in order (a refusal as its
+        DomainError); all are queued together, with no task per order.
+
+        Orders with the same order id are sent as they come: give repeated ids in a later
+        call if the earlier one must decide first.
+        """
+        pendings = [self._reserve_enqueue(o, time_remaining, a, p) for o, a, p in orders]
+        # Futures, not coroutines: gather wraps none of them in a task.
+        await asyncio.gather(*(p.entry.fut for p in pendings), return_exceptions=True)
+        out: list[tuple[Reservation, bool] | DomainError] = []
+        for pending in pendings:
+            try:
+                out.append(self._reserve_finish(pending))
+            except DomainError as err:
+                out.append(err)
+            except Exception as exc:  # one order's bug must not take the others' answers
+                log.exception("reserve_many: an order failed")
+                out.append(DomainError(Reason.INTERNAL, metadata={"cause": type(exc).__name__}))
+        return out
+
+    def _reserve_enqueue(
+        self,
+        order: ResolvedOrder,
+        time_remaining: float | None,
+        amount: int,
+        payment: PendingPayment | None,
+    ) -> _PendingReserve:
         item: ResolvedOrder | PaidOrder = order
         if amount or payment is not None:  # validated by the servicer, with the lines
             item = PaidOrder(order, amount, payment, payment_fingerprint(order, amount, payment))
@@ -242,31 +300,40 @@ class Engine:
             by_deadline = True
         backend_limit = self.settings.redis_socket_timeout_seconds
         shed = limit < backend_limit
-        tracker = self.tracker
-        contended = tracker.begin_units(units)
-        started = time.perf_counter()
-        try:
-            timed = await self.reserves.submit_timed(item, limit if shed else backend_limit)
-        except NotSent as exc:
-            waited = time.perf_counter() - started
-            self._record(units, contended, waited, 0.0, "timeout" if shed else "error")
-            if not shed:
+        contended = self.tracker.begin_units(units)
+        entry = self.reserves.enqueue(item, limit if shed else backend_limit)
+        return _PendingReserve(entry, units, contended, threshold_ms, sku, hot, by_deadline, shed)
+
+    def _reserve_finish(self, p: _PendingReserve) -> tuple[Reservation, bool]:
+        """The answer of an order whose future is done (a cancellation is re-raised)."""
+        entry, units = p.entry, p.units
+        if entry.timer is not None:
+            entry.timer.cancel()
+        self.tracker.end_units(units)
+        fut = entry.fut
+        if fut.cancelled():
+            self._record(units, p.contended, time.perf_counter() - entry.queued_at, 0.0, "error")
+            fut.result()  # raises CancelledError
+        exc = fut.exception()
+        if isinstance(exc, NotSent):
+            waited = time.perf_counter() - entry.queued_at
+            self._record(units, p.contended, waited, 0.0, "timeout" if p.shed else "error")
+            if not p.shed:
                 raise DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": "queued"}) from exc
-            metrics.record_shed(hot)
+            metrics.record_shed(p.hot)
             raise DomainError(
                 Reason.RESERVE_TIMEOUT,
                 metadata={
-                    "sku": sku,
-                    "threshold_ms": threshold_ms,
+                    "sku": p.sku,
+                    "threshold_ms": p.threshold_ms,
                     "waited_ms": round(waited * 1000),
-                    "limit": "deadline" if by_deadline else "sku_threshold",
+                    "limit": "deadline" if p.by_deadline else "sku_threshold",
                 },
             ) from exc
-        except BaseException:
-            self._record(units, contended, time.perf_counter() - started, 0.0, "error")
-            raise
-        finally:
-            tracker.end_units(units)
+        if exc is not None:
+            self._record(units, p.contended, time.perf_counter() - entry.queued_at, 0.0, "error")
+            raise exc
+        timed = entry.timed()
         result = timed.result
         pol = result.pol
         if pol:
@@ -277,7 +344,7 @@ class Engine:
         outcome: Outcome = (
             "ok" if err is None else "insufficient" if err == Reason.INSUFFICIENT_STOCK else "error"
         )
-        self._record(units, contended, timed.queued_s, timed.call_s, outcome)
+        self._record(units, p.contended, timed.queued_s, timed.call_s, outcome)
         if err == Reason.INVALID_ARGUMENT:
             meta = result.meta
             raise invalid(

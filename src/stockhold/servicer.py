@@ -24,7 +24,7 @@ from stockhold.engine import Engine, check_payment, payment_report_violations
 from stockhold.errors import DomainError, FieldViolation, Reason, invalid, to_rpc_status, under
 from stockhold.model import PaymentInfo, PaymentReport, PendingPayment, Reservation, StockLevel
 from stockhold.policies import MAX_PAGE, SkuPolicy, parse_page_token
-from stockhold.resolver import check_int, check_text
+from stockhold.resolver import ResolvedOrder, check_int, check_text
 from stockhold.settings import Settings
 from stockhold.timeparse import parse_rfc3339
 from stockhold.v1 import inventory_pb2 as pb
@@ -223,11 +223,20 @@ class InventoryServicer(pb_grpc.InventoryServicer):
     ) -> pb.ReserveResponse:
         """One order, as every call shape reserves it: validate, reserve, build the answer.
 
-        Reserve, each ReserveStream message and each ReserveBatch order come through here,
-        so they share validation, idempotency, thresholds (`time_remaining`: seconds left of
-        the call's deadline) and errors, and their orders share the engine's script calls.
+        Reserve and each ReserveStream message come through here, and ReserveBatch through
+        the same `resolve_request` and engine path (`Engine.reserve_many`), so they share
+        validation, idempotency, thresholds (`time_remaining`: seconds left of the call's
+        deadline) and errors, and their orders share the engine's script calls.
         Raises DomainError; BadRequest paths are relative to the ReserveRequest.
         """
+        order, amount, pending = self.resolve_request(request)
+        reservation, replayed = await self.engine.reserve(order, time_remaining, amount, pending)
+        return pb.ReserveResponse(reservation=reservation_pb(reservation), replayed=replayed)
+
+    def resolve_request(
+        self, request: pb.ReserveRequest
+    ) -> tuple[ResolvedOrder, int, PendingPayment | None]:
+        """Validate a ReserveRequest: (order, amount, payment to poll); DomainError if bad."""
         lines = [
             (ln.unit.sku, ln.unit.spec, ln.unit.barcode, ln.warehouse, ln.quantity)
             for ln in request.lines
@@ -247,10 +256,7 @@ class InventoryServicer(pb_grpc.InventoryServicer):
                 raise invalid([*err.violations, *extra]) from None
             raise
         _raise_if(extra)
-        reservation, replayed = await self.engine.reserve(
-            order, time_remaining, request.amount, pending
-        )
-        return pb.ReserveResponse(reservation=reservation_pb(reservation), replayed=replayed)
+        return order, request.amount, pending
 
     async def answer_order(
         self,
@@ -258,16 +264,10 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         request: pb.ReserveRequest,
         time_remaining: float | None,
         prefix: str,
-        after: Awaitable[Any] | None = None,
     ) -> pb.ReserveResponse | status_pb2.Status:
         """`reserve_order` with a refusal returned as the google.rpc.Status a unary Reserve
-        would carry (field paths under `prefix`), for the shapes that answer many orders.
-
-        `after`: wait for it first (a repeated order id of a batch is a retry of the earlier).
-        """
+        would carry (field paths under `prefix`), for a stream's messages."""
         try:
-            if after is not None:
-                await asyncio.wait([asyncio.ensure_future(after)])
             return await self.reserve_order(request, time_remaining)
         except DomainError as err:
             log_refusal(method, err)
@@ -293,26 +293,40 @@ class InventoryServicer(pb_grpc.InventoryServicer):
             bound = f"must hold 1..{c.MAX_BATCH_ORDERS} orders (got {n})"
             raise invalid([FieldViolation("orders", bound)])
         remaining = context.time_remaining()
-        first: dict[str, asyncio.Future[Any]] = {}
-        entries: list[asyncio.Future[pb.ReserveResponse | status_pb2.Status]] = []
-        for i, order in enumerate(request.orders):
-            earlier = first.get(order.order_id) if order.order_id else None
-            entry = asyncio.ensure_future(
-                self.answer_order("ReserveBatch", order, remaining, f"orders[{i}].", earlier)
-            )
-            if earlier is None:
-                first[order.order_id] = entry
-            entries.append(entry)
-        # All at once: the orders share the engine's next script calls. A cancelled call
-        # cancels them all (queued orders are dropped unsent, as a unary Reserve's).
-        answers = await asyncio.gather(*entries)
-        results = [
-            pb.ReserveBatchResult(reserved=a)
-            if isinstance(a, pb.ReserveResponse)
-            else pb.ReserveBatchResult(error=a)
-            for a in answers
-        ]
-        return pb.ReserveBatchResponse(results=results)
+        answers: list[pb.ReserveBatchResult | None] = [None] * n
+        todo = list(range(n))
+        # Rounds: each round holds the first occurrence of every order id still to do, all
+        # queued at once (Engine.reserve_many: no task per order); a repeated id waits for
+        # the next round, after its earlier occurrence was answered.
+        while todo:
+            seen: set[str] = set()
+            now: list[int] = []
+            later: list[int] = []
+            for i in todo:
+                oid = request.orders[i].order_id
+                (later if oid and oid in seen else now).append(i)
+                seen.add(oid)
+            sent: list[int] = []
+            resolved = []
+            for i in now:
+                try:
+                    resolved.append(self.resolve_request(request.orders[i]))
+                    sent.append(i)
+                except DomainError as err:
+                    answers[i] = _batch_refusal(err, i)
+            if resolved:
+                results = await self.engine.reserve_many(resolved, remaining)
+                for i, r in zip(sent, results, strict=True):
+                    if isinstance(r, DomainError):
+                        answers[i] = _batch_refusal(r, i)
+                    else:
+                        reservation, replayed = r
+                        reserved = pb.ReserveResponse(
+                            reservation=reservation_pb(reservation), replayed=replayed
+                        )
+                        answers[i] = pb.ReserveBatchResult(reserved=reserved)
+            todo = later
+        return pb.ReserveBatchResponse(results=[a for a in answers if a is not None])
 
     # grpc.aio also takes a coroutine that answers with context.write (typed stubs only know
     # response iterators): its try/finally then runs however the call ends.
@@ -558,6 +572,12 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         _raise_if(out)
         reservation = await self.engine.mark_payment_pending(request.order_id, pending)
         return pb.MarkPaymentPendingResponse(reservation=reservation_pb(reservation))
+
+
+def _batch_refusal(err: DomainError, i: int) -> pb.ReserveBatchResult:
+    """A refused order of a ReserveBatch: its google.rpc.Status, field paths under orders[i]."""
+    log_refusal("ReserveBatch", err)
+    return pb.ReserveBatchResult(error=to_rpc_status(under(err, f"orders[{i}].")))
 
 
 def _pending(request: pb.ReserveRequest) -> PendingPayment | None:
