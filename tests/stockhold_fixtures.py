@@ -154,3 +154,20 @@ async def levels(
         (s.unit.sku, s.unit.spec, s.unit.barcode, s.warehouse): (s.on_hand, s.available, s.reserved)
         for s in reply.levels
     }
+
+
+def records(running: Running) -> set[str]:
+    """Order ids with a reservation record in Redis."""
+    r = running.redis.client()
+    return {k.decode().rsplit(":", 1)[1] for k in r.keys("sh:*:order:*")}
+
+
+def reserved_events(running: Running) -> list[str]:
+    """Order ids of every ORDER_RESERVED event, repeats included."""
+    r = running.redis.client()
+    return [
+        f[b"order_id"].decode()
+        for key in r.keys("sh:*:events")
+        for _, f in r.xrange(key)
+        if f[b"type"] == b"ORDER_RESERVED"
+    ]

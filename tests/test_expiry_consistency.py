@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
 import pytest
 from stockhold_fixtures import Factory, Running, add_stock, expect_error, levels, line, unit
+from test_expiry_sweep import counting
 
 from stockhold import constants as c
 from stockhold.engine import Engine
@@ -110,18 +111,6 @@ def still_counted(reply: pb.GetAvailabilityResponse) -> set[str]:
     assert s.available + s.reserved == SHARED_STOCK and 0 <= s.reserved <= 7, s
     counted |= {oid for oid, q in SHARED.items() if s.reserved & q}
     return counted
-
-
-def counting(engine: Engine, tally: list[int]) -> None:
-    """Count what this engine's sweeper expires (wraps expire_due in place)."""
-    original: Callable[..., Awaitable[int]] = engine.expire_due
-
-    async def expire_due(*args: Any, **kwargs: Any) -> int:
-        n = await original(*args, **kwargs)
-        tally.append(n)
-        return n
-
-    engine.expire_due = expire_due  # type: ignore[method-assign]
 
 
 async def stock_and_hold(stub: pb_grpc.InventoryStub, hold_seconds: int) -> dict[str, int]:

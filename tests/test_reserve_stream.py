@@ -28,6 +28,8 @@ from stockhold_fixtures import (
     expect_error,
     levels,
     line,
+    records,
+    reserved_events,
     unit,
 )
 from test_cli_policy import stockhold_cli
@@ -142,23 +144,6 @@ def scripts_blocked(r: Any) -> int:
         for c in r.client_list()
         if "b" in c["flags"] and c["cmd"].lower().startswith(("eval", "fcall"))
     )
-
-
-def records(running: Running) -> set[str]:
-    """Order ids with a reservation record in Redis."""
-    r = running.redis.client()
-    return {k.decode().rsplit(":", 1)[1] for k in r.keys("sh:*:order:*")}
-
-
-def reserved_events(running: Running) -> list[str]:
-    """Order ids of every ORDER_RESERVED event, repeats included."""
-    r = running.redis.client()
-    return [
-        f[b"order_id"].decode()
-        for key in r.keys("sh:*:events")
-        for _, f in r.xrange(key)
-        if f[b"type"] == b"ORDER_RESERVED"
-    ]
 
 
 def check_books(running: Running, stock: int) -> set[str]:

@@ -18,7 +18,16 @@ from typing import Any
 
 import grpc
 import pytest
-from stockhold_fixtures import Factory, Running, add_stock, expect_error, line, rich_error
+from stockhold_fixtures import (
+    Factory,
+    Running,
+    add_stock,
+    expect_error,
+    line,
+    records,
+    reserved_events,
+    rich_error,
+)
 
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
@@ -64,22 +73,6 @@ async def stockhold_small_batches(make_stockhold: Factory) -> Running:
     return await make_stockhold(
         batch_max_orders=4, batch_max_inflight=1, redis_socket_timeout_seconds=SOCKET_TIMEOUT_S
     )
-
-
-def records(running: Running) -> set[str]:
-    """Order ids with a reservation record in Redis."""
-    r = running.redis.client()
-    return {k.decode().rsplit(":", 1)[1] for k in r.keys("sh:*:order:*")}
-
-
-def reserved_events(running: Running) -> list[str]:
-    r = running.redis.client()
-    return [
-        f[b"order_id"].decode()
-        for key in r.keys("sh:*:events")
-        for _, f in r.xrange(key)
-        if f[b"type"] == b"ORDER_RESERVED"
-    ]
 
 
 async def test_hot_sku_fails_fast_near_300_ms_while_others_succeed_and_failures_leave_nothing(
