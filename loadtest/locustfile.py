@@ -131,10 +131,10 @@ def reporting_stub(environment: Environment, host: str | None) -> tuple[Any, Any
     return channel, pb_grpc.InventoryStub(channel)
 
 
-class Buyer(User):
-    """A checkout client: one gRPC connection per user."""
+class InventoryUser(User):
+    """A client of stockhold on its own gRPC connection (unary calls reported)."""
 
-    abstract = "unary" not in SHAPES
+    abstract = True
     wait_time = between(0.0, 0.01)
 
     def __init__(self, environment: Environment) -> None:
@@ -143,6 +143,12 @@ class Buyer(User):
 
     def on_stop(self) -> None:
         self.channel.close()
+
+
+class Buyer(InventoryUser):
+    """A checkout client: one gRPC connection per user."""
+
+    abstract = "unary" not in SHAPES
 
     @task(10)
     def order(self) -> None:
@@ -172,18 +178,10 @@ class Buyer(User):
             return
 
 
-class BatchBuyer(User):
+class BatchBuyer(InventoryUser):
     """An order-ingest client: BATCH_ORDERS orders per ReserveBatch call, reserve only."""
 
     abstract = "batch" not in SHAPES
-    wait_time = between(0.0, 0.01)
-
-    def __init__(self, environment: Environment) -> None:
-        super().__init__(environment)
-        self.channel, self.stub = reporting_stub(environment, self.host)
-
-    def on_stop(self) -> None:
-        self.channel.close()
 
     @task
     def batch(self) -> None:
@@ -200,19 +198,15 @@ class BatchBuyer(User):
             report_order(self.environment, "ReserveBatch order", seconds, error)
 
 
-class StreamBuyer(User):
+class StreamBuyer(InventoryUser):
     """A checkout gateway: one ReserveStream per user, STREAM_WINDOW orders sent at a time,
-    each answer reported with the time from its send (answers come in any order)."""
+    each answer reported with the time from its send (answers come in any order; the
+    connection's interceptor reports unary calls only, so the stream is reported here)."""
 
     abstract = "stream" not in SHAPES
-    wait_time = between(0.0, 0.01)
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
-        self.channel = grpc.insecure_channel(
-            self.host or "127.0.0.1:50051", options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        self.stub = pb_grpc.InventoryStub(self.channel)
         self.outbox: Queue[pb.ReserveStreamRequest | None] = Queue()
         self.sent_at: dict[str, float] = {}
         self.window_done = Event()
@@ -226,7 +220,7 @@ class StreamBuyer(User):
         self.outbox.put(None)  # half-close: the server answers what is left, then ends
         if self.reader is not None:
             self.reader.join(timeout=10)
-        self.channel.close()
+        super().on_stop()
 
     def _messages(self) -> Iterator[pb.ReserveStreamRequest]:
         while (msg := self.outbox.get()) is not None:
