@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 
 from stockhold import top
 from stockhold.constants import SERVICE_NAME
-from stockhold.settings import ConfigError, Settings, worker_count
+from stockhold.settings import ConfigError, Settings, check_deployment, worker_count
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings.from_env(
             **{field: getattr(args, _dest(flag)) for flag, field, _ in _SERVE_FLAGS}
         )
+        check_deployment(settings)
         workers = worker_count(args.workers, settings)
         check_payments(settings)
         check_listen(settings)
@@ -52,7 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
             for flag, _, _ in _WORKER_FLAGS:
                 value = getattr(args, _dest(flag))
                 if value is not None:
-                    argv += [flag, value]
+                    argv += [flag] if flag in _SWITCHES else [flag, value]
             return Supervisor(settings, workers, argv).run()
         code = uvloop.run(serve(settings))
     except ConfigError as err:
@@ -86,7 +87,29 @@ _WORKER_FLAGS: tuple[tuple[str, str, str], ...] = (
         "payment_webhook_listen",
         "HOST:PORT of the WeChat Pay notification endpoint",
     ),
+    (
+        "--redis-cluster",
+        "redis_cluster",
+        "--redis-url names a node of a Redis Cluster (env STOCKHOLD_REDIS_CLUSTER=1)",
+    ),
+    (
+        "--redis-wait-replicas",
+        "redis_wait_replicas",
+        "replicas that must acknowledge each write (WAIT) before it is answered; default 0",
+    ),
+    (
+        "--redis-wait-timeout-ms",
+        "redis_wait_timeout_ms",
+        "longest WAIT for those acknowledgements (default 200)",
+    ),
+    (
+        "--recovery-window-seconds",
+        "recovery_window_seconds",
+        "half-done cross-slot orders are finished or undone within this (default 5)",
+    ),
 )
+# Serve flags without a value (the setting is then "1").
+_SWITCHES: Final = frozenset({"--redis-cluster"})
 
 # Serve flags a supervisor keeps to itself: with --workers N it alone serves /metrics (the
 # workers record into its multiprocess directory), so none of these go to the workers.
@@ -664,7 +687,10 @@ def parser() -> argparse.ArgumentParser:
     )
     # Values stay text here: Settings parses and checks them, as it does the variables.
     for flag, _, help_ in _SERVE_FLAGS:
-        p.add_argument(flag, help=help_)
+        if flag in _SWITCHES:
+            p.add_argument(flag, action="store_const", const="1", help=help_)
+        else:
+            p.add_argument(flag, help=help_)
     p.add_argument(
         "--workers",
         help="server processes sharing the port (SO_REUSEPORT); default: the number of cores",

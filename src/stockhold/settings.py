@@ -60,6 +60,14 @@ class Settings:
     redis_socket_timeout_seconds: float = 0.8
     # Script calls through the hot-path client (store/hotclient.py); off: through redis-py.
     redis_hot_client: bool = True
+    # The Redis URL names a node of a Redis Cluster (never the embedded Redis: standalone).
+    redis_cluster: bool = False
+    # Every writing script call is followed, in the same write, by WAIT for this many replica
+    # acknowledgements (0: no WAIT); fewer within the timeout is BACKEND_UNAVAILABLE.
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 200
+    # Cross-slot orders left half done by a dead process are finished or undone within this.
+    recovery_window_seconds: float = 5.0
     # Explicit admission limit: beyond it calls get RESOURCE_EXHAUSTED, never a bare CANCELLED.
     max_concurrent_rpcs: int = 20_000
     # Prometheus /metrics (see metrics.py): port 0 is off; top-N keys of contention gauges.
@@ -146,6 +154,27 @@ class Settings:
                 self.contention_slot_seconds,
                 f"a whole fraction of contention_window_seconds "
                 f"({self.contention_window_seconds:g})",
+            )
+        if (
+            self.redis_wait_replicas
+            and self.redis_wait_timeout_ms >= self.redis_socket_timeout_seconds * 1000
+        ):
+            # WAIT blocks its connection: a longer one would break it as "Redis stuck".
+            raise ConfigError(
+                "redis_wait_timeout_ms",
+                self.redis_wait_timeout_ms,
+                f"below redis_socket_timeout_seconds "
+                f"({self.redis_socket_timeout_seconds * 1000:g} ms)",
+            )
+        if (
+            self.redis_cluster
+            and self.redis_url is not None
+            and not _cluster_url_ok(self.redis_url)
+        ):
+            raise ConfigError(
+                "redis_url",
+                self.redis_url,
+                "a redis:// or rediss:// URL with db 0 (a cluster node: redis_cluster is on)",
             )
 
     @property
@@ -346,6 +375,13 @@ def _host_ok(host: str) -> bool:
     return True
 
 
+def _cluster_url_ok(url: str) -> bool:
+    """A URL a cluster client can start from: redis:// or rediss://, db 0."""
+    parts = urlsplit(url)
+    dbs = [parts.path.lstrip("/") or "0", *parse_qs(parts.query).get("db", [])]
+    return parts.scheme in ("redis", "rediss") and all(int(db) == 0 for db in dbs)
+
+
 def _listen_ok(listen: str) -> bool:
     try:
         split_listen(listen)
@@ -409,6 +445,9 @@ _RULES: Final[Mapping[str, Rule]] = {
     "redis_pool_timeout_seconds": _POSITIVE,
     "redis_connect_timeout_seconds": _POSITIVE,
     "redis_socket_timeout_seconds": _POSITIVE,
+    "redis_wait_replicas": _within(0, 16),
+    "redis_wait_timeout_ms": _within(1, 60_000),
+    "recovery_window_seconds": _POSITIVE,
     "max_concurrent_rpcs": _at_least(1),
     "metrics_port": _PORT,
     "metrics_host": (_host_ok, "a host name or IP address"),
@@ -449,6 +488,20 @@ _FIELDS: Final[Mapping[str, dataclasses.Field[Any]]] = {
 }
 
 
+def check_deployment(settings: Settings) -> None:
+    """Rules for a server about to start (Settings built for a test or a tool may leave
+    them open): --redis-cluster needs --redis-url, the embedded Redis being standalone only.
+    ConfigError otherwise."""
+    if settings.redis_cluster and settings.redis_url is None:
+        raise ConfigError(
+            "redis_cluster",
+            True,
+            "together with --redis-url redis://HOST:PORT of a cluster node "
+            "(the embedded Redis is standalone only)",
+            flag="--redis-cluster",
+        )
+
+
 def worker_count(raw: str | None, settings: Settings) -> int:
     """The `serve --workers` count: an integer >= 1, default the number of cores; with 2 or
     more the listen port must be fixed. ConfigError otherwise."""
@@ -471,4 +524,11 @@ def worker_count(raw: str | None, settings: Settings) -> int:
     return workers
 
 
-__all__ = ["ConfigError", "Settings", "mask_url", "split_listen", "worker_count"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "check_deployment",
+    "mask_url",
+    "split_listen",
+    "worker_count",
+]
