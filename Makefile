@@ -15,7 +15,7 @@ EXT_SUFFIX := $(shell $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -c
 NATIVE_SRC := $(wildcard native/*.pyx native/*.pxd)
 NATIVE_SO  := src/stockhold/_resolver_c$(EXT_SUFFIX) src/stockhold/_contention_c$(EXT_SUFFIX)
 
-.PHONY: all install stubs native run test lint fmt clean bench loadtest loadbench
+.PHONY: all install stubs native run test lint fmt clean bench loadtest loadbench bench-cluster
 
 all: lint test
 
@@ -70,6 +70,11 @@ loadbench: install $(VENV)/.stamp-bench
 	bash scripts/ensure-loadgen.sh
 	bash bench/loadgen/build.sh
 	$(BIN)/python bench/loadbench.py $(LOADBENCH_ARGS)
+
+# Redis-tier capacity, 1 master vs 3 masters, without gRPC (issue 11; bench/README.md).
+CLUSTER_BENCH_ARGS ?=
+bench-cluster: install
+	$(BIN)/python bench/cluster_capacity.py $(CLUSTER_BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests scripts bench loadtest
