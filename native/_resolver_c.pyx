@@ -577,7 +577,7 @@ cdef class KeyResolver:
         return f"{self._tags[self.partition_of(sid)]}{SKU}:{sid}"
 
     def meta_key(self, name):
-        """A deployment-wide key such as `constants.META_SKUS` (the `{meta}` slot)."""
+        """A deployment-wide key such as `constants.META_CONTENTION` (the `{meta}` slot)."""
         return f"{self.prefix}:{name}"
 
     # -- sales units ------------------------------------------------------------------------
@@ -598,7 +598,7 @@ cdef class KeyResolver:
     cdef object _unit_fast(self, object sku, object spec, object barcode):
         # The unit when all three fields are valid ASCII; None otherwise.
         cdef char buf[BUF]
-        cdef Py_ssize_t n
+        cdef Py_ssize_t n, ns
         if not (
             sh_ascii_ok(sku, 1, MAX_SKU)
             and sh_ascii_ok(spec, 0, MAX_SPEC)
@@ -606,6 +606,7 @@ cdef class KeyResolver:
         ):
             return None
         n = sh_escape(sh_ascii_data(sku), sh_len(sku), buf)
+        ns = n  # the escaped SKU: it places the unit (in its SKU's partition)
         buf[n] = c':'
         n += 1
         n += sh_escape(sh_ascii_data(spec), sh_len(spec), buf + n)
@@ -613,11 +614,12 @@ cdef class KeyResolver:
         n += 1
         n += sh_escape(sh_ascii_data(barcode), sh_len(barcode), buf + n)
         uid = sh_ascii_str(NULL, buf, n, NULL, 0)
-        return self._unit_from(sku, spec, barcode, uid, sh_crc32(buf, n), buf, n)
+        return self._unit_from(sku, spec, barcode, uid, sh_crc32(buf, ns), buf, n)
 
     cdef object _unit_from(self, object sku, object spec, object barcode, object uid,
                            unsigned long crc, const char *raw, Py_ssize_t nraw):
-        # The Unit of checked ASCII fields whose canonical id (raw, nraw) hashes to crc.
+        # The Unit of checked ASCII fields whose escaped SKU hashes to crc; (raw, nraw) is
+        # its canonical id.
         cdef Py_ssize_t fp = self._fast_partition(crc)
         cdef bytes sep = STOCK_SEP
         if fp >= 0:
@@ -640,8 +642,9 @@ cdef class KeyResolver:
         sku = _text(sku, base, ".sku", 1, MAX_SKU, out, True)
         spec = _text(spec, base, ".spec", 0, MAX_SPEC, out, True)
         barcode = _text(barcode, base, ".barcode", 0, MAX_BARCODE, out, True)
-        uid = f"{_escape(sku)}:{_escape(spec)}:{_escape(barcode)}"
-        p = self._place(uid, &fp)
+        esku = _escape(sku)
+        uid = f"{esku}:{_escape(spec)}:{_escape(barcode)}"
+        p = self._place(esku, &fp)
         tag = <object>PyList_GET_ITEM(self._tags, fp) if fp >= 0 else self._tags[p]
         return sh_record6(_Unit, sku, spec, barcode, uid, p, f"{tag}{STOCK}:{uid}")
 
@@ -786,7 +789,7 @@ cdef class KeyResolver:
         cdef char buf[BUF]
         cdef char own[LINE_MAX]
         cdef char *start = dst
-        cdef Py_ssize_t n, m = -1
+        cdef Py_ssize_t n, ns, m = -1
         cdef long long q
         cdef PyObject *found
         if start is NULL:
@@ -810,6 +813,7 @@ cdef class KeyResolver:
         if q > 0:
             # Fast: canonical id, then (only for a new unit) partition and stock key.
             n = sh_escape(sh_ascii_data(sku), sh_len(sku), buf)
+            ns = n
             buf[n] = c':'
             n += 1
             n += sh_escape(sh_ascii_data(spec), sh_len(spec), buf + n)
@@ -820,7 +824,7 @@ cdef class KeyResolver:
             found = PyDict_GetItemWithError(index, uid)
             if found is NULL:
                 k = PyLong_FromSsize_t(len(units))
-                units.append(self._unit_from(sku, spec, barcode, uid, sh_crc32(buf, n), buf, n))
+                units.append(self._unit_from(sku, spec, barcode, uid, sh_crc32(buf, ns), buf, n))
                 PyDict_SetItem(index, uid, k)
             else:
                 k = <object>found

@@ -123,7 +123,7 @@ class KeyResolver:
         return f"{self._tags[self.partition_of(sid)]}{c.SKU}:{sid}"
 
     def meta_key(self, name: str) -> str:
-        """A deployment-wide key such as `constants.META_SKUS` (the `{meta}` slot)."""
+        """A deployment-wide key such as `constants.META_CONTENTION` (the `{meta}` slot)."""
         return f"{self.prefix}:{name}"
 
     # -- sales units --------------------------------------------------------------------------
@@ -152,8 +152,11 @@ class KeyResolver:
         sku = check_text(sku, f"{path}.sku", 1, c.MAX_SKU, out)
         spec = check_text(spec, f"{path}.spec", 0, c.MAX_SPEC, out)
         barcode = check_text(barcode, f"{path}.barcode", 0, c.MAX_BARCODE, out)
-        unit_id = f"{escape(sku)}:{escape(spec)}:{escape(barcode)}"
-        p = self.partition_of(unit_id)
+        esku = escape(sku)
+        unit_id = f"{esku}:{escape(spec)}:{escape(barcode)}"
+        # A unit lives in its SKU's partition, beside the SKU's policy hash: on Redis Cluster
+        # stock and policy of one SKU share a slot (issue 11).
+        p = self.partition_of(esku)
         return Unit(sku, spec, barcode, unit_id, p, f"{self._tags[p]}{c.STOCK}:{unit_id}")
 
     def units(self, triples: Sequence[tuple[str, str, str]], path: str = "units") -> list[Unit]:

@@ -10,12 +10,22 @@ partition sit in one Redis Cluster slot.
     <prefix>:{p<N>}:adj:<adjustment-id>  hash  the stored answer of an AdjustStock
     <prefix>:{meta}:partitions           string  the partition count of this deployment
     <prefix>:{p<N>}:sku:<sku>            hash  a SKU's policy fields and its sales buckets
-    <prefix>:{meta}:skus                 zset  SKUs with a stored policy or recent sales (lex)
     <prefix>:{meta}:contention           hash  process id -> contention snapshot head (JSON)
     <prefix>:{meta}:contention:seen      zset  process id -> last snapshot time (ms)
     <prefix>:{meta}:contention:slots:<process id>  hash  closed sub-window -> its piece (JSON)
     <prefix>:{p<N>}:polls                zset  order id -> next payment poll (ms, Redis clock)
     <prefix>:{p<N>}:otn:<provider>:<no>  string  the order id paid under a provider's out_trade_no
+    <prefix>:{p<N>}:skus                 zset  SKUs of the partition with a stored policy or
+                                               recent sales (lex)
+
+A sales unit's stock hash is in its SKU's partition, beside the SKU's policy hash (issue 11).
+Redis Cluster only (docs/cluster.md), an order whose keys span partitions:
+
+    <prefix>:{p<N>}:part:<order-id>      hash  the order's lines whose stock is in partition N
+    <prefix>:{p<N>}:parts                zset  order id -> when recovery looks at its part (ms)
+    <prefix>:{p<N>}:settle               zset  order id -> when recovery settles its parts (ms)
+    <prefix>:{p<N>}:abort:<order-id>     set   nonces of attempts whose parts were given back
+    <prefix>:{p<N>}:adj:<adjustment-id>  also in the unit's partition, claimed in its own
 """
 
 from __future__ import annotations
@@ -32,7 +42,11 @@ EVENTS: Final = "events"
 ADJUSTMENT: Final = "adj"
 META_PARTITIONS: Final = "{meta}:partitions"
 SKU: Final = "sku"
-META_SKUS: Final = "{meta}:skus"
+SKU_INDEX: Final = "skus"
+PART: Final = "part"
+PARTS: Final = "parts"
+SETTLE: Final = "settle"
+ABORT: Final = "abort"
 META_CONTENTION: Final = "{meta}:contention"
 META_CONTENTION_SEEN: Final = "{meta}:contention:seen"
 META_CONTENTION_SLOTS: Final = "{meta}:contention:slots"

@@ -21,6 +21,7 @@ from stockhold import constants as c
 from stockhold import metrics, scripts
 from stockhold.batcher import Batcher, NotSent
 from stockhold.contention import ContentionStats, Outcome, new_tracker
+from stockhold.crossslot import CrossSlot, PartOrder
 from stockhold.errors import DomainError, FieldViolation, Reason, invalid
 from stockhold.model import PaymentReport, PendingPayment, PollClaim, Reservation, StockLevel
 from stockhold.policies import PolicyStore
@@ -33,7 +34,7 @@ from stockhold.resolver import (
     escape,
 )
 from stockhold.settings import Settings
-from stockhold.store.calls import ScriptCalls, make_client, redis_errors
+from stockhold.store.calls import ScriptCalls, connect, redis_errors
 from stockhold.store.hotclient import HotClient
 
 log = logging.getLogger(__name__)
@@ -189,18 +190,27 @@ class Engine:
         self.transitions: Batcher[Transition, dict[str, Any]] = Batcher(
             self._transition_batch, settings.batch_max_orders, settings.batch_max_inflight
         )
+        # Redis Cluster: every call in one slot; orders spanning slots go through parts.
+        self.cross: CrossSlot | None = None
+        if settings.redis_cluster:
+            self.cross = CrossSlot(
+                calls, settings, self._config_id, self.reserve_call, self.sku_key
+            )
 
     @classmethod
     def connect(cls, url: str, settings: Settings) -> Engine:
         """An engine on new clients for `url`: redis-py, and the hot-path client for scripts
-        unless `settings.redis_hot_client` is off (both connect lazily)."""
-        hot = HotClient.from_url(url, settings) if settings.redis_hot_client else None
-        return cls(make_client(url, settings), settings, hot)
+        unless `settings.redis_hot_client` is off (both connect lazily); on Redis Cluster
+        (`settings.redis_cluster`) both route by slot."""
+        client, hot = connect(url, settings)
+        return cls(client, settings, hot)
 
     async def close(self) -> None:
         """Let calls in flight finish, then close the clients and their pools."""
         await self.reserves.drain()
         await self.transitions.drain()
+        if self.cross is not None:
+            await self.cross.drain()
         await self.calls.aclose()
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[bytes | str]) -> Any:
@@ -382,20 +392,83 @@ class Engine:
     async def _reserve_batch(
         self, orders: Sequence[ResolvedOrder | PaidOrder]
     ) -> list[ReserveResult]:
-        """One reserve.lua call for a batch of orders; one result per order."""
-        keys, args = self.reserve_call(orders)
-        return reserve_results(orders, await self._call(self.scripts.reserve, keys, args))
+        """One reserve.lua call for a batch of orders; one result per order. On Redis Cluster
+        one call per partition of single-slot orders, and the cross-slot protocol for the
+        others (crossslot.py), all at once."""
+        if self.cross is None:
+            keys, args = self.reserve_call(orders)
+            return reserve_results(orders, await self._call(self.scripts.reserve, keys, args))
+        return await self._reserve_batch_cluster(orders)
+
+    def _home_only(self, item: ResolvedOrder | PaidOrder) -> bool:
+        """Whether every key of an order is in its home partition (one slot)."""
+        order = item.order if isinstance(item, PaidOrder) else item
+        home = order.keys.partition
+        if any(u.partition != home for u in order.units):
+            return False
+        payment = item.payment if isinstance(item, PaidOrder) else None
+        return payment is None or self._payment_partition(*payment) == home
+
+    async def _reserve_batch_cluster(
+        self, orders: Sequence[ResolvedOrder | PaidOrder]
+    ) -> list[ReserveResult]:
+        cross = self.cross
+        assert cross is not None
+        results: list[ReserveResult | None] = [None] * len(orders)
+        groups: dict[int, list[int]] = {}
+        spanning: list[int] = []
+        for i, item in enumerate(orders):
+            if self._home_only(item):
+                order = item.order if isinstance(item, PaidOrder) else item
+                groups.setdefault(order.keys.partition, []).append(i)
+            else:
+                spanning.append(i)
+
+        def refused(err: DomainError) -> ReserveResult:
+            return ReserveResult(None, False, err.reason.value, dict(err.metadata), ())
+
+        async def group(idxs: list[int]) -> None:
+            batch = [orders[i] for i in idxs]
+            try:
+                keys, args = self.reserve_call(batch)
+                found = reserve_results(batch, await self._call(self.scripts.reserve, keys, args))
+            except DomainError as err:
+                found = [refused(err)] * len(batch)
+            for i, r in zip(idxs, found, strict=True):
+                results[i] = r
+
+        async def one(i: int) -> None:
+            item = orders[i]
+            if isinstance(item, PaidOrder):
+                order, fp, amount, payment = item.order, item.fingerprint, item.amount, item.payment
+            else:
+                order, fp, amount, payment = item, item.fingerprint, 0, None
+            map_key = self.payment_map_key(*payment) if payment is not None else ""
+            try:
+                r = await cross.reserve(order, fp, amount, payment, map_key)
+                results[i] = ReserveResult(*r)
+            except DomainError as err:
+                results[i] = refused(err)
+
+        await asyncio.gather(
+            *(group(idxs) for idxs in groups.values()), *(one(i) for i in spanning)
+        )
+        return [r for r in results if r is not None]
 
     def reserve_call(
-        self, orders: Sequence[ResolvedOrder | PaidOrder]
+        self, orders: Sequence[ResolvedOrder | PaidOrder | PartOrder]
     ) -> tuple[list[str], list[bytes | str]]:
         """KEYS and ARGV of one reserve.lua call for a batch of orders (its header says
         what each field is); `reserve_results` reads the reply."""
         keys: list[str] = []
         args: list[bytes | str] = [self._config_id]
         for item in orders:
+            nonce = None
             if isinstance(item, PaidOrder):
                 order, fp, amount, payment = item.order, item.fingerprint, item.amount, item.payment
+            elif isinstance(item, PartOrder):
+                order, fp, amount, payment = item.order, item.order.fingerprint, 0, None
+                nonce = item.nonce
             else:
                 order, fp, amount, payment = item, item.fingerprint, 0, None
             k = order.keys
@@ -405,7 +478,7 @@ class Engine:
             sku_keys = [self.sku_key(s) for s in skus]
             keys += (k.order_key, k.expiry_key, k.events_key, *stock_keys, *sku_keys)
             lines = order.lines
-            flags = (1 if amount else 0) | (2 if payment is not None else 0)
+            flags = 4 if nonce else (1 if amount else 0) | (2 if payment is not None else 0)
             args += (
                 k.order_id,
                 fp,
@@ -417,6 +490,8 @@ class Engine:
             )
             if amount:
                 args.append(str(amount))
+            if nonce:
+                args.append(nonce)
             if payment is not None:
                 args += payment
                 keys += (self.polls_key(k.partition), self.payment_map_key(*payment))
@@ -461,15 +536,49 @@ class Engine:
 
     async def _transition_batch(self, items: Sequence[Transition]) -> list[dict[str, Any]]:
         """Read each record's stock and SKU keys (one pipeline), then one transition.lua call
-        (its header says what each field is)."""
-        stored = await self.calls.hmget_many([t.keys.order_key for t in items], ("keys", "skeys"))
+        (its header says what each field is). On Redis Cluster one call per partition, then
+        the parts of cross-slot orders that moved follow their home record (crossslot.py)."""
+        order_keys = [t.keys.order_key for t in items]
+        if self.cross is None:
+            stored = await self.calls.hmget_many(order_keys, ("keys", "skeys"))
+        else:
+            stored = await self.cross.hmget_many(order_keys, ("keys", "skeys", "parts"))
         results: list[dict[str, Any]] = [{"err": Reason.RESERVATION_NOT_FOUND.value} for _ in items]
-        keys: list[str] = [self.policies.index_key]
+        live = [i for i, s in enumerate(stored) if s[0] is not None]
+        if self.cross is None:
+            await self._transition_call(items, stored, live, results)
+            return results
+        groups: dict[int, list[int]] = {}
+        for i in live:
+            groups.setdefault(items[i].keys.partition, []).append(i)
+        await asyncio.gather(
+            *(self._transition_call(items, stored, g, results) for g in groups.values())
+        )
+        moved = [
+            items[i].keys
+            for i in live
+            if stored[i][2] and not (results[i].get("ok") and not results[i].get("changed"))
+        ]
+        if moved:
+            await asyncio.gather(*(self.cross.settle(k) for k in moved))
+        return results
+
+    async def _transition_call(
+        self,
+        items: Sequence[Transition],
+        stored: Sequence[Sequence[bytes | None]],
+        sent: Sequence[int],
+        results: list[dict[str, Any]],
+    ) -> None:
+        """One transition.lua call for the items at `sent` (records found); fills results."""
+        if not sent:
+            return
+        keys: list[str] = []
         args: list[bytes | str] = [self._config_id]
-        sent: list[int] = []
-        for i, (t, (raw, raw_skus)) in enumerate(zip(items, stored, strict=True)):
-            if raw is None:
-                continue
+        for i in sent:
+            t = items[i]
+            raw, raw_skus = stored[i][0], stored[i][1]
+            assert raw is not None
             stock_keys = orjson.loads(raw)
             # Records written before SKU policies existed name no SKU keys.
             sku_keys = orjson.loads(raw_skus) if raw_skus else []
@@ -481,12 +590,9 @@ class Engine:
             # record's by equality, without decoding.
             counts = bytes((len(stock_keys), len(sku_keys), len(extra)))
             args += (t.op, k.order_id, counts, raw, raw_skus or b"", t.arg)
-            sent.append(i)
-        if sent:
-            replies = orjson.loads(await self._call(self.scripts.transition, keys, args))
-            for i, reply in zip(sent, replies, strict=True):
-                results[i] = _transition_result(reply)
-        return results
+        replies = orjson.loads(await self._call(self.scripts.transition, keys, args))
+        for i, reply in zip(sent, replies, strict=True):
+            results[i] = _transition_result(reply)
 
     async def get_reservation(self, order_id: str) -> Reservation:
         """The reservation as it stands; a HELD one at or past its deadline is expired first.
@@ -558,6 +664,17 @@ class Engine:
             }
         )
         keys = (k.record_key, k.events_key, unit.stock_key)
+        if self.cross is not None and k.partition != unit.partition:
+            # Redis Cluster: the id is claimed in its own partition (its fingerprint: another
+            # adjustment under the same id conflicts), the record kept beside the stock.
+            retention = str(self.settings.record_retention_seconds * 1000)
+            other = await self._call(self.scripts.claim, (k.record_key,), (fp, retention))
+            if other:
+                raise DomainError(
+                    Reason.ADJUSTMENT_CONFLICT, metadata={"adjustment_id": adjustment_id}
+                )
+            tag = self._tag(unit.partition)
+            keys = (f"{tag}{c.ADJUSTMENT}:{escape(adjustment_id)}", tag + c.EVENTS, unit.stock_key)
         result = orjson.loads(await self._call(self.scripts.adjust, keys, (arg,)))
         _raise_for(result)
         level = StockLevel(
@@ -593,6 +710,11 @@ class Engine:
                     keys, args = self.expire_call(p)
                     result = orjson.loads(await self._call(self.scripts.expire, keys, args))
                     expired += int(result["expired"])
+                    if self.cross is not None and result.get("settle"):
+                        # cross-slot orders: their parts follow (recovery would, later)
+                        await asyncio.gather(
+                            *(self.cross.settle(self.resolver.order(o)) for o in result["settle"])
+                        )
                     if result.get("stuck"):
                         log.error(
                             "expiry refused", extra={"partition": p, "orders": result["stuck"]}
@@ -618,16 +740,28 @@ class Engine:
         expire calls themselves are not pipelined: Redis runs a client's pipelined commands
         back to back, so a pipeline of full claims would hold it for all of them at once.
         """
-        n = self.settings.partitions
+        return await self._due_in(
+            [self.resolver.expiry_key(p) for p in range(self.settings.partitions)]
+        )
+
+    async def _due_in(self, indexes: Sequence[str]) -> list[int]:
+        """Positions of the zsets whose first score has passed on Redis's clock (one pipeline;
+        on Redis Cluster TIME is asked of one node first: the nodes' clocks agree closely
+        enough for a hint)."""
         with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.time()
-                for p in range(n):
-                    pipe.zrange(self.resolver.expiry_key(p), 0, 0, withscores=True)
+                if self.cross is None:
+                    pipe.time()
+                for key in indexes:
+                    pipe.zrange(key, 0, 0, withscores=True)
                 replies = await pipe.execute()
-        seconds, micros = replies[0]
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        return [p for p, first in enumerate(replies[1:]) if first and first[0][1] <= now_ms]
+        if self.cross is None:
+            seconds, micros = replies[0]
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            replies = replies[1:]
+        else:
+            now_ms = await self.cross.now_ms()
+        return [p for p, first in enumerate(replies) if first and first[0][1] <= now_ms]
 
     def expire_call(self, partition: int) -> tuple[tuple[str, str], tuple[str, ...]]:
         """KEYS and ARGV of one expire.lua call for a partition."""
@@ -690,6 +824,24 @@ class Engine:
         ident = f"{escape(provider)}:{escape(out_trade_no)}"
         return f"{self._tag(self.resolver.partition_of(ident))}{c.OUT_TRADE_NO}:{ident}"
 
+    def _payment_partition(self, provider: str, out_trade_no: str) -> int:
+        return self.resolver.partition_of(f"{escape(provider)}:{escape(out_trade_no)}")
+
+    async def _claim_payment(self, order_id: str, payment: PendingPayment) -> bool:
+        """Redis Cluster: claim an out_trade_no in its own slot for an order (claim.lua);
+        False when another order holds it (raises PAYMENT_CONFLICT)."""
+        ttl = (self.settings.max_hold_seconds + self.settings.record_retention_seconds) * 1000
+        other = await self._call(
+            self.scripts.claim, (self.payment_map_key(*payment),), (order_id, str(ttl))
+        )
+        if other:
+            other_id = other.decode() if isinstance(other, bytes) else str(other)
+            raise DomainError(
+                Reason.PAYMENT_CONFLICT,
+                metadata={"out_trade_no": payment.out_trade_no, "order_id": other_id},
+            )
+        return True
+
     async def report_payment(
         self, order_id: str, report: PaymentReport
     ) -> tuple[Reservation, bool]:
@@ -726,12 +878,16 @@ class Engine:
         check_payment(payment, "payment", out)
         if out:
             raise invalid(out)
-        keys = (
+        keys: tuple[str, ...] = (
             k.order_key,
             self.polls_key(k.partition),
             k.events_key,
             self.payment_map_key(*payment),
         )
+        if self.cross is not None and self._payment_partition(*payment) != k.partition:
+            # the map is in another slot: claimed there first, then the script goes without it
+            await self._claim_payment(order_id, payment)
+            keys = keys[:3]
         arg = orjson.dumps(
             {
                 "oid": order_id,
@@ -791,15 +947,7 @@ class Engine:
 
     async def _due_poll_partitions(self) -> list[int]:
         """Partitions whose earliest poll is due on Redis's clock (a hint: the script decides)."""
-        with redis_errors():
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.time()
-                for p in range(self.settings.partitions):
-                    pipe.zrange(self.polls_key(p), 0, 0, withscores=True)
-                replies = await pipe.execute()
-        seconds, micros = replies[0]
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        return [p for p, first in enumerate(replies[1:]) if first and first[0][1] <= now_ms]
+        return await self._due_in([self.polls_key(p) for p in range(self.settings.partitions)])
 
 
 # -- payment input (issue 5) -------------------------------------------------------------------

@@ -16,6 +16,7 @@ SetSkuPolicy in this process, and by a background pass over stored policies and 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Iterable, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 import orjson
 
 from stockhold import constants as c
+from stockhold.resolver import escape
 from stockhold.scripts import policy_window
 from stockhold.settings import Settings
 from stockhold.store.calls import ScriptCalls
@@ -148,7 +150,12 @@ class PolicyStore:
         self.settings = settings = calls.settings
         self.cache = PolicyCache(settings)
         self.window = policy_window(settings)
-        self.index_key = calls.resolver.meta_key(c.META_SKUS)
+        resolver = calls.resolver
+        # One SKU index per partition, in the slot of the SKU hashes it lists (constants.py).
+        self.index_keys = [
+            resolver.expiry_key(p)[: -len(c.EXPIRY)] + c.SKU_INDEX
+            for p in range(settings.partitions)
+        ]
         self._refresh_after = ""  # the refresh pass's cursor over the SKU index
 
     async def set(
@@ -158,6 +165,7 @@ class PolicyStore:
         key = self.calls.resolver.sku_key(sku)
         partition = self.calls.resolver.partition_of(key.rsplit(":", 1)[-1])
         events = self.calls.resolver.events_key(partition)
+        index_key = self.index_keys[partition]
         arg = orjson.dumps(
             {
                 "sku": sku,
@@ -169,7 +177,7 @@ class PolicyStore:
         )
         result = orjson.loads(
             await self.calls.call_script(
-                self.calls.scripts.policy_set, (key, self.index_key, events), (arg,)
+                self.calls.scripts.policy_set, (key, index_key, events), (arg,)
             )
         )
         policy = SkuPolicy.from_state(sku, result["state"])
@@ -177,26 +185,55 @@ class PolicyStore:
         return policy, int(result["now"])
 
     async def get_many(self, skus: Sequence[str], prune: bool = False) -> list[SkuPolicy]:
-        """Policies of many SKUs in one script call (missing ones come back as defaults)."""
+        """Policies of many SKUs (missing ones come back as defaults): one script call, or on
+        Redis Cluster one per partition, at once."""
         if not skus:
             return []
-        keys = [self.index_key, *(self.calls.resolver.sku_key(s) for s in skus)]
-        arg = orjson.dumps({"skus": list(skus), "prune": prune, "pol": self.window})
-        result = orjson.loads(
-            await self.calls.call_script(self.calls.scripts.policy_get, keys, (arg,))
-        )
-        states = result["states"] or []
-        policies = [SkuPolicy.from_state(s, st or None) for s, st in zip(skus, states, strict=True)]
+        resolver = self.calls.resolver
+        groups: dict[int, list[str]] = {}
+        if self.settings.redis_cluster:
+            for s in skus:
+                groups.setdefault(resolver.partition_of(escape(s)), []).append(s)
+        else:
+            groups[0] = list(skus)
+
+        async def one(group: list[str]) -> list[Any]:
+            keys = [resolver.sku_key(s) for s in group]
+            arg = orjson.dumps({"skus": group, "prune": prune, "pol": self.window})
+            result = orjson.loads(
+                await self.calls.call_script(self.calls.scripts.policy_get, keys, (arg,))
+            )
+            return list(result["states"] or [])
+
+        found: dict[str, Any] = {}
+        for group, states in zip(
+            groups.values(), await asyncio.gather(*(one(g) for g in groups.values())), strict=True
+        ):
+            found.update(zip(group, states, strict=True))
+        policies = [SkuPolicy.from_state(s, found[s] or None) for s in skus]
         for p in policies:
             self.cache.put(p)
         return policies
 
     async def _index_page(self, after: str, count: int) -> list[str]:
+        """The first `count` SKUs after `after` over every partition's index (one pipeline:
+        each partition's first `count`, merged)."""
         start = f"({after}" if after else "-"
-        raw = await self.calls.run(
-            self.calls.client.zrangebylex(self.index_key, start, "+", start=0, num=count)
+
+        async def pages() -> list[list[bytes]]:
+            async with self.calls.client.pipeline(transaction=False) as pipe:
+                for key in self.index_keys:
+                    pipe.zrangebylex(key, start, "+", start=0, num=count)
+                return list(await pipe.execute())
+
+        merged = sorted(
+            {
+                m.decode() if isinstance(m, bytes) else m
+                for page in await self.calls.run(pages())
+                for m in page
+            }
         )
-        return [m.decode() if isinstance(m, bytes) else m for m in raw]
+        return merged[:count]
 
     async def list(self, page_size: int, after: str, hot_only: bool) -> tuple[list[SkuPolicy], str]:
         """One page of SKUs with a stored policy or recent sales, by SKU; (page, next token)."""

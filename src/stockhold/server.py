@@ -211,6 +211,13 @@ class StockholdServer:
                     self._every(self.settings.payment_poll_interval_seconds, self._poll_payments)
                 )
             )
+        if self.engine.cross is not None:
+            # Redis Cluster: orders left half-done across slots, twice per recovery window
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(self.settings.recovery_window_seconds / 2, self._recover)
+                )
+            )
         if self.settings.payment_webhook_listen:
             await self._start_webhook()
         return self.port
@@ -302,6 +309,16 @@ class StockholdServer:
             return
         if n:
             log.info("expired holds", extra={"count": n})
+
+    async def _recover(self) -> None:
+        assert self.engine.cross is not None
+        try:
+            counts = await self.engine.cross.recover()
+        except DomainError as err:
+            log.debug("recovery pass skipped: %s", err)
+            return
+        if any(counts.values()):
+            log.info("recovered cross-slot orders", extra=counts)
 
     async def _publish_contention(self) -> None:
         try:

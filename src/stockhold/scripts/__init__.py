@@ -37,6 +37,9 @@ OPERATIONS = (
     "policy_get",
     "payment_mark",
     "payment_poll",
+    "finish",
+    "abort",
+    "claim",
 )
 
 
@@ -103,6 +106,11 @@ def _config_body(settings: Settings) -> str:
             "CFG_RETENTION_S",
             "finished record lifetime (ms, text)",
             str(settings.record_retention_seconds * 1000),
+        ),
+        (
+            "CFG_RECOVER_MS",
+            "Redis Cluster: a half-done cross-slot step is recovered after this long (ms)",
+            round(settings.recovery_window_seconds * 1000),
         ),
     ]
     body = "".join(f"local {name} = {_lua_value(v)}  -- {what}\n" for name, what, v in values)
@@ -201,3 +209,6 @@ class Scripts:
         self.policy_get: AsyncScript = register("policy_get")
         self.payment_mark: AsyncScript = register("payment_mark")
         self.payment_poll: AsyncScript = register("payment_poll")
+        self.finish: AsyncScript = register("finish")
+        self.abort: AsyncScript = register("abort")
+        self.claim: AsyncScript = register("claim")

@@ -83,9 +83,15 @@ local function sku_state(key, now, p)
     sold = sold, hot = hot}
 end
 
+-- The SKU index (zset) of a SKU hash's partition: "<prefix>:{p<N>}:sku:<sku>" ->
+-- "<prefix>:{p<N>}:skus", in the hash's own slot (constants.py).
+local function sku_index(key)
+  return string.match(key, '^(.*{p%d+}:)sku:') .. 'skus'
+end
+
 -- Count q committed units of a SKU now: drop the buckets that left the window, add to the
 -- current one. A SKU hash without a stored policy lives one window past its last sale.
-local function sku_add_sold(key, index_key, sku, now, p, q)
+local function sku_add_sold(key, sku, now, p, q)
   local v = redis.call('HMGET', key, 'sold', 'old', 'set')
   local sold, old = tonumber(v[1]) or 0, tonumber(v[2])
   local stale, cutoff = stale_buckets(old, now, p)
@@ -102,7 +108,7 @@ local function sku_add_sold(key, index_key, sku, now, p, q)
   if sold <= 0 then
     sold = 0
     old = math.floor(now / p.bms)
-    redis.call('ZADD', index_key, 0, sku)
+    redis.call('ZADD', sku_index(key), 0, sku)
   end
   -- integers formatted as such ('%d'): cheaper than the float format Redis and `..` apply
   local fmt = string.format
@@ -122,6 +128,7 @@ end
 
 -- Read-only: an error when the out_trade_no map `mk` already names another order.
 local function payment_conflict(mk, oid, otn)
+  if not mk then return nil end
   local other = redis.call('GET', mk)
   if other and other ~= oid then
     return {err = 'PAYMENT_CONFLICT', meta = {out_trade_no = otn, order_id = other}}
@@ -132,6 +139,7 @@ end
 -- Write: mark a HELD record payment-pending and schedule its first poll: the schedule's first
 -- step, but never later than the final poll at deadline - margin. `ps` is {steps = {ms, ...},
 -- margin = ms, ttl = ms (lifetime of the out_trade_no map)}. Returns the first poll's time.
+-- `mk` nil: the out_trade_no map is in another slot and was claimed before (claim.lua).
 local function start_polling(rk, pk, mk, oid, prov, otn, now, dl, ps)
   local first = math.min(now + ps.steps[1], dl - ps.margin)
   redis.call('HSET', rk, 'pprov', prov, 'potn', otn, 'pst', 'PENDING', 'polls', 0,
@@ -139,6 +147,14 @@ local function start_polling(rk, pk, mk, oid, prov, otn, now, dl, ps)
   redis.call('HDEL', rk, 'pex')
   if redis.call('HGET', rk, 'pflag') == 'POLLS_EXHAUSTED' then redis.call('HDEL', rk, 'pflag') end
   redis.call('ZADD', pk, first, oid)
-  redis.call('SET', mk, oid, 'PX', ps.ttl)
+  if mk then redis.call('SET', mk, oid, 'PX', ps.ttl) end
   return first
+end
+
+-- Redis Cluster: orders whose keys span slots (issue 11, docs/cluster.md) ----------------------
+
+-- The settle index of a partition (zset: order id -> when recovery settles its parts), beside
+-- its expiry index "<tag>expiry" (same slot).
+local function settle_index(xk)
+  return string.sub(xk, 1, -7) .. 'settle'
 end

@@ -1,6 +1,6 @@
 -- policy_set.lua: store (or reset) one SKU's policy; one SKU_POLICY_CHANGED event.
 --
--- KEYS[1] the SKU's policy hash   KEYS[2] the SKU index (zset)
+-- KEYS[1] the SKU's policy hash   KEYS[2] the SKU index (zset) of its partition
 -- KEYS[3] the event stream of the SKU's partition
 -- ARGV[1] JSON: {"sku": str, "reset": bool, "set": {field: value, ...} (only fields given:
 --          to, hold, maxq as integers, hot, pin as 0|1), "maxlen": int,

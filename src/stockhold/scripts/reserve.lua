@@ -11,10 +11,11 @@
 -- ARGV[1] the configuration id the call was built for (CONFIG_ID, see stockhold.scripts).
 -- Then per order, plain fields back to back (nothing to decode; numbers as decimal text):
 --   oid, fp, hold (seconds, 0: policy/default),
---   counts: 4 bytes n, m, l (lines), flags (1: amount given, 2: payment to poll, or both),
+--   counts: 4 bytes n, m, l (lines), flags (1: amount given, 2: payment to poll, or both;
+--     4 alone: a part, see below),
 --   keys, skeys, usk: the record's fields as JSON text (stock keys, SKU keys, SKU index 1..m
 --     of each unit), stored as they come,
---   amt (minor units; flag 1 only), provider, out_trade_no (flag 2 only),
+--   amt (minor units; flag 1 only), provider, out_trade_no (flag 2 only), nonce (flag 4 only),
 --   n units: each its sku, spec and barcode as JSON strings, comma-separated, without the
 --     brackets of an array (it is spliced into the record's "units" and the event's
 --     allocations),
@@ -31,6 +32,11 @@
 -- An order is checked completely before its first write; a refused order writes nothing.
 -- An out_trade_no already mapped to another order is refused as PAYMENT_CONFLICT.
 -- The record layout is the one transition.lua, expire.lua, extend.lua and get.lua read.
+-- A part (flag 4; Redis Cluster, an order whose keys span slots: docs/cluster.md) holds the
+-- order's lines whose stock is in this slot: the same record, but at the part key
+-- ("<tag>part:<order id>") with the attempt's nonce ("nc"), indexed in the partition's parts
+-- index (KEYS[g+2]) at now + the recovery window instead of the expiry index, and no event:
+-- the order's home record (finish.lua) has those.
 --
 -- Cost (docs/performance.md, "Redis cost per script call"): numbers that Redis would format
 -- with printf are passed on as the text they came in, or formatted once per call; nothing is
@@ -131,7 +137,7 @@ end
 
 -- One order: b is its first ARGV field - 1, g its first KEYS entry - 1, f its units' first
 -- ARGV field - 1 (after the optional fields). Returns the order's reply entry (JSON text).
-local function reserve_one(b, g, f, n, m, l, flags)
+local function reserve_one(b, g, f, n, m, l, flags, part)
   local oid, fp = ARGV[b + 1], ARGV[b + 2]
   local rk = KEYS[g + 1]
   local existing = call('HGET', rk, 'fp')
@@ -201,7 +207,7 @@ local function reserve_one(b, g, f, n, m, l, flags)
   end
   local amt_s, prov, otn, pk, mk = '0', '', '', nil, nil
   if flags % 2 == 1 then amt_s = ARGV[b + 8] end
-  if flags >= 2 then
+  if flags == 2 or flags == 3 then
     prov, otn = ARGV[f - 1], ARGV[f]
     pk, mk = KEYS[first_sku + m], KEYS[first_sku + m + 1]
     local conflict = payment_conflict(mk, oid, otn)
@@ -229,7 +235,13 @@ local function reserve_one(b, g, f, n, m, l, flags)
     deadlines[hold] = dl_s
   end
   local data = '{"allocations":[' .. payload .. '],"expires_at":' .. dl_s
-  if amt_s ~= '0' then
+  if part then
+    call('HSET', rk, 'st', 'H', 'oid', oid, 'fp', fp, 'cr', now_s, 'dl', dl_s,
+      'hold', hold_s, 'keys', ARGV[b + 5], 'units', units .. ']]', 'alloc', alloc,
+      'skeys', ARGV[b + 6], 'usk', ARGV[b + 7], 'nc', ARGV[b + 8])
+    call('ZADD', KEYS[g + 2], format('%d', now + CFG_RECOVER_MS), oid)
+    return '[1,[' .. pol .. '],' .. dl_s .. ',' .. alloc .. ',0]'
+  elseif amt_s ~= '0' then
     call('HSET', rk, 'st', 'H', 'oid', oid, 'fp', fp, 'cr', now_s, 'dl', dl_s,
       'hold', hold_s, 'keys', ARGV[b + 5], 'units', units .. ']]', 'alloc', alloc,
       'skeys', ARGV[b + 6], 'usk', ARGV[b + 7], 'amt', amt_s)
@@ -255,9 +267,10 @@ local b, g = 1, 0
 while b < #ARGV do
   local n, m, l, flags = string.byte(ARGV[b + 4], 1, 4)
   -- the optional fields: amount (flag 1), provider and out_trade_no (flag 2)
-  local f = b + 7 + flags % 2 + (flags >= 2 and 2 or 0)
-  results[#results + 1] = reserve_one(b, g, f, n, m, l, flags)
-  g = g + 3 + n + m + (flags >= 2 and 2 or 0)
+  local pay, part = flags == 2 or flags == 3, flags == 4
+  local f = b + 7 + flags % 2 + (pay and 2 or 0) + (part and 1 or 0)
+  results[#results + 1] = reserve_one(b, g, f, n, m, l, flags, part)
+  g = g + 3 + n + m + (pay and 2 or 0)
   b = f + n + 3 * l
 end
 return table.concat(results, ',') .. ']'

@@ -1,18 +1,29 @@
 -- transition.lua: move a batch of HELD reservations forward: commit, release, a payment
 -- report, or the expiry of a due hold found by a read (the sweeper's is expire.lua).
 --
--- KEYS[1] the SKU index (zset), then one group per order, groups back to back:
---   [g+1] the reservation record   [g+2] the expiry index of its partition
+-- KEYS, one group per order, groups back to back:
+--   [g+1] the reservation record   [g+2] the expiry index of its partition (a part: the
+--         parts index of the part's partition)
 --   [g+3] the event stream of its partition
 --   [g+4 .. g+3+n] the stock hashes named in the record's "keys" field, in that order
 --   [g+4+n .. g+3+n+m] the SKU policy hashes named in its "skeys" field (m = 0: none stored)
 --   [g+4+n+m .. g+3+n+m+x] extra keys of the op (x = 0 but for "pay": the poll index of the
 --                          order's partition)
 -- ARGV[1] the configuration id the call was built for (CONFIG_ID, see stockhold.scripts).
--- Then per order, 6 plain fields: op ("commit" | "release" | "pay" | "expire"), order id,
+-- Then per order, 6 plain fields: op ("commit" | "release" | "pay" | "expire" | "part" |
+--   "undo"), order id,
 --   counts (3 bytes: n, m, x), the record's "keys" and "skeys" texts the caller built KEYS
 --   from ("" for a record without skeys), arg (payment_ref (commit) | reason (release) | JSON
---   of the payment report (pay, see report_one) | "" (expire)).
+--   of the payment report (pay, see report_one) | "" (expire) | the state the order's home
+--   record reached, C, R or E (part) | the attempt's nonce (undo)).
+-- Redis Cluster, orders whose keys span slots (docs/cluster.md): the home record has a
+-- "parts" field and no stock keys; its transitions change the record, the expiry index and
+-- the events as for any order, and queue the order in the partition's settle index (at now +
+-- the recovery window), stock untouched. Each part record ("nc": the nonce of the attempt that
+-- made it) then follows its home: op "part" moves a HELD part to the given state with its
+-- stock (and sales, for C), no event, out of the parts index; op "undo" gives a HELD part's
+-- stock back and deletes it, if it still has the attempt's nonce (a Reserve that did not
+-- finish).
 --   KEYS match the record when those texts equal the record's: nothing to decode to check.
 -- A commit counts its units as sold in each SKU's trailing sales window (auto-hot detection).
 -- Returns one JSON text, an array with one entry per order (built as text: Redis converts a
@@ -49,7 +60,7 @@ local function count_sold(rec, units, alloc, first_sku, m)
     if per[j] then
       local sku = nil
       for u, uj in ipairs(usk) do if uj == j then sku = units[u][1] break end end
-      sku_add_sold(KEYS[first_sku + j - 1], KEYS[1], sku, now, CFG_POL, per[j])
+      sku_add_sold(KEYS[first_sku + j - 1], sku, now, CFG_POL, per[j])
     end
   end
 end
@@ -71,11 +82,10 @@ local function with_fields(flat, ...)
   return flat
 end
 
--- Move a HELD record to `to` (C, R or E): stock back (or sold), out of the expiry index, one
--- event. `first_stock`: the record's stock keys start there in KEYS (checked equal).
-local function apply(rec, flat, rk, xk, ek, first_stock, to, extra_field, extra, first_sku, m,
-                     more)
-  local alloc, units = cjson.decode(rec.alloc), cjson.decode(rec.units)
+-- A HELD record's reserved stock leaves its counters: back to available unless `to` is C.
+-- `first_stock`: the record's stock keys start there in KEYS. Refused (nothing written) when
+-- a reserved counter is below the hold.
+local function stock_back(rec, alloc, first_stock, to)
   for _, a in ipairs(alloc) do
     local r = tonumber(redis.call('HGET', KEYS[first_stock + a[1] - 1], 'r:' .. a[2])) or 0
     if r < a[3] then return {err = 'INTERNAL', meta = {detail = 'reserved counter below hold'}} end
@@ -85,7 +95,22 @@ local function apply(rec, flat, rk, xk, ek, first_stock, to, extra_field, extra,
     redis.call('HINCRBY', key, 'r:' .. wh, '-' .. q_s)
     if to ~= 'C' then redis.call('HINCRBY', key, 'a:' .. wh, q_s) end
   end
-  if to == 'C' then count_sold(rec, units, alloc, first_sku, m) end
+  return nil
+end
+
+-- Move a HELD record to `to` (C, R or E): stock back (or sold), out of the expiry index, one
+-- event. `first_stock`: the record's stock keys start there in KEYS (checked equal).
+local function apply(rec, flat, rk, xk, ek, first_stock, to, extra_field, extra, first_sku, m,
+                     more)
+  local alloc, units = cjson.decode(rec.alloc), cjson.decode(rec.units)
+  if rec.parts then
+    -- the stock is in the parts, settled after this call (see the header)
+    redis.call('ZADD', settle_index(xk), string.format('%d', now + CFG_RECOVER_MS), rec.oid)
+  else
+    local err = stock_back(rec, alloc, first_stock, to)
+    if err then return err end
+    if to == 'C' then count_sold(rec, units, alloc, first_sku, m) end
+  end
   rec.st, rec.up = to, now_s
   if extra_field then
     rec[extra_field] = extra
@@ -97,6 +122,7 @@ local function apply(rec, flat, rk, xk, ek, first_stock, to, extra_field, extra,
   end
   redis.call('ZREM', xk, rec.oid)
   redis.call('PEXPIRE', rk, CFG_RETENTION_S)
+  if rec.nc then return {ok = 1, changed = 1, flat = flat} end  -- a part: no event
   local etype = ({C = 'ORDER_COMMITTED', R = 'ORDER_RELEASED', E = 'ORDER_EXPIRED'})[to]
   local data = {allocations = payload_of(units, alloc)}
   if extra_field then data[extra_field == 'pref' and 'payment_ref' or 'reason'] = extra end
@@ -187,7 +213,10 @@ local function report_one(arg, rec, flat, rk, xk, ek, first_stock, first_sku, m,
       if r.err then return r end
     end
     local alloc, enough = cjson.decode(rec.alloc), true
-    for _, a in ipairs(alloc) do
+    -- Cluster: an order whose stock spans slots is not taken again in one call: flagged
+    -- REFUND (docs/cluster.md).
+    if rec.parts then enough = false end
+    for _, a in ipairs(enough and alloc or {}) do
       if (tonumber(redis.call('HGET', KEYS[first_stock + a[1] - 1], 'a:' .. a[2])) or 0) < a[3] then
         enough = false
         break
@@ -242,6 +271,19 @@ local function transition_one(b, g, n, m)
       KEYS[first_sku + m])
   end
   local st, due = rec.st, now >= tonumber(rec.dl)
+  if op == 'part' then
+    local to = ARGV[b + 6]
+    if st ~= 'H' then return {ok = 1, changed = 0, flat = flat} end
+    return apply(rec, flat, rk, xk, ek, first_stock, to, nil, nil, first_sku, m)
+  end
+  if op == 'undo' then
+    if st ~= 'H' or rec.nc ~= ARGV[b + 6] then return {ok = 1, changed = 0, flat = flat} end
+    local err = stock_back(rec, cjson.decode(rec.alloc), first_stock, 'R')
+    if err then return err end
+    redis.call('DEL', rk)
+    redis.call('ZREM', xk, rec.oid)
+    return {ok = 1, changed = 1, flat = {}}
+  end
   if op == 'expire' then
     if st ~= 'H' or not due then return {ok = 1, changed = 0, flat = flat} end
     local r = apply(rec, flat, rk, xk, ek, first_stock, 'E')
@@ -268,7 +310,7 @@ end
 
 local FLAG = {[0] = '0', [1] = '1'}
 local results = {}
-local b, g = 1, 1
+local b, g = 1, 0
 while b < #ARGV do
   local n, m, x = string.byte(ARGV[b + 3], 1, 3)
   local r = transition_one(b, g, n, m)

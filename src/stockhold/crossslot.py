@@ -1,0 +1,530 @@
+"""Redis Cluster: orders whose keys span slots, all or nothing, with recovery (issue 11).
+
+On one Redis node every operation is one script call. Redis Cluster refuses a call whose keys
+span slots (CROSSSLOT), and an order's keys do: its record is in its order id's partition
+(its home, where GetReservation finds it with no lookup) and its stock in each SKU's
+partition. A single-slot order (every unit in its home partition) stays one reserve.lua
+call; the engine sends only the others here. docs/cluster.md tells the whole protocol:
+
+Reserve
+  1. claim the payment's out_trade_no in its own slot (claim.lua), if any;
+  2. hold each partition's lines in that partition: a *part* (reserve.lua, flag 4), keyed by
+     order id so a repeat is idempotent, tagged with the attempt's nonce, and indexed in the
+     partition's parts index at now + the recovery window;
+  3. write the home record (finish.lua), listing the parts, unless one of their nonces was
+     aborted; then move the parts' index entries to the record's deadline + the window.
+  A refusal or failure in 2 or 3 aborts the attempt's nonces at home (abort.lua: unless the
+  record exists, finish.lua will now refuse them) and gives the parts back (transition.lua op
+  "undo").
+Commit, Release, expiry, ReportPayment
+  the home record moves first (one event, as on one node) and queues the order in its
+  partition's settle index at now + the window; then each part follows (op "part": its
+  stock leaves reserved, back to available or sold) and the queue entry goes.
+Recovery (`recover`, every process, every half window)
+  a settle entry past its time: the parts follow the home record's state; a part past its
+  time: confirmed (home HELD and listing it), settled (home finished), or given back (no home
+  record: aborted first, so a late finish.lua cannot use it).
+
+A process may die between any two steps: after the window, every unit's reserved counter is
+the sum of the HELD records and parts holding it, and no part exists without its record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import orjson
+
+from stockhold import constants as c
+from stockhold.errors import DomainError, Reason
+from stockhold.model import PendingPayment, Reservation
+from stockhold.resolver import KeyResolver, OrderKeys, ResolvedOrder, Unit, escape
+from stockhold.settings import Settings
+from stockhold.store.calls import ScriptCalls, redis_errors
+from stockhold.store.cluster import command_slot
+
+log = logging.getLogger(__name__)
+
+# An abort set outlives any call that could still be in flight by far (finish.lua checks it).
+ABORT_TTL_MS = 3_600_000
+# Most index entries one recovery pass takes of one partition's parts or settle index.
+RECOVER_BATCH = 200
+
+
+class PartOrder(NamedTuple):
+    """The lines of an order held in one partition (reserve.lua flag 4)."""
+
+    order: ResolvedOrder  # keys: the part's record, parts index and events of the partition
+    nonce: str
+
+
+class Crash(BaseException):
+    """Raised by a test's fault hook to stop a protocol between two steps, as kill -9 would:
+    no compensation runs (it is not an Exception)."""
+
+
+class _Part(NamedTuple):
+    partition: int
+    idxs: tuple[int, ...]  # the order's unit indexes held in this part
+    order: PartOrder
+
+
+class _Held(NamedTuple):
+    """A part that holds its lines: the nonce it has (this attempt's or an earlier one's)."""
+
+    part: _Part
+    nonce: str
+    fresh: bool  # made by this attempt
+    hold_s: int
+    alloc: list[list[Any]]  # [[unit index in the part, warehouse, quantity], ...]
+
+
+ReserveCall = Callable[[Sequence[Any]], tuple[list[str], list[bytes | str]]]
+
+
+def distinct_skus(units: Sequence[Unit]) -> list[str]:
+    """The SKUs of units, distinct, in first-appearance order (reserve.lua's m)."""
+    skus: list[str] = []
+    for u in units:
+        if u.sku not in skus:
+            skus.append(u.sku)
+    return skus
+
+
+class CrossSlot:
+    """The multi-slot protocols of one engine (see the module docstring)."""
+
+    def __init__(
+        self,
+        calls: ScriptCalls,
+        settings: Settings,
+        config_id: str,
+        reserve_call: ReserveCall,
+        sku_key: Callable[[str], str],
+    ) -> None:
+        self.calls = calls
+        self.settings = settings
+        self.resolver: KeyResolver = calls.resolver
+        self.scripts = calls.scripts
+        self._config_id = config_id
+        self._reserve_call = reserve_call
+        self._sku_key = sku_key
+        self.window_ms = round(settings.recovery_window_seconds * 1000)
+        # Tests stop a protocol between two steps with this (it raises Crash).
+        self.fault: Callable[[str], None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- keys ------------------------------------------------------------------------------
+    def tag(self, partition: int) -> str:
+        return self.resolver.expiry_key(partition)[: -len(c.EXPIRY)]
+
+    def part_key(self, partition: int, order_id: str) -> str:
+        return f"{self.tag(partition)}{c.PART}:{escape(order_id)}"
+
+    def parts_index(self, partition: int) -> str:
+        return self.tag(partition) + c.PARTS
+
+    def settle_index(self, partition: int) -> str:
+        return self.tag(partition) + c.SETTLE
+
+    def abort_key(self, k: OrderKeys) -> str:
+        return f"{self.tag(k.partition)}{c.ABORT}:{escape(k.order_id)}"
+
+    def _step(self, name: str) -> None:
+        if self.fault is not None:
+            self.fault(name)
+
+    async def _script(self, script: Any, keys: Sequence[str], args: Sequence[bytes | str]) -> Any:
+        return await self.calls.call_script(script, keys, args)
+
+    # -- Reserve ---------------------------------------------------------------------------
+    def parts_of(self, order: ResolvedOrder, nonce: str) -> list[_Part]:
+        """The order's lines per partition of their units, as part orders."""
+        groups: dict[int, list[int]] = {}
+        for i, u in enumerate(order.units):
+            groups.setdefault(u.partition, []).append(i)
+        oid = order.keys.order_id
+        parts = []
+        for p, idxs in groups.items():
+            local = {g: j for j, g in enumerate(idxs)}
+            lines = tuple((local[i], wh, q) for i, wh, q in order.lines if i in local)
+            keys = OrderKeys(
+                oid, p, self.part_key(p, oid), self.parts_index(p), self.resolver.events_key(p)
+            )
+            sub = ResolvedOrder(
+                keys,
+                tuple(order.units[i] for i in idxs),
+                lines,
+                order.hold_seconds,
+                order.fingerprint,
+            )
+            parts.append(_Part(p, tuple(idxs), PartOrder(sub, nonce)))
+        return parts
+
+    async def reserve(
+        self,
+        order: ResolvedOrder,
+        fingerprint: str,
+        amount: int,
+        payment: PendingPayment | None,
+        payment_key: str,
+    ) -> tuple[Reservation | None, bool, str | None, dict[str, Any], list[Any]]:
+        """Hold a cross-slot order: (reservation or None, replayed, refusal reason, its meta,
+        pol) as reserve.lua answers one order (pol: flat per distinct SKU, maybe empty)."""
+        k = order.keys
+        if fingerprint != order.fingerprint:
+            order = order._replace(fingerprint=fingerprint)
+        if payment is not None:
+            ttl = (self.settings.max_hold_seconds + self.settings.record_retention_seconds) * 1000
+            other = await self._script(self.scripts.claim, (payment_key,), (k.order_id, str(ttl)))
+            if other:
+                other_id = other.decode() if isinstance(other, bytes) else str(other)
+                meta = {"out_trade_no": payment.out_trade_no, "order_id": other_id}
+                return None, False, Reason.PAYMENT_CONFLICT.value, meta, []
+            self._step("claimed")
+        nonce = secrets.token_hex(8)
+        parts = self.parts_of(order, nonce)
+        replies = await asyncio.gather(*(self._hold(p) for p in parts), return_exceptions=True)
+        for r in replies:
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r
+        held: list[_Held] = []
+        pol: dict[str, tuple[int, int, int]] = {}
+        refusal: tuple[str, dict[str, Any]] | None = None
+        failure: Exception | None = None
+        for part, reply in zip(parts, replies, strict=True):
+            if isinstance(reply, BaseException):
+                failure = failure or (reply if isinstance(reply, Exception) else None)
+                continue
+            h, part_pol, err = reply
+            if part_pol:
+                for j, s in enumerate(distinct_skus(part.order.order.units)):
+                    pol[s] = (part_pol[3 * j], part_pol[3 * j + 1], part_pol[3 * j + 2])
+            if h is not None:
+                held.append(h)
+            elif refusal is None and err is not None:
+                refusal = err
+        flat_pol: list[Any] = []
+        if len(pol) == len(distinct_skus(order.units)):
+            for s in distinct_skus(order.units):
+                flat_pol.extend(pol[s])
+        if refusal is not None or failure is not None:
+            await self._abort(k, held)
+            if refusal is not None:
+                return None, False, refusal[0], refusal[1], flat_pol
+            assert failure is not None
+            raise failure
+        self._step("held")
+        try:
+            result = await self._finish(order, held, amount, payment)
+        except DomainError:
+            await self._abort(k, held)
+            raise
+        kind = result[0]
+        if kind == 1:
+            _, now, dl, first = result
+            alloc = [[h.part.idxs[a[0] - 1] + 1, a[1], a[2]] for h in held for a in h.alloc]
+            reservation = Reservation.held(
+                k.order_id, order.units, alloc, now, dl, amount, payment, first
+            )
+            self._step("finished")
+            self._confirm_soon(k.order_id, held, dl)
+            return reservation, False, None, {}, flat_pol
+        if kind == 2:
+            flat = result[1]
+            rec = dict(zip(flat[::2], flat[1::2], strict=True))
+            # parts this attempt made that the record does not list go back
+            await self._undo_unlisted(k, held, rec.get("parts") or "[]")
+            return Reservation.from_record(rec), True, None, {}, flat_pol
+        reason = result[1]
+        await self._abort(k, held)
+        if reason == "ABORTED":
+            raise DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": "aborted"})
+        return None, False, reason, {"order_id": k.order_id}, flat_pol
+
+    async def _hold(
+        self, part: _Part
+    ) -> tuple[_Held | None, list[Any], tuple[str, dict[str, Any]] | None]:
+        keys, args = self._reserve_call([part.order])
+        now, entry = orjson.loads(await self._script(self.scripts.reserve, keys, args))
+        self._step("part")
+        kind, pol = entry[0], entry[1]
+        if kind == 1:
+            hold_s = (entry[2] - now) // 1000
+            return _Held(part, part.order.nonce, True, hold_s, entry[3]), pol, None
+        if kind == 2:
+            flat = entry[2]
+            rec = dict(zip(flat[::2], flat[1::2], strict=True))
+            if rec.get("st") != c.STATE_HELD:
+                # a finished order's part: its record answers the replay (finish.lua)
+                return _Held(part, rec.get("nc", ""), False, int(rec["hold"]), []), pol, None
+            alloc = orjson.loads(rec["alloc"])
+            return _Held(part, rec.get("nc", ""), False, int(rec["hold"]), alloc), pol, None
+        return None, pol, (entry[2], entry[3] or {})
+
+    async def _finish(
+        self,
+        order: ResolvedOrder,
+        held: list[_Held],
+        amount: int,
+        payment: PendingPayment | None,
+    ) -> list[Any]:
+        k = order.keys
+        units = order.units
+        alloc: list[list[Any]] = []
+        payload: list[list[Any]] = []
+        for h in held:
+            for a in h.alloc:
+                i = h.part.idxs[a[0] - 1]
+                u = units[i]
+                alloc.append([i + 1, a[1], a[2]])
+                payload.append([u.sku, u.spec, u.barcode, a[1], a[2]])
+        hold = order.hold_seconds or min(h.hold_s for h in held)
+        keys = [k.order_key, k.expiry_key, k.events_key, self.abort_key(k)]
+        if payment is not None:
+            keys.append(self.tag(k.partition) + c.POLLS)
+        args: list[bytes | str] = [
+            self._config_id,
+            k.order_id,
+            order.fingerprint,
+            str(hold),
+            orjson.dumps([[u.sku, u.spec, u.barcode] for u in units]),
+            orjson.dumps(alloc),
+            orjson.dumps([[h.part.partition, h.nonce] for h in held]),
+            orjson.dumps(payload),
+            str(amount),
+            payment.provider if payment is not None else "",
+            payment.out_trade_no if payment is not None else "",
+            *(h.nonce for h in held),
+        ]
+        result: list[Any] = orjson.loads(await self._script(self.scripts.finish, keys, args))
+        return result
+
+    def _confirm_soon(self, order_id: str, held: list[_Held], deadline_ms: int) -> None:
+        """Move the parts' index entries to the deadline + the window, after the answer (a
+        part left unconfirmed is confirmed by recovery: this only spares it the work)."""
+        score = str(deadline_ms + self.window_ms)
+        cmds = [("ZADD", self.parts_index(h.part.partition), "XX", score, order_id) for h in held]
+
+        async def confirm() -> None:
+            try:
+                await self._pipeline(cmds)
+            except Exception as exc:  # recovery confirms it later
+                log.debug("part confirmation deferred to recovery: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(confirm())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _pipeline(self, cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
+        hot = self.calls.hot
+        if hot is not None:
+            # the hot client's cluster pipelines stay in one slot: one per slot, at once
+            by_slot: dict[int | None, list[int]] = {}
+            for i, cmd in enumerate(cmds):
+                by_slot.setdefault(command_slot(cmd), []).append(i)
+            out: list[Any] = [None] * len(cmds)
+            with redis_errors():
+                parts = await asyncio.gather(
+                    *(hot.pipeline([cmds[i] for i in idxs]) for idxs in by_slot.values())
+                )
+            for idxs, replies in zip(by_slot.values(), parts, strict=True):
+                for i, r in zip(idxs, replies, strict=True):
+                    out[i] = r
+            return out
+
+        async def run() -> list[Any]:
+            async with self.calls.client.pipeline(transaction=False) as pipe:
+                for cmd in cmds:
+                    pipe.execute_command(*cmd)
+                return list(await pipe.execute())
+
+        return await self.calls.run(run())
+
+    async def drain(self) -> None:
+        """Let background confirmations finish (engine close)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- giving parts back -----------------------------------------------------------------
+    async def _abort(self, k: OrderKeys, held: list[_Held]) -> None:
+        """Abort the nonces of held parts at home, then give back those no record lists."""
+        if not held:
+            return
+        nonces = sorted({h.nonce for h in held})
+        reply = orjson.loads(
+            await self._script(
+                self.scripts.abort, (k.order_key, self.abort_key(k)), (str(ABORT_TTL_MS), *nonces)
+            )
+        )
+        self._step("aborted")
+        listed = reply[2] if reply[0] == 1 else "[]"
+        await self._undo_unlisted(k, held, listed)
+
+    async def _undo_unlisted(self, k: OrderKeys, held: list[_Held], listed: str | bytes) -> None:
+        keep = {(int(p), str(n)) for p, n in orjson.loads(listed)}
+        todo = [h for h in held if (h.part.partition, h.nonce) not in keep and h.alloc]
+        if todo:
+            await asyncio.gather(
+                *(
+                    self._part_op(
+                        h.part.partition, k.order_id, "undo", h.nonce, h.part.order.order.units
+                    )
+                    for h in todo
+                )
+            )
+
+    def _part_texts(self, units: Sequence[Unit]) -> tuple[bytes, bytes]:
+        """The "keys" and "skeys" texts of a part of these units, as reserve_call built them."""
+        stock_keys = [u.stock_key for u in units]
+        sku_keys = [self._sku_key(s) for s in distinct_skus(units)]
+        return orjson.dumps(stock_keys), orjson.dumps(sku_keys)
+
+    async def _part_op(
+        self, partition: int, order_id: str, op: str, arg: str, units: Sequence[Unit]
+    ) -> dict[str, Any]:
+        """One transition.lua op ("part" or "undo") on the part of an order in a partition."""
+        raw, raw_skus = self._part_texts(units)
+        for _ in range(2):
+            stock_keys = orjson.loads(raw)
+            sku_keys = orjson.loads(raw_skus) if raw_skus else []
+            keys = [
+                self.part_key(partition, order_id),
+                self.parts_index(partition),
+                self.resolver.events_key(partition),
+                *stock_keys,
+                *sku_keys,
+            ]
+            args: list[bytes | str] = [
+                self._config_id,
+                op,
+                order_id,
+                bytes((len(stock_keys), len(sku_keys), 0)),
+                raw,
+                raw_skus,
+                arg,
+            ]
+            (entry,) = orjson.loads(await self._script(self.scripts.transition, keys, args))
+            if entry[0] == 0 and entry[1] == "KEYS_CHANGED":
+                # written under another unit order: read the part's own texts, once
+                stored = await self.hmget_many(
+                    [self.part_key(partition, order_id)], ("keys", "skeys")
+                )
+                raw, raw_skus = stored[0][0] or b"[]", stored[0][1] or b""
+                continue
+            if entry[0] == 0:
+                if entry[1] == Reason.RESERVATION_NOT_FOUND.value:
+                    return {"ok": 1, "changed": 0}  # given back or gone already
+                log.error("part %s of %s refused: %s", op, order_id, entry[1:])
+                raise DomainError(Reason.INTERNAL, f"a part of order {order_id} was refused")
+            return {"ok": 1, "changed": entry[1]}
+        raise DomainError(Reason.INTERNAL, "a part kept changing under the call")
+
+    # -- settling parts after the home record moved ---------------------------------------
+    async def settle(self, k: OrderKeys) -> None:
+        """Make every part of an order follow its home record's final state, then drop the
+        order from its settle index (nothing to settle while the record is HELD or gone)."""
+        (st, units_raw, parts_raw) = (
+            await self.hmget_many([k.order_key], ("st", "units", "parts"))
+        )[0]
+        state = st.decode() if isinstance(st, bytes) else None
+        if parts_raw and state is not None and state != c.STATE_HELD:
+            await self._settle_parts(k, state, units_raw or b"[]", parts_raw)
+            self._step("settled")
+        await self._pipeline([("ZREM", self.settle_index(k.partition), k.order_id)])
+
+    async def hmget_many(
+        self, keys: Sequence[str], fields: tuple[str, ...]
+    ) -> list[list[bytes | None]]:
+        """HMGET of the same fields from hashes of any slots (one pipeline per slot)."""
+        return await self._pipeline([("HMGET", k, *fields) for k in keys])
+
+    def _units_of(self, units_raw: bytes | str) -> list[Unit]:
+        return [self.resolver.unit(s, sp, b) for s, sp, b in orjson.loads(units_raw)]
+
+    async def _settle_parts(
+        self, k: OrderKeys, state: str, units_raw: bytes | str, parts_raw: bytes | str
+    ) -> None:
+        units = self._units_of(units_raw)
+        ops = []
+        for p, _nonce in orjson.loads(parts_raw):
+            part_units = [u for u in units if u.partition == p]
+            ops.append(self._part_op(int(p), k.order_id, "part", state, part_units))
+        await asyncio.gather(*ops)
+
+    # -- recovery --------------------------------------------------------------------------
+    async def recover(self, partitions: Sequence[int] | None = None) -> dict[str, int]:
+        """One recovery pass over every partition (or those given): settle entries and parts
+        whose time has passed are settled, confirmed or given back (module docstring).
+        Returns counts by outcome."""
+        counts = {"settled": 0, "confirmed": 0, "undone": 0, "stale": 0}
+        parts_of = list(range(self.settings.partitions)) if partitions is None else partitions
+        now = await self.now_ms()
+        cmds: list[tuple[Any, ...]] = []
+        for p in parts_of:
+            cmds.append(
+                ("ZRANGEBYSCORE", self.settle_index(p), "-inf", now, "LIMIT", 0, RECOVER_BATCH)
+            )
+            cmds.append(
+                ("ZRANGEBYSCORE", self.parts_index(p), "-inf", now, "LIMIT", 0, RECOVER_BATCH)
+            )
+        replies = await self._pipeline(cmds)
+        for i, p in enumerate(parts_of):
+            for raw in replies[2 * i]:
+                oid = raw.decode() if isinstance(raw, bytes) else str(raw)
+                await self.settle(self.resolver.order(oid))
+                counts["settled"] += 1
+            for raw in replies[2 * i + 1]:
+                oid = raw.decode() if isinstance(raw, bytes) else str(raw)
+                counts[await self._recover_part(p, oid)] += 1
+        return counts
+
+    async def now_ms(self) -> int:
+        hot = self.calls.hot
+        if hot is not None:
+            with redis_errors():
+                seconds, micros = await hot.execute("TIME")
+        else:
+            seconds, micros = await self.calls.run(self.calls.client.time())
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def _recover_part(self, partition: int, order_id: str) -> str:
+        """A part whose index time has passed: confirm, settle or give it back."""
+        k = self.resolver.order(order_id)
+        part_key = self.part_key(partition, order_id)
+        (part, home) = await self.hmget_many(
+            [part_key, k.order_key], ("st", "nc", "units", "parts", "dl")
+        )
+        if part[0] is None or part[0] != c.STATE_HELD.encode():
+            # settled or gone: only the index entry is left
+            await self._pipeline([("ZREM", self.parts_index(partition), order_id)])
+            return "stale"
+        nonce = part[1].decode() if part[1] else ""
+        part_units = self._units_of(part[2] or b"[]")
+        listed: set[tuple[int, str]] = set()
+        state: str | None = None
+        if home[0] is None:
+            reply = orjson.loads(
+                await self._script(
+                    self.scripts.abort, (k.order_key, self.abort_key(k)), (str(ABORT_TTL_MS), nonce)
+                )
+            )
+            if reply[0] == 1:
+                state = str(reply[1])
+                listed = {(int(p), str(n)) for p, n in orjson.loads(reply[2])}
+        else:
+            state = home[0].decode()
+            listed = {(int(p), str(n)) for p, n in orjson.loads(home[3] or b"[]")}
+        if state is None or (partition, nonce) not in listed:
+            await self._part_op(partition, order_id, "undo", nonce, part_units)
+            return "undone"
+        if state == c.STATE_HELD:
+            score = str(int(home[4] or 0) + self.window_ms)
+            await self._pipeline([("ZADD", self.parts_index(partition), "XX", score, order_id)])
+            return "confirmed"
+        await self._part_op(partition, order_id, "part", state, part_units)
+        return "settled"
