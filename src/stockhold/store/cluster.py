@@ -12,6 +12,8 @@ the slot map comes from CLUSTER SLOTS, asked of any node known (the URL's node f
   written is routed once more on the refreshed map (a failover promotes a replica), one that
   was in flight fails with ConnectionError as on a single node.
 - NOSCRIPT is answered per node: the script is loaded where the call landed.
+- WAIT (a ScriptDef with `replicas` > 0) goes in the same write as each try of the script,
+  so it runs on the node that finally ran it, after any MOVED, ASK or NOSCRIPT.
 - TRYAGAIN (a multi-key call whose keys a migration has split) is retried a few times after
   short pauses (`TRYAGAIN_RETRIES`), then raised.
 
@@ -47,8 +49,10 @@ from stockhold.store.hotclient import (
     NodePool,
     Options,
     ScriptDef,
+    acked_reply,
     pack_command,
     raise_first_error,
+    replies_of,
 )
 
 log = logging.getLogger(__name__)
@@ -223,6 +227,10 @@ class ClusterHotClient(HotClient):
         pool = self.slots[slot] if slot is not None else None
         if pool is None:
             pool = await self._pool_for(slot)
+        # WAIT (ScriptDef.wait) follows the script in each write, so it lands on the node
+        # that finally ran it, after any MOVED, ASK or NOSCRIPT.
+        waiting = script if script is not None and script.wait else None
+        acked: Any = None
         asking = False
         rerouted = False
         tryagain = redirects = 0
@@ -246,11 +254,16 @@ class ClusterHotClient(HotClient):
                 self._refresh_soon()
                 raise
             try:
-                reply = await self._send(conn, packed, asking)
+                if waiting is not None:
+                    reply, acked = await self._send_wait(conn, packed, asking, waiting.wait)
+                else:
+                    reply = await self._send(conn, packed, asking)
             except (RedisConnectionError, RedisTimeoutError):
                 self._refresh_soon()  # the node died or hangs: a failover may follow
                 raise
             if not isinstance(reply, RedisError):
+                if waiting is not None:
+                    return acked_reply(waiting, reply, acked)
                 return reply
             if isinstance(reply, AskError):  # MOVED too (a subclass)
                 redirects += 1
@@ -284,6 +297,17 @@ class ClusterHotClient(HotClient):
         ask, call = conn.send_many([_ASKING, packed])
         await ask  # +OK; an error here shows up in the call's own reply
         return await call
+
+    @staticmethod
+    async def _send_wait(
+        conn: Connection, packed: bytes, asking: bool, wait: bytes
+    ) -> tuple[Any, Any]:
+        """The call and its WAIT in one write (ASKING first when asked): both replies."""
+        if not asking:
+            reply, acked = await replies_of(conn.send_many([packed, wait]))
+        else:
+            _, reply, acked = await replies_of(conn.send_many([_ASKING, packed, wait]))
+        return reply, acked
 
     async def _refresh_after_failure(self) -> None:
         with contextlib.suppress(RedisError):

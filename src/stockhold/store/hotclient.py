@@ -21,6 +21,9 @@ What it guarantees (each pinned by tests/test_hotclient.py):
   caller may retry). A call never written (its connection could not be opened) is tried once
   more after a short pause, as redis-py retries connection errors.
 - NOSCRIPT: `evalsha` loads the script (SCRIPT LOAD) and calls it again.
+- WAIT (issue 11): a ScriptDef with `replicas` > 0 is sent as EVALSHA then `WAIT replicas
+  timeout` in one write on one connection (after the reload too, on NOSCRIPT); fewer
+  acknowledgements raise ReplicationError. Without it nothing more is sent.
 - Errors are redis-py's classes, built by redis-py's own reply parser (ResponseError,
   NoScriptError, BusyLoadingError, ...), plus ConnectionError / TimeoutError /
   AuthenticationError / InvalidResponse, so `store.calls.redis_errors()` maps them unchanged.
@@ -78,14 +81,24 @@ DEFAULT_CLIENT_NAME: Final = "stockhold-hot"
 
 @dataclass(frozen=True, slots=True)
 class ScriptDef:
-    """A Lua script as the hot client runs it: EVALSHA by `sha`, SCRIPT LOAD of `source`."""
+    """A Lua script as the hot client runs it: EVALSHA by `sha`, SCRIPT LOAD of `source`.
+
+    With `replicas` > 0 every call is followed, in the same write on the same connection, by
+    `WAIT replicas wait_timeout_ms` (`wait`, packed once); fewer acknowledgements raise
+    ReplicationError. 0 (the default): no WAIT, not a byte more on the wire.
+    """
 
     name: str
     source: str
+    replicas: int = 0
+    wait_timeout_ms: int = 0
     sha: str = field(init=False)
+    wait: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        wait = pack_command(("WAIT", self.replicas, self.wait_timeout_ms)) if self.replicas else b""
+        object.__setattr__(self, "wait", wait)
 
     @classmethod
     def of(cls, name: str, settings: Settings | None = None) -> ScriptDef:
@@ -194,6 +207,53 @@ def parse_url(url: str) -> tuple[Address, dict[str, Any]]:
 
 
 # -- one connection ------------------------------------------------------------------------------
+class ReplicationError(RedisError):
+    """A write ran, but fewer replicas than asked acknowledged it within the WAIT timeout.
+
+    Not acknowledged: a failover may lose it. Safe to retry with the same ids (every script
+    is idempotent by its order or adjustment id)."""
+
+    def __init__(self, acked: int, wanted: int) -> None:
+        super().__init__(f"WAIT: {acked} of {wanted} replicas acknowledged the write")
+        self.acked = acked
+        self.wanted = wanted
+
+
+def acked_reply(script: ScriptDef, reply: Any, acked: Any) -> Any:
+    """The script's `reply` once its WAIT answered `acked` >= script.replicas; else raise
+    (an error reply of the script itself first: it wrote nothing to wait for)."""
+    if isinstance(reply, RedisError):
+        raise reply
+    if not isinstance(acked, int) or acked < script.replicas:
+        # An error reply to WAIT (the node became a replica) acknowledges nothing either.
+        raise ReplicationError(acked if isinstance(acked, int) else 0, script.replicas)
+    return reply
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # A reply nobody awaits any more (its call failed first): mark its exception retrieved.
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _forget(futs: Sequence[asyncio.Future[Any]]) -> None:
+    for fut in futs:
+        if fut.done():
+            _retrieve(fut)
+        else:
+            fut.add_done_callback(_retrieve)
+
+
+async def replies_of(futs: Sequence[asyncio.Future[Any]]) -> list[Any]:
+    """The replies of commands sent together, in order; if one raises (the connection
+    broke), the others are left retrieved, never logged as lost exceptions."""
+    try:
+        return [await f for f in futs]
+    except BaseException:
+        _forget(futs)
+        raise
+
+
 def _again(exc: BaseException) -> BaseException:
     """A fresh exception like `exc`: each failed call raises its own instance."""
     try:
@@ -558,8 +618,12 @@ class HotClient:
     async def evalsha(
         self, script: ScriptDef, keys: Sequence[str | bytes], args: Sequence[Arg]
     ) -> Any:
-        """EVALSHA `script` with KEYS and ARGV; loads it and retries once on NOSCRIPT."""
+        """EVALSHA `script` with KEYS and ARGV; loads it and retries once on NOSCRIPT.
+
+        With `script.wait`, WAIT follows in the same write (see ScriptDef)."""
         packed = pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+        if script.wait:
+            return await self._evalsha_wait(script, packed)
         pool = self.pool
         conn = pool.pick() or await pool.acquire()
         reply = await conn.send(packed)
@@ -568,6 +632,20 @@ class HotClient:
                 return await self._reload(pool, script, packed)
             raise reply
         return reply
+
+    async def _evalsha_wait(self, script: ScriptDef, packed: bytes) -> Any:
+        # EVALSHA then WAIT in one write: WAIT counts the replicas that acknowledged this
+        # connection's latest write, the script's. On NOSCRIPT: SCRIPT LOAD, EVALSHA, WAIT.
+        pool = self.pool
+        conn = pool.pick() or await pool.acquire()
+        reply, acked = await replies_of(conn.send_many([packed, script.wait]))
+        if isinstance(reply, NoScriptError):
+            conn = pool.pick() or await pool.acquire()
+            load = pack_command(("SCRIPT", "LOAD", script.source))
+            loaded, reply, acked = await replies_of(conn.send_many([load, packed, script.wait]))
+            if isinstance(loaded, RedisError):
+                raise loaded
+        return acked_reply(script, reply, acked)
 
     async def _reload(self, pool: NodePool, script: ScriptDef, packed: bytes) -> Any:
         # SCRIPT LOAD, then the call again on whichever connection: the cache is per server.
