@@ -92,6 +92,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 class _DeathSignalSubprocess:
     """tests/redis_proc.py's `subprocess`, whose Popen children die with this process."""
 
@@ -345,8 +349,9 @@ class Drivers:
         for c in self.conns:
             with contextlib.suppress(Exception):
                 c.send(("stop",))
+        give_up = time.monotonic() + 5
         for p in self.procs:
-            p.join(10)
+            p.join(max(0.0, give_up - time.monotonic()))
             if p.is_alive():
                 p.kill()
                 p.join(5)
@@ -522,8 +527,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if min(args.seconds, args.warmup, args.rounds, args.drivers, args.inflight, args.batch) <= 0:
         ap.error("--seconds, --warmup, --rounds, --drivers, --inflight, --batch must be positive")
     binary = args.redis_server or redis_binaries()[0][1]
-    # Our redis-servers get SIGTERM if this process dies, even by SIGKILL.
+    # Our redis-servers get SIGTERM if this process dies, even by SIGKILL; SIGTERM and
+    # SIGINT (even when started ignoring it) stop the run through the `finally` below.
     setattr(redis_proc, "subprocess", _DeathSignalSubprocess())  # noqa: B010
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     settings = make_settings()
     workload = Workload(settings, args.units, args.batch)
