@@ -58,8 +58,14 @@ def _run(binary: str, workdir: Path, aof: bool) -> Iterator[RedisProc]:
 
 
 @pytest.fixture
-def redis_proc(redis_binary: str, tmp_path: Path) -> Iterator[RedisProc]:
-    """A private Redis (no persistence) on a free port, stopped after the test."""
+def redis_proc(
+    redis_binary: str, tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> Iterator[RedisProc]:
+    """A private Redis (no persistence) on a free port, stopped after the test; on the store
+    "cluster" (tests/stockhold_fixtures.py) an empty ClusterStore with the same interface."""
+    if store == "cluster":
+        yield request.getfixturevalue("cluster_store")
+        return
     yield from _run(redis_binary, tmp_path / "redis", aof=False)
 
 
@@ -76,4 +82,4 @@ def redis_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisP
 
 
 # -- stockhold servers (tests/stockhold_fixtures.py) ----------------------------------------------
-pytest_plugins = ["stockhold_fixtures", "redis_cluster"]
+pytest_plugins = ["redis_cluster", "stockhold_fixtures"]  # the second imports the first

@@ -1,19 +1,33 @@
 """Fixtures that run a real stockhold server in-process against a private redis-server.
 
 Registered from conftest.py through `pytest_plugins`; the helpers below are imported by tests.
+
+Stores: a module marked `pytestmark = pytest.mark.stores("standalone", "cluster")` runs each
+test that uses Redis (`redis_proc`, hence `make_stockhold`, `stockhold`, `stub`) once per
+store, with ids `[standalone]` and `[cluster]`. On "cluster", `redis_proc` is a ClusterStore:
+one 3-master cluster per module (tests/redis_cluster.py), flushed before each test, seen
+through RedisProc's interface (url, client(), dump(), flush()), and stockhold servers get
+`redis_cluster=True`, so Redis itself refuses any cross-slot call. Unmarked modules run on a
+standalone Redis only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
+import redis
+import redis.asyncio
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from redis_cluster import RedisCluster
 
+from stockhold import constants as c
 from stockhold.server import StockholdServer
 from stockhold.settings import Settings
 from stockhold.v1 import inventory_pb2 as pb
@@ -28,13 +42,168 @@ TEST_SETTINGS = {
 }
 
 
+STORES = ("standalone", "cluster")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "stores(*names): run the tests that use Redis once per store "
+        "(standalone, cluster; tests/stockhold_fixtures.py)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("stores")
+    if marker is not None and "store" in metafunc.fixturenames:
+        metafunc.parametrize("store", marker.args or STORES, indirect=True)
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> str:
+    """The kind of Redis behind `redis_proc`: "standalone" unless the module's `stores`
+    marker parametrises it."""
+    name: str = getattr(request, "param", "standalone")
+    if name not in STORES:
+        raise ValueError(f"unknown store {name!r}")
+    return name
+
+
+class ClusterStore:
+    """A Redis Cluster behind RedisProc's interface, for tests that run on both stores."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.cluster = cluster
+        self._clients: list[redis.RedisCluster] = []
+
+    @property
+    def url(self) -> str:
+        """A seed URL (the first master's)."""
+        return self.cluster.url
+
+    @property
+    def masters(self) -> list[Any]:
+        """The masters' RedisProcs (each serves a third of the slots)."""
+        return self.cluster.masters
+
+    def client(self, **kwargs: Any) -> redis.RedisCluster:
+        """A new sync cluster client (bytes responses; multi-node commands such as KEYS and
+        SCAN go to every master); closed after the test."""
+        kwargs.setdefault("decode_responses", False)
+        kwargs.setdefault("socket_timeout", 10.0)
+        client = redis.RedisCluster(host="127.0.0.1", port=self.masters[0].port, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def flush(self) -> None:
+        """FLUSHALL and SCRIPT FLUSH on every master: what a fresh standalone Redis holds."""
+        for proc in self.masters:
+            client = proc.client()
+            client.flushall()
+            client.script_flush()
+
+    def dump(self, db: int = 0, with_ttl: bool = False) -> dict[bytes, object]:
+        """RedisProc.dump() of every master, merged (a key lives on one master), less the
+        abort sets that have a lifetime: the tombstones a refused cross-slot attempt leaves
+        (crossslot.py) so that a late finish.lua is refused; one without a lifetime stays."""
+        out: dict[bytes, object] = {}
+        for proc in self.masters:
+            for key, entry in proc.dump(db, with_ttl=True).items():
+                kind, value, has_ttl = cast(tuple[str, object, bool], entry)
+                if f":{c.ABORT}:".encode() in key and has_ttl:
+                    continue
+                out[key] = (kind, value, has_ttl) if with_ttl else (kind, value)
+        return out
+
+    def close(self) -> None:
+        """Close the clients this test made."""
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                client.close()
+        self._clients.clear()
+
+    def healthy(self) -> bool:
+        """Every master runs and says cluster_state:ok (a test may have broken it)."""
+        try:
+            return all(
+                p.running and self.cluster.info(p)["cluster_state"] == "ok" for p in self.masters
+            )
+        except (redis.RedisError, OSError):
+            return False
+
+
+def is_cluster(store: Any) -> bool:
+    """Whether a test's Redis (`redis_proc`, `Running.redis`) is a ClusterStore."""
+    return isinstance(store, ClusterStore)
+
+
+def store_settings(store: Any) -> dict[str, Any]:
+    """The Settings fields that aim a stockhold server at a test's Redis."""
+    return {"redis_url": store.url, "redis_cluster": is_cluster(store)}
+
+
+def async_client(store: Any) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
+    """An asyncio client of a test's Redis (the caller awaits its aclose())."""
+    if is_cluster(store):
+        return redis.asyncio.RedisCluster.from_url(store.url)
+    return redis.asyncio.Redis.from_url(store.url)
+
+
+class _SharedCluster:
+    """The module's cluster, started by the first test that needs it; restarted if a test
+    left it broken."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.started = 0
+        self.current: ClusterStore | None = None
+
+    def get(self) -> ClusterStore:
+        if self.current is not None and not self.current.healthy():
+            self.current.cluster.stop()
+            self.current = None
+        if self.current is None:
+            cluster = RedisCluster(self.binary, self.workdir / f"cluster-{self.started}")
+            self.started += 1
+            self.current = ClusterStore(cluster.start())
+        return self.current
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.cluster.stop()
+            self.current = None
+
+
+@pytest.fixture(scope="module")
+def _shared_cluster(
+    redis_binary: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[_SharedCluster]:
+    shared = _SharedCluster(redis_binary, tmp_path_factory.mktemp("cluster"))
+    try:
+        yield shared
+    finally:
+        shared.stop()
+
+
+@pytest.fixture
+def cluster_store(_shared_cluster: _SharedCluster) -> Iterator[ClusterStore]:
+    """The module's 3-master cluster, empty (flushed) for this test."""
+    current = _shared_cluster.get()
+    current.flush()
+    try:
+        yield current
+    finally:
+        current.close()
+
+
 @dataclasses.dataclass
 class Running:
     """A started stockhold server and what a test needs to reach it."""
 
     server: StockholdServer
     settings: Settings
-    redis: Any  # tests.redis_proc.RedisProc
+    redis: Any  # tests.redis_proc.RedisProc, or a ClusterStore
     address: str
 
     def channel(self) -> grpc.aio.Channel:
@@ -52,7 +221,7 @@ async def make_stockhold(redis_proc: Any) -> AsyncIterator[Factory]:
 
     async def start(redis: Any = None, **overrides: Any) -> Running:
         redis = redis or redis_proc
-        settings = Settings(**{**TEST_SETTINGS, "redis_url": redis.url, **overrides})
+        settings = Settings(**{**TEST_SETTINGS, **store_settings(redis), **overrides})
         server = StockholdServer(settings, redis.url)
         port = await server.start()
         started.append(server)

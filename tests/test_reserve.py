@@ -11,6 +11,8 @@ from stockhold_fixtures import add_stock, expect_error, levels, line, unit
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.stores("standalone", "cluster")
+
 HELD = pb.RESERVATION_STATE_HELD
 
 
