@@ -9,6 +9,7 @@ partition sit in one Redis Cluster slot.
     <prefix>:{p<N>}:events               stream  one entry per state change
     <prefix>:{p<N>}:adj:<adjustment-id>  hash  the stored answer of an AdjustStock
     <prefix>:{meta}:partitions           string  the partition count of this deployment
+    <prefix>:{meta}:layout               string  the key layout of its data (LAYOUT)
     <prefix>:{p<N>}:sku:<sku>            hash  a SKU's policy fields and its sales buckets
     <prefix>:{meta}:contention           hash  process id -> contention snapshot head (JSON)
     <prefix>:{meta}:contention:seen      zset  process id -> last snapshot time (ms)
@@ -41,6 +42,10 @@ EXPIRY: Final = "expiry"
 EVENTS: Final = "events"
 ADJUSTMENT: Final = "adj"
 META_PARTITIONS: Final = "{meta}:partitions"
+# The key layout a deployment's data is in (absent: 1, stock by sales unit id); layout 2
+# (issue 11) keeps stock in its SKU's partition and one SKU index per partition.
+META_LAYOUT: Final = "{meta}:layout"
+LAYOUT: Final = "2"
 SKU: Final = "sku"
 SKU_INDEX: Final = "skus"
 PART: Final = "part"

@@ -83,7 +83,18 @@ class _PendingReserve(NamedTuple):
 
 
 class PartitionMismatch(RuntimeError):
-    """The configured partition count differs from the one this Redis was set up with."""
+    """The configured partition count (or the key layout) differs from the one this Redis was
+    set up with."""
+
+
+# A new deployment records its partition count and layout together; an existing one without a
+# layout was written by a stockhold from before layouts were recorded (layout 1). Both keys
+# are in the {meta} slot. Returns [partition count, layout or false].
+_RECORD_LAYOUT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[2], ARGV[2], 'NX') end
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}
+"""
 
 
 def _distinct_skus(units: Sequence[Unit]) -> list[str]:
@@ -222,15 +233,26 @@ class Engine:
 
     # -- set-up and health -------------------------------------------------------------------
     async def check_partitions(self) -> None:
-        """Record the partition count on first use; refuse to run with a different one."""
+        """Record the partition count and key layout on first use; refuse to run with another
+        count, or on data an earlier stockhold wrote in another key layout."""
         key = self.resolver.meta_partitions_key()
+        layout_key = self.resolver.meta_key(c.META_LAYOUT)
         with redis_errors():
-            await self.client.set(key, self.settings.partitions, nx=True)
-            stored = int(await self.client.get(key) or 0)
+            stored_raw, layout_raw = await self.client.eval(  # type: ignore[misc]
+                _RECORD_LAYOUT, 2, key, layout_key, str(self.settings.partitions), c.LAYOUT
+            )
+        stored = int(stored_raw or 0)
         if stored != self.settings.partitions:
             raise PartitionMismatch(
                 f"this Redis holds data for {stored} partitions; "
                 f"stockhold is configured with {self.settings.partitions}"
+            )
+        layout = layout_raw.decode() if isinstance(layout_raw, bytes) else str(layout_raw or "1")
+        if layout != c.LAYOUT:
+            raise PartitionMismatch(
+                f"this Redis holds data in key layout {layout} (an earlier stockhold: stock by "
+                f"sales unit id); this version uses layout {c.LAYOUT} (stock in its SKU's "
+                "partition): stop every stockhold process and run `stockhold migrate-layout`"
             )
 
     async def ping(self) -> int:
