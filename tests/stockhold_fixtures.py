@@ -13,8 +13,10 @@ standalone Redis only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -51,12 +53,27 @@ def pytest_configure(config: pytest.Config) -> None:
         "stores(*names): run the tests that use Redis once per store "
         "(standalone, cluster; tests/stockhold_fixtures.py)",
     )
+    config.addinivalue_line(
+        "markers",
+        "cluster_bug(reason): the [cluster] run is a strict xfail (a known product bug)",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("stores")
-    if marker is not None and "store" in metafunc.fixturenames:
-        metafunc.parametrize("store", marker.args or STORES, indirect=True)
+    if marker is None or "store" not in metafunc.fixturenames:
+        return
+    bug = metafunc.definition.get_closest_marker("cluster_bug")
+    params = [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(strict=True, reason=f"cluster bug: {bug.args[0]}"),
+        )
+        if bug is not None and name == "cluster"
+        else name
+        for name in marker.args or STORES
+    ]
+    metafunc.parametrize("store", params, indirect=True)
 
 
 @pytest.fixture
@@ -147,6 +164,21 @@ def async_client(store: Any) -> redis.asyncio.Redis | redis.asyncio.RedisCluster
     if is_cluster(store):
         return redis.asyncio.RedisCluster.from_url(store.url)
     return redis.asyncio.Redis.from_url(store.url)
+
+
+async def wait_settled(store: Any, limit_s: float = 5.0) -> None:
+    """Poll (bounded) until no cross-slot order waits for its parts to follow its record
+    (every settle index empty; crossslot.py); at once on a standalone Redis."""
+    if not is_cluster(store):
+        return
+    client = store.client()
+    give_up = time.monotonic() + limit_s
+    for _ in range(1000):
+        if not client.keys(f"*:{c.SETTLE}"):
+            return
+        assert time.monotonic() < give_up, f"parts still unsettled after {limit_s} s"
+        await asyncio.sleep(0.02)
+    raise AssertionError("parts still unsettled")
 
 
 class _SharedCluster:

@@ -11,10 +11,12 @@ from typing import Any
 import grpc
 import orjson
 import pytest
-from stockhold_fixtures import add_stock, expect_error, levels, line, unit
+from stockhold_fixtures import add_stock, expect_error, levels, line, unit, wait_settled
 
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.stores("standalone", "cluster")
 
 HELD = pb.RESERVATION_STATE_HELD
 COMMITTED = pb.RESERVATION_STATE_COMMITTED
@@ -223,6 +225,7 @@ async def test_sweeper_expiry_is_final_and_later_calls_see_expired(
     c = redis_proc.client()
     held = await stocked_hold(stub, hold_seconds=1)
     await wait_until_swept(c, "o-1")
+    await wait_settled(redis_proc)
     assert redis_ms(c) >= held.expires_at.ToMilliseconds()
     before = redis_proc.dump()
 
@@ -564,6 +567,9 @@ async def test_adjust_stock_same_id_other_contents_is_adjustment_conflict(
     assert redis_proc.dump() == before
 
 
+@pytest.mark.cluster_bug(
+    "a refused cross-slot AdjustStock keeps its id claimed (/tmp/team/cluster_bugs.md #1)"
+)
 async def test_adjust_stock_shrink_below_available_zero_is_insufficient_stock(
     stub: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
@@ -591,6 +597,9 @@ async def test_adjust_stock_shrink_below_available_zero_is_insufficient_stock(
     assert await levels(stub, unit("apple")) == {APPLE: (4, 0, 4)}
 
 
+@pytest.mark.cluster_bug(
+    "a refused cross-slot AdjustStock keeps its id claimed (/tmp/team/cluster_bugs.md #1)"
+)
 async def test_adjust_stock_shrink_of_a_warehouse_never_stocked_is_refused(
     stub: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
