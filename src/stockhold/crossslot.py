@@ -309,14 +309,18 @@ class CrossSlot:
         part left unconfirmed is confirmed by recovery: this only spares it the work)."""
         score = str(deadline_ms + self.window_ms)
         cmds = [("ZADD", self.parts_index(h.part.partition), "XX", score, order_id) for h in held]
+        self._later(cmds, "part confirmation")
 
-        async def confirm() -> None:
+    def _later(self, cmds: Sequence[tuple[Any, ...]], what: str) -> None:
+        """Send index bookkeeping after the answer; recovery does it if this fails."""
+
+        async def send() -> None:
             try:
                 await self._pipeline(cmds)
-            except Exception as exc:  # recovery confirms it later
-                log.debug("part confirmation deferred to recovery: %s", exc)
+            except Exception as exc:
+                log.debug("%s deferred to recovery: %s", what, exc)
 
-        task = asyncio.get_running_loop().create_task(confirm())
+        task = asyncio.get_running_loop().create_task(send())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -418,6 +422,12 @@ class CrossSlot:
                 continue
             if entry[0] == 0:
                 if entry[1] == Reason.RESERVATION_NOT_FOUND.value:
+                    if op == "part":
+                        # listed by its record but not there: lost with an unreplicated write
+                        # (a failover without --redis-wait-replicas, docs/cluster.md)
+                        log.error(
+                            "a part of order %s is missing in partition %d", order_id, partition
+                        )
                     return {"ok": 1, "changed": 0}  # given back or gone already
                 log.error("part %s of %s refused: %s", op, order_id, entry[1:])
                 raise DomainError(Reason.INTERNAL, f"a part of order {order_id} was refused")
@@ -425,17 +435,19 @@ class CrossSlot:
         raise DomainError(Reason.INTERNAL, "a part kept changing under the call")
 
     # -- settling parts after the home record moved ---------------------------------------
-    async def settle(self, k: OrderKeys) -> None:
-        """Make every part of an order follow its home record's final state, then drop the
-        order from its settle index (nothing to settle while the record is HELD or gone)."""
-        (st, units_raw, parts_raw) = (
-            await self.hmget_many([k.order_key], ("st", "units", "parts"))
-        )[0]
-        state = st.decode() if isinstance(st, bytes) else None
+    async def settle(self, k: OrderKeys, rec: dict[str, Any] | None = None) -> None:
+        """Make every part of an order follow its home record's final state (`rec`: the
+        record as a transition just returned it, else read), then drop the order from its
+        settle index, after the answer (nothing to settle while HELD or gone)."""
+        if rec is None:
+            raw = (await self.hmget_many([k.order_key], ("st", "units", "parts")))[0]
+            fields = ("st", "units", "parts")
+            rec = {f: v.decode() for f, v in zip(fields, raw, strict=True) if v is not None}
+        state, parts_raw = rec.get("st"), rec.get("parts")
         if parts_raw and state is not None and state != c.STATE_HELD:
-            await self._settle_parts(k, state, units_raw or b"[]", parts_raw)
+            await self._settle_parts(k, state, rec.get("units") or "[]", parts_raw)
             self._step("settled")
-        await self._pipeline([("ZREM", self.settle_index(k.partition), k.order_id)])
+        self._later([("ZREM", self.settle_index(k.partition), k.order_id)], "settle entry removal")
 
     async def hmget_many(
         self, keys: Sequence[str], fields: tuple[str, ...]

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
-from redis.asyncio import Redis
 
 from stockhold import constants as c
 from stockhold import metrics, scripts
@@ -34,7 +33,7 @@ from stockhold.resolver import (
     escape,
 )
 from stockhold.settings import Settings
-from stockhold.store.calls import ScriptCalls, connect, redis_errors
+from stockhold.store.calls import RedisClient, ScriptCalls, connect, redis_errors
 from stockhold.store.hotclient import HotClient
 
 log = logging.getLogger(__name__)
@@ -175,7 +174,9 @@ def _raise_for(result: dict[str, Any]) -> None:
 class Engine:
     """Reservation operations over one Redis deployment."""
 
-    def __init__(self, client: Redis, settings: Settings, hot: HotClient | None = None) -> None:
+    def __init__(
+        self, client: RedisClient, settings: Settings, hot: HotClient | None = None
+    ) -> None:
         self.calls = calls = ScriptCalls(client, settings, hot)
         self.client = client
         self.settings = settings
@@ -238,7 +239,7 @@ class Engine:
         key = self.resolver.meta_partitions_key()
         layout_key = self.resolver.meta_key(c.META_LAYOUT)
         with redis_errors():
-            stored_raw, layout_raw = await self.client.eval(  # type: ignore[misc]
+            stored_raw, layout_raw = await self.client.eval(
                 _RECORD_LAYOUT, 2, key, layout_key, str(self.settings.partitions), c.LAYOUT
             )
         stored = int(stored_raw or 0)
@@ -576,13 +577,15 @@ class Engine:
         await asyncio.gather(
             *(self._transition_call(items, stored, g, results) for g in groups.values())
         )
+        # Cross-slot orders that moved: their parts follow (from the record returned, or read
+        # when the answer is a refusal, e.g. a commit refused after expiring the hold).
         moved = [
-            items[i].keys
+            (items[i].keys, results[i].get("rec"))
             for i in live
             if stored[i][2] and not (results[i].get("ok") and not results[i].get("changed"))
         ]
         if moved:
-            await asyncio.gather(*(self.cross.settle(k) for k in moved))
+            await asyncio.gather(*(self.cross.settle(k, rec) for k, rec in moved))
         return results
 
     async def _transition_call(

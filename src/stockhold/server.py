@@ -86,7 +86,9 @@ def check_listen(settings: Settings) -> None:
         )
 
 
-def load_payments(settings: Settings, client: redis.asyncio.Redis) -> PaymentProviders:
+def load_payments(
+    settings: Settings, client: redis.asyncio.Redis | redis.asyncio.RedisCluster
+) -> PaymentProviders:
     """The configured payment providers; ConfigError for a configuration serve cannot use."""
     try:
         payments = load_providers(settings, client)

@@ -42,7 +42,9 @@ class PaymentProviders:
                 await close()
 
 
-def load_providers(settings: Settings, client: redis.asyncio.Redis) -> PaymentProviders:
+def load_providers(
+    settings: Settings, client: redis.asyncio.Redis | redis.asyncio.RedisCluster
+) -> PaymentProviders:
     """The providers configured in `settings`; ValueError when a configuration is incomplete."""
     providers = PaymentProviders()
     s = settings

@@ -362,7 +362,11 @@ class RedisNonceGuard:
     Shared by every stockhold process, so a replay sent to another process is refused too.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis | redis.asyncio.RedisCluster,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+    ) -> None:
         self._client = client
         self._prefix = key_prefix
 
