@@ -567,9 +567,6 @@ async def test_adjust_stock_same_id_other_contents_is_adjustment_conflict(
     assert redis_proc.dump() == before
 
 
-@pytest.mark.cluster_bug(
-    "a refused cross-slot AdjustStock keeps its id claimed (/tmp/team/cluster_bugs.md #1)"
-)
 async def test_adjust_stock_shrink_below_available_zero_is_insufficient_stock(
     stub: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
@@ -597,9 +594,6 @@ async def test_adjust_stock_shrink_below_available_zero_is_insufficient_stock(
     assert await levels(stub, unit("apple")) == {APPLE: (4, 0, 4)}
 
 
-@pytest.mark.cluster_bug(
-    "a refused cross-slot AdjustStock keeps its id claimed (/tmp/team/cluster_bugs.md #1)"
-)
 async def test_adjust_stock_shrink_of_a_warehouse_never_stocked_is_refused(
     stub: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:

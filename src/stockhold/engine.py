@@ -699,8 +699,14 @@ class Engine:
                     Reason.ADJUSTMENT_CONFLICT, metadata={"adjustment_id": adjustment_id}
                 )
             tag = self._tag(unit.partition)
+            claim = k.record_key
             keys = (f"{tag}{c.ADJUSTMENT}:{escape(adjustment_id)}", tag + c.EVENTS, unit.stock_key)
-        result = orjson.loads(await self._call(self.scripts.adjust, keys, (arg,)))
+            result = orjson.loads(await self._call(self.scripts.adjust, keys, (arg,)))
+            if result.get("err"):
+                # refused, nothing written: the id is free again, as on one node
+                await self._call(self.scripts.claim, (claim,), (fp, "release"))
+        else:
+            result = orjson.loads(await self._call(self.scripts.adjust, keys, (arg,)))
         _raise_for(result)
         level = StockLevel(
             unit.sku,
