@@ -213,7 +213,10 @@ class CrossSlot:
             for s in distinct_skus(order.units):
                 flat_pol.extend(pol[s])
         if refusal is not None or failure is not None:
-            await self._abort(k, held)
+            exists = await self._abort(k, held, always=payment is not None)
+            if payment is not None and not exists:
+                # refused, no order: its out_trade_no is free again, as on one node
+                await self._script(self.scripts.claim, (payment_key,), (k.order_id, "release"))
             if refusal is not None:
                 return None, False, refusal[0], refusal[1], flat_pol
             assert failure is not None
@@ -355,10 +358,11 @@ class CrossSlot:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     # -- giving parts back -----------------------------------------------------------------
-    async def _abort(self, k: OrderKeys, held: list[_Held]) -> None:
-        """Abort the nonces of held parts at home, then give back those no record lists."""
-        if not held:
-            return
+    async def _abort(self, k: OrderKeys, held: list[_Held], always: bool = False) -> bool:
+        """Abort the nonces of held parts at home, then give back those no record lists.
+        Returns whether the order's record exists (asked even with no parts when `always`)."""
+        if not held and not always:
+            return False
         nonces = sorted({h.nonce for h in held})
         reply = orjson.loads(
             await self._script(
@@ -368,6 +372,7 @@ class CrossSlot:
         self._step("aborted")
         listed = reply[2] if reply[0] == 1 else "[]"
         await self._undo_unlisted(k, held, listed)
+        return bool(reply[0] == 1)
 
     async def _undo_unlisted(self, k: OrderKeys, held: list[_Held], listed: str | bytes) -> None:
         keep = {(int(p), str(n)) for p, n in orjson.loads(listed)}
