@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from stockhold import constants as c
+from stockhold.batcher import Batcher, NotSent
 from stockhold.errors import DomainError, Reason
 from stockhold.model import PendingPayment, Reservation
 from stockhold.resolver import KeyResolver, OrderKeys, ResolvedOrder, Unit, escape
@@ -117,6 +118,7 @@ class CrossSlot:
         # Tests stop a protocol between two steps with this (it raises Crash).
         self.fault: Callable[[str], None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._batchers: dict[int, Batcher[PartOrder, tuple[int, Any]]] = {}
 
     # -- keys ------------------------------------------------------------------------------
     def tag(self, partition: int) -> str:
@@ -249,11 +251,30 @@ class CrossSlot:
             raise DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": "aborted"})
         return None, False, reason, {"order_id": k.order_id}, flat_pol
 
+    def _parts_batcher(self, partition: int) -> Batcher[PartOrder, tuple[int, Any]]:
+        """The partition's batcher: concurrent orders' parts there share a reserve.lua call."""
+        found = self._batchers.get(partition)
+        if found is None:
+            s = self.settings
+            found = Batcher(self._send_parts, s.batch_max_orders, s.batch_max_inflight)
+            self._batchers[partition] = found
+        return found
+
+    async def _send_parts(self, items: Sequence[PartOrder]) -> list[tuple[int, Any]]:
+        keys, args = self._reserve_call(items)
+        now, *entries = orjson.loads(await self._script(self.scripts.reserve, keys, args))
+        return [(now, e) for e in entries]
+
     async def _hold(
         self, part: _Part
     ) -> tuple[_Held | None, list[Any], tuple[str, dict[str, Any]] | None]:
-        keys, args = self._reserve_call([part.order])
-        now, entry = orjson.loads(await self._script(self.scripts.reserve, keys, args))
+        batcher = self._parts_batcher(part.partition)
+        try:
+            now, entry = await batcher.submit(
+                part.order, self.settings.redis_socket_timeout_seconds
+            )
+        except NotSent as exc:  # Redis stuck: refused unsent
+            raise DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": "queued"}) from exc
         self._step("part")
         kind, pol = entry[0], entry[1]
         if kind == 1:
@@ -353,7 +374,9 @@ class CrossSlot:
         return await self.calls.run(run())
 
     async def drain(self) -> None:
-        """Let background confirmations finish (engine close)."""
+        """Let parts in flight and background confirmations finish (engine close)."""
+        for batcher in self._batchers.values():
+            await batcher.drain()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
