@@ -133,6 +133,31 @@ _SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# `migrate-layout` takes the serve flags that find the data, plus the key prefix.
+_MIGRATE_FLAGS: tuple[tuple[str, str, str], ...] = (
+    *(f for f in _SERVE_FLAGS if f[0] in ("--redis-url", "--data-dir", "--partitions")),
+    ("--key-prefix", "key_prefix", "first segment of every key (env STOCKHOLD_KEY_PREFIX)"),
+    ("--redis-cluster", "redis_cluster", "refused: a Redis Cluster never held layout-1 data"),
+)
+
+
+def _migrate_layout(args: argparse.Namespace) -> int:
+    """Settings as `serve` reads them (one line and exit 2 for a mistake), then migrate."""
+    from stockhold import logs, migrate
+
+    flags = {field: flag for flag, field, _ in _MIGRATE_FLAGS}
+    try:
+        settings = Settings.from_env(
+            **{field: getattr(args, _dest(flag)) for flag, field, _ in _MIGRATE_FLAGS}
+        )
+    except ConfigError as err:
+        err.flag = err.flag or flags.get(err.field)
+        print(f"stockhold: {err}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    return migrate.run(settings, dry_run=args.dry_run)
+
+
 # -- client commands ---------------------------------------------------------------------------
 def _unit(args: argparse.Namespace) -> pb.SalesUnit:
     return pb.SalesUnit(sku=args.sku, spec=args.spec, barcode=args.barcode)
@@ -698,6 +723,21 @@ def parser() -> argparse.ArgumentParser:
     # Set by the supervisor on its workers (see supervisor.WORKER_CANNOT_START).
     p.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(run=_serve)
+    p = sub.add_parser(
+        "migrate-layout",
+        help="move data of an earlier stockhold to the current key layout (offline)",
+        description="Move the data of an earlier stockhold (key layout 1) to key layout 2, "
+        "while no stockhold process runs (docs/operations.md, upgrading the key layout). "
+        "Exit status: 0 done (or already layout 2), 2 nothing to migrate or a setting, "
+        "1 data it cannot place or Redis failing.",
+    )
+    for flag, _, help_ in _MIGRATE_FLAGS:
+        if flag in _SWITCHES:
+            p.add_argument(flag, action="store_const", const="1", help=help_)
+        else:
+            p.add_argument(flag, help=help_)
+    p.add_argument("--dry-run", action="store_true", help="report what it would move; no write")
+    p.set_defaults(run=_migrate_layout)
     _commands(sub)
     return top
 

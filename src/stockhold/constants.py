@@ -46,6 +46,8 @@ META_PARTITIONS: Final = "{meta}:partitions"
 # (issue 11) keeps stock in its SKU's partition and one SKU index per partition.
 META_LAYOUT: Final = "{meta}:layout"
 LAYOUT: Final = "2"
+# Layout 1's one SKU index (zset); only `stockhold migrate-layout` (migrate.py) reads it.
+META_SKUS_LAYOUT1: Final = "{meta}:skus"
 SKU: Final = "sku"
 SKU_INDEX: Final = "skus"
 PART: Final = "part"
