@@ -776,22 +776,18 @@ class Engine:
         )
 
     async def _due_in(self, indexes: Sequence[str]) -> list[int]:
-        """Positions of the zsets whose first score has passed on Redis's clock (one pipeline;
-        on Redis Cluster TIME is asked of one node first: the nodes' clocks agree closely
-        enough for a hint)."""
+        """Positions of the zsets whose first score has passed on Redis's clock (one pipeline
+        with TIME; on Redis Cluster TIME is one node's: the nodes' clocks agree closely enough
+        for a hint)."""
         with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
-                if self.cross is None:
-                    pipe.time()
+                pipe.execute_command("TIME")
                 for key in indexes:
                     pipe.zrange(key, 0, 0, withscores=True)
                 replies = await pipe.execute()
-        if self.cross is None:
-            seconds, micros = replies[0]
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            replies = replies[1:]
-        else:
-            now_ms = await self.cross.now_ms()
+        seconds, micros = replies[0]
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        replies = replies[1:]
         return [p for p, first in enumerate(replies) if first and first[0][1] <= now_ms]
 
     def expire_call(self, partition: int) -> tuple[tuple[str, str], tuple[str, ...]]:
