@@ -76,6 +76,13 @@ CLUSTER_BENCH_ARGS ?=
 bench-cluster: install
 	$(BIN)/python bench/cluster_capacity.py $(CLUSTER_BENCH_ARGS)
 
+# Cross-slot against single-slot orders on Redis Cluster: round trips, p50/p99, orders/s, with a
+# standalone reference, without gRPC (issue 11; bench/README.md).
+CROSS_SLOT_ARGS ?=
+.PHONY: bench-cross-slot
+bench-cross-slot: install
+	$(BIN)/python bench/cross_slot_cost.py $(CROSS_SLOT_ARGS)
+
 lint: install
 	$(BIN)/ruff check src tests scripts bench loadtest
 	$(BIN)/ruff format --check src tests scripts bench loadtest

@@ -32,6 +32,10 @@ One run of this driver:
         --rows baseline,reserve-1line,commit --variant redispy:STOCKHOLD_REDIS_HOT_CLIENT=false
                      # + a second stockhold-2w with that variable, each point measured on both
                      # back to back; a comparison table (RPS, x base, CPU µs per OK) at the end
+    .venv/bin/python bench/loadbench.py --quick --shapes unary --rows baseline,reserve-1line \
+        --variant cluster:STOCKHOLD_REDIS_CLUSTER=1
+                     # a variant whose environment sets STOCKHOLD_REDIS_CLUSTER runs on its own
+                     # local 3-master Redis Cluster (its Redis CPU: the masters' sum)
 
 Exit status: 0 when the run completed and the correctness checks passed (targets are
 reported, not enforced, unless --strict-targets), 1 otherwise.
@@ -314,12 +318,69 @@ class PrivateRedis:
             time.sleep(0.05)
         self.version = self.client.info("server").get("redis_version", "?")
 
+    @property
+    def pids(self) -> list[int]:
+        """The redis-server processes (their CPU is Redis's)."""
+        return [self.child.pid]
+
+    def describe(self) -> str:
+        return f"its own redis-server on port {self.port}"
+
     def stop(self) -> None:
         """SHUTDOWN NOSAVE, else SIGTERM/SIGKILL."""
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
             self.client.shutdown(nosave=True)
         self.client.close()
         self.child.stop(10)
+
+
+CLUSTER_MASTERS = 3
+
+
+def wants_cluster(variant: Variant | None) -> bool:
+    """Whether a --variant's server runs on Redis Cluster (its STOCKHOLD_REDIS_CLUSTER)."""
+    value = variant.env.get("STOCKHOLD_REDIS_CLUSTER", "") if variant else ""
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+class PrivateCluster:
+    """A local Redis Cluster of CLUSTER_MASTERS masters without replicas, for a --variant
+    whose environment sets STOCKHOLD_REDIS_CLUSTER: bench/cluster_capacity.py's start-up
+    (tests/redis_cluster.py: free 127.0.0.1 ports, never 6379, no persistence; every node
+    gets SIGTERM when this process dies). `url` is the first master's (the seed)."""
+
+    def __init__(self, workdir: Path) -> None:
+        import cluster_capacity  # bench/: puts tests/ on sys.path
+        import redis_proc
+        from redis_cluster import RedisCluster
+
+        setattr(redis_proc, "subprocess", cluster_capacity._DeathSignalSubprocess())  # noqa: B010
+        self.binary = redis_binary()
+        try:
+            self.cluster = RedisCluster(self.binary, workdir, masters=CLUSTER_MASTERS).start()
+        except RuntimeError as exc:
+            raise Abort(f"Redis Cluster did not start: {exc}") from exc
+        self.port = self.cluster.masters[0].port
+        self.url = self.cluster.url
+        # redis-py's cluster client: pipelines of one-key commands go to each key's master
+        self.client: redis.RedisCluster = redis.RedisCluster(
+            host="127.0.0.1", port=self.port, socket_timeout=30
+        )
+        self.version = self.cluster.masters[0].info("server").get("redis_version", "?")
+
+    @property
+    def pids(self) -> list[int]:
+        """The masters' processes (their CPU is Redis's)."""
+        return [p for p in (m.pid for m in self.cluster.masters) if p is not None]
+
+    def describe(self) -> str:
+        ports = ", ".join(str(m.port) for m in self.cluster.masters)
+        return f"its own {CLUSTER_MASTERS}-master Redis Cluster on ports {ports}"
+
+    def stop(self) -> None:
+        """Every node stopped (SHUTDOWN, else SIGTERM/SIGKILL: tests/redis_proc.py)."""
+        self.client.close()
+        self.cluster.stop()
 
 
 # -- CPU accounting ----------------------------------------------------------------------------
@@ -393,7 +454,7 @@ class Snapshot:
 
 
 def snapshot(
-    server_root: int, redis_pid: int, gen_pid: int, idle_roots: Sequence[int] = ()
+    server_root: int, redis_pids: Sequence[int], gen_pid: int, idle_roots: Sequence[int] = ()
 ) -> Snapshot:
     """CPU counters of the server tree, Redis, the generator and the machine, now.
 
@@ -407,7 +468,7 @@ def snapshot(
     return Snapshot(
         t=time.monotonic(),
         server={p: proc_cpu_s(p) for p in proc_tree(server_root, children)},
-        redis=proc_cpu_s(redis_pid),
+        redis=sum(proc_cpu_s(p) for p in redis_pids),
         gen=proc_cpu_s(gen_pid),
         busy=machine_cpu_s()[0],
         idle=idle,
@@ -595,14 +656,14 @@ def run_loadgen(
     duration: float,
     deadline_ms: int,
     mode: str = "",
-    watch: tuple[int, int] | None = None,
+    watch: tuple[int, Sequence[int]] | None = None,
     during: Callable[[], None] | None = None,
     extra: Sequence[str] = (),
     idle: Sequence[int] = (),
 ) -> GenRun:
     """Run the generator to its end (it stops by itself; killed if it overruns).
 
-    `watch` = (server root pid, redis pid): sample CPU at its window marks. `during` is
+    `watch` = (server root pid, redis pids): sample CPU at its window marks. `during` is
     called right after the window starts (e.g. to start a profiler). `extra`: more generator
     arguments (--batch, --stream --streams S). `idle`: root pids of processes running beside
     the one under test (the other servers of a --variant group), their CPU reported apart.
@@ -713,7 +774,7 @@ class ServerUnderTest:
     workers: int
     child: Child
     target: str
-    redis: PrivateRedis
+    redis: PrivateRedis | PrivateCluster
     variant: Variant | None = None  # a --variant server (not the main one)
 
 
@@ -723,7 +784,11 @@ def clean_env() -> dict[str, str]:
 
 
 def start_server(
-    kind: str, workers: int, red: PrivateRedis, workdir: Path, variant: Variant | None = None
+    kind: str,
+    workers: int,
+    red: PrivateRedis | PrivateCluster,
+    workdir: Path,
+    variant: Variant | None = None,
 ) -> ServerUnderTest:
     """Start stockhold or the naive server and wait until every worker listens and serves.
 
@@ -977,9 +1042,9 @@ class Bench:
             a.duration,
             a.deadline_ms,
             mode=mode,
-            watch=(srv.child.pid, srv.redis.child.pid),
+            watch=(srv.child.pid, srv.redis.pids),
             extra=extra,
-            idle=[p for s in self.group if s is not srv for p in (s.child.pid, s.redis.child.pid)],
+            idle=[p for s in self.group if s is not srv for p in (s.child.pid, *s.redis.pids)],
         )
         path.unlink()
         g = run.out
@@ -1073,7 +1138,9 @@ class Bench:
         )
         pipe.execute()
 
-    def counters(self, keys: list[str], red: PrivateRedis | None = None) -> tuple[int, int]:
+    def counters(
+        self, keys: list[str], red: PrivateRedis | PrivateCluster | None = None
+    ) -> tuple[int, int]:
         """(sum of available, sum of reserved) over stock hashes (in `red`, else the main Redis)."""
         pipe = (red or self.redis).client.pipeline(transaction=False)
         for k in keys:
@@ -1130,11 +1197,15 @@ class Bench:
         hot_key = resolver.unit(HOT_SKU, SPEC, HOT_BARCODE).stock_key
         self.redis.client.flushall()
         group: list[Member] = []
-        own_redis: list[PrivateRedis] = []
+        own_redis: list[PrivateRedis | PrivateCluster] = []
         try:
             for v in (None, *variants):
+                red: PrivateRedis | PrivateCluster
                 if v is None:
                     red = self.redis
+                elif wants_cluster(v):
+                    red = PrivateCluster(self.workdir / f"redis-{v.name}")
+                    own_redis.append(red)
                 else:
                     red = PrivateRedis(self.workdir / f"redis-{v.name}")
                     own_redis.append(red)
@@ -1146,7 +1217,7 @@ class Bench:
                     env = " ".join(f"{k}={x}" for k, x in v.env.items()) or "no extra variable"
                     print(
                         f"\n== {srv.name}: {srv.target}, pid {srv.child.pid}; {env}; "
-                        f"its own redis-server on port {red.port}"
+                        f"{red.describe()}"
                     )
                 self.load_stockhold_stock(srv)
             self.group = [m.srv for m in group]
@@ -1308,10 +1379,13 @@ class Bench:
             source="generator",
         )
         resolver = KeyResolver()
-        pipe = srv.redis.client.pipeline(transaction=False)
+        # EXISTS of many keys: a cluster client splits it by slot (a pipeline could not)
+        client = srv.redis.client
+        found = 0
         for i in range(0, len(m.sent_ids), 1000):
-            pipe.exists(*(resolver.order(o).order_key for o in m.sent_ids[i : i + 1000]))
-        found = sum(int(n) for n in pipe.execute()) if m.sent_ids else 0
+            found += int(
+                client.exists(*(resolver.order(o).order_key for o in m.sent_ids[i : i + 1000]))
+            )
         self.check(
             f"{srv.name} {m.row}: order records",
             m.ok,
@@ -1470,7 +1544,7 @@ class Bench:
             a.warmup,
             a.duration,
             a.deadline_ms,
-            watch=(srv.child.pid, srv.redis.child.pid),
+            watch=(srv.child.pid, srv.redis.pids),
             during=start_profilers,
         )
         path.unlink()
@@ -1991,7 +2065,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="repeatable: one more stockhold server named stockhold-<workers>w+NAME, started "
         "like the main one plus these environment variables, with its own Redis, measured on "
         "the same rows, each point back to back with the main server; a comparison table at "
-        "the end (e.g. redispy:STOCKHOLD_REDIS_HOT_CLIENT=false)",
+        "the end (e.g. redispy:STOCKHOLD_REDIS_HOT_CLIENT=false); one that sets "
+        "STOCKHOLD_REDIS_CLUSTER true gets a local 3-master Redis Cluster instead (e.g. "
+        "cluster:STOCKHOLD_REDIS_CLUSTER=1; Redis CPU: the masters' sum)",
     )
     p.add_argument(
         "--budget",
