@@ -75,9 +75,13 @@ def redis_proc_aof(redis_binary: str, tmp_path: Path) -> Iterator[RedisProc]:
     yield from _run(redis_binary, tmp_path / "redis-aof", aof=True)
 
 
-@pytest.fixture(params=[path for _, path in _BINARIES], ids=[ident for ident, _ in _BINARIES])
+@pytest.fixture
 def redis_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisProc]:
-    """A private Redis, once per available version (e.g. redis-7.0 and redis-6.2)."""
+    """A private Redis, once per available version (e.g. redis-7.0 and redis-6.2); in a
+    module marked `stores` also the ClusterStore (params: tests/stockhold_fixtures.py)."""
+    if request.param == "cluster":
+        yield request.getfixturevalue("cluster_store")
+        return
     yield from _run(request.param, tmp_path / "redis-any", aof=False)
 
 

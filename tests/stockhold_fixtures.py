@@ -28,6 +28,7 @@ import redis.asyncio
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from redis_cluster import RedisCluster
+from redis_proc import redis_binaries
 
 from stockhold import constants as c
 from stockhold.server import StockholdServer
@@ -61,19 +62,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("stores")
-    if marker is None or "store" not in metafunc.fixturenames:
-        return
+    names = marker.args or STORES if marker is not None else ("standalone",)
     bug = metafunc.definition.get_closest_marker("cluster_bug")
-    params = [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(strict=True, reason=f"cluster bug: {bug.args[0]}"),
-        )
-        if bug is not None and name == "cluster"
-        else name
-        for name in marker.args or STORES
-    ]
-    metafunc.parametrize("store", params, indirect=True)
+
+    def param(value: str, ident: str) -> Any:
+        if bug is None or ident != "cluster":
+            return pytest.param(value, id=ident)
+        xfail = pytest.mark.xfail(strict=True, reason=f"cluster bug: {bug.args[0]}")
+        return pytest.param(value, id=ident, marks=xfail)
+
+    if marker is not None and "store" in metafunc.fixturenames:
+        metafunc.parametrize("store", [param(n, n) for n in names], indirect=True)
+    if "redis_any" in metafunc.fixturenames:
+        # Once per Redis version on a standalone Redis (conftest.py), and once on the cluster.
+        params = [param(path, ident) for ident, path in redis_binaries()] * ("standalone" in names)
+        params += [param("cluster", "cluster")] * ("cluster" in names)
+        metafunc.parametrize("redis_any", params, indirect=True)
 
 
 @pytest.fixture
