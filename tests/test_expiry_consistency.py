@@ -27,6 +27,8 @@ from stockhold.engine import Engine
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.stores("standalone", "cluster")
+
 HELD = pb.RESERVATION_STATE_HELD
 EXPIRED = pb.RESERVATION_STATE_EXPIRED
 
