@@ -13,11 +13,21 @@ from typing import Any
 import grpc
 import orjson
 import pytest
-from stockhold_fixtures import Factory, add_stock, expect_error, levels, line, unit
+from stockhold_fixtures import (
+    Factory,
+    add_stock,
+    expect_error,
+    levels,
+    line,
+    unit,
+    wait_settled,
+)
 
 from stockhold import constants as c
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.stores("standalone", "cluster")
 
 HELD = pb.RESERVATION_STATE_HELD
 EXPIRED = pb.RESERVATION_STATE_EXPIRED
@@ -283,6 +293,7 @@ async def test_extend_of_an_expired_reservation_is_refused(
     admin = redis_proc.client()
     await hold(stub, seconds=1)
     await wait_swept(admin, "o-1")
+    await wait_settled(redis_proc)
     before = redis_proc.dump(with_ttl=True)
 
     err = await expect_error(extend(stub))
