@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import redis.asyncio
 from fake_wechatpay import FakeWeChatPay
-from stockhold_fixtures import TEST_SETTINGS, Running
+from stockhold_fixtures import TEST_SETTINGS, Running, store_settings
 
 from stockhold.payments.config import PaymentProviders
 from stockhold.server import StockholdServer
@@ -35,9 +35,9 @@ async def start_server(
     payments: PaymentProviders | None = None,
     **overrides: Any,
 ) -> Running:
-    """A stockhold server on `redis` (a RedisProc) with the given payment providers (None:
-    from its settings); the caller stops everything in `started`."""
-    settings = Settings(**{**TEST_SETTINGS, "redis_url": redis.url, **overrides})
+    """A stockhold server on `redis` (a RedisProc or ClusterStore) with the given payment
+    providers (None: from its settings); the caller stops everything in `started`."""
+    settings = Settings(**{**TEST_SETTINGS, **store_settings(redis), **overrides})
     server = StockholdServer(settings, redis.url, payments=payments)
     started.append(server)
     port = await server.start()
@@ -68,7 +68,7 @@ def fake_config(fake: FakeWeChatPay, directory: Path) -> dict[str, Any]:
     }
 
 
-async def dump(client: redis.asyncio.Redis) -> dict[bytes, Any]:
+async def dump(client: redis.asyncio.Redis | redis.asyncio.RedisCluster) -> dict[bytes, Any]:
     """Every key with its type and contents, except the contention snapshots that each server
     publishes on its own schedule."""
     out: dict[bytes, Any] = {}
@@ -91,7 +91,9 @@ async def dump(client: redis.asyncio.Redis) -> dict[bytes, Any]:
     return out
 
 
-async def events(client: redis.asyncio.Redis) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+async def events(
+    client: redis.asyncio.Redis | redis.asyncio.RedisCluster,
+) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """order id -> [(event type, data)] over every partition stream, in stream order."""
     out: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
     async for key in client.scan_iter(match="*:events", count=1000):

@@ -170,9 +170,20 @@ def async_client(store: Any) -> redis.asyncio.Redis | redis.asyncio.RedisCluster
     return redis.asyncio.Redis.from_url(store.url)
 
 
-async def wait_settled(store: Any, limit_s: float = 5.0) -> None:
+def spans_slots(running: Running, order_id: str, *skus: str) -> bool:
+    """Whether, on a cluster, the order's record and some SKU's stock are in different
+    partitions (a cross-slot order: crossslot.py); never on a standalone Redis."""
+    if not is_cluster(running.redis):
+        return False
+    resolver = running.server.engine.resolver
+    home = resolver.order(order_id).partition
+    return any(u.partition != home for u in resolver.units([(s, "", "") for s in skus]))
+
+
+async def wait_settled(store: Any, limit_s: float = 10.0) -> None:
     """Poll (bounded) until no cross-slot order waits for its parts to follow its record
-    (every settle index empty; crossslot.py); at once on a standalone Redis."""
+    (every settle index empty; crossslot.py); at once on a standalone Redis. The limit is
+    past the recovery window (5 s by default), which settles what a failed call left."""
     if not is_cluster(store):
         return
     client = store.client()

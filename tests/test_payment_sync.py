@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio
 from fake_wechatpay import FakeWeChatPay, Notification
 from payment_helpers import (
     Start,
@@ -30,12 +29,14 @@ from payment_helpers import (
     wait_for,
 )
 from redis_proc import free_port
-from stockhold_fixtures import add_stock, levels, line, unit
+from stockhold_fixtures import add_stock, async_client, levels, line, unit
 
 from stockhold.payments.config import PaymentProviders
 from stockhold.server import StockholdServer
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.stores("standalone", "cluster")
 
 HELD = pb.RESERVATION_STATE_HELD
 COMMITTED = pb.RESERVATION_STATE_COMMITTED
@@ -126,7 +127,7 @@ async def test_callbacks_dropped_polling_commits_the_order(
         await asyncio.sleep(0.6)  # more than a step: no poll after the commit
         assert len(fake.queries["NO-1001"]) == n == 3
         assert await levels(stub, unit("TSHIRT")) == {("TSHIRT", "", "", "wh-east"): (0, 0, 0)}
-    rds = redis.asyncio.Redis.from_url(running.redis.url)
+    rds = async_client(running.redis)
     try:
         assert [t for t, _ in (await events(rds))["order-1001"]] == [
             "ORDER_RESERVED",
@@ -164,7 +165,7 @@ async def test_polls_follow_the_schedule_then_stop_and_flag(
         assert r.state == HELD and r.payment.polls == 5
         # What is left: one last query just before the hold's deadline.
         assert r.payment.next_poll_at.seconds == r.expires_at.seconds - 10
-    rds = redis.asyncio.Redis.from_url(running.redis.url)
+    rds = async_client(running.redis)
     try:
         evs = (await events(rds))["order-2001"]
     finally:
@@ -242,7 +243,7 @@ async def test_many_processes_poll_each_order_once_per_step(
             # three steps, three queries: never two for one step, whichever process claimed it
             assert len(times) == 3, (oid, times)
             assert (await state_of(stub, oid)).payment.polls == 3
-    rds = redis.asyncio.Redis.from_url(first.redis.url)
+    rds = async_client(first.redis)
     try:
         evs = await events(rds)
     finally:
@@ -281,7 +282,7 @@ async def test_webhook_duplicates_commit_once(
         r = await state_of(stub, "order-6001")
         assert r.state == COMMITTED and r.payment_ref == tx
         assert await levels(stub, unit("TSHIRT")) == {("TSHIRT", "", "", "wh-east"): (0, 0, 0)}
-    rds = redis.asyncio.Redis.from_url(running.redis.url)
+    rds = async_client(running.redis)
     try:
         assert [t for t, _ in (await events(rds))["order-6001"]] == [
             "ORDER_RESERVED",
@@ -300,7 +301,7 @@ async def test_refused_notifications_change_nothing(
     url = f"http://127.0.0.1:{running.server.webhook_port}/wechatpay/notify"
     fake.set_order("NO-7001", amount=4200, transaction_id="4200000000000000000000000005")
     fake.set_order("NO-7002", amount=100, transaction_id="4200000000000000000000000006")
-    rds = redis.asyncio.Redis.from_url(running.redis.url)
+    rds = async_client(running.redis)
     try:
         async with running.channel() as ch:
             stub = pb_grpc.InventoryStub(ch)
