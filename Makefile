@@ -15,7 +15,7 @@ EXT_SUFFIX := $(shell $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -c
 NATIVE_SRC := $(wildcard native/*.pyx native/*.pxd)
 NATIVE_SO  := src/stockhold/_resolver_c$(EXT_SUFFIX) src/stockhold/_contention_c$(EXT_SUFFIX)
 
-.PHONY: all install stubs native run test lint fmt clean bench loadtest loadbench bench-cluster
+.PHONY: all install stubs native run test test-cluster lint fmt clean bench loadtest loadbench bench-cluster
 
 all: lint test
 
@@ -45,6 +45,12 @@ run: install
 test: install
 	bash scripts/ensure-redis.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The long Redis Cluster runs (failover repeated, resharding of many slots); `make test` runs
+# one short instance of each. Figures go to bench/results/cluster_failover_<UTC>.json.
+test-cluster: install
+	bash scripts/ensure-redis.sh
+	$(BIN)/python -m pytest -m cluster_long -s tests/test_cluster_failover.py $(PYTEST_ARGS)
 
 # Micro-benchmarks (pytest-benchmark), saved under .benchmarks/; compare with the last saved
 # run: make bench BENCH_ARGS=--benchmark-compare
