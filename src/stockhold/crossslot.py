@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 # An abort set outlives any call that could still be in flight by far (finish.lua checks it).
 ABORT_TTL_MS = 3_600_000
+# Index bookkeeping after answers (parts confirmed, settle entries removed) is sent in one
+# pipeline per slot for what queued within this long.
+LATER_S = 0.002
 # Most index entries one recovery pass takes of one partition's parts or settle index.
 RECOVER_BATCH = 200
 
@@ -118,6 +121,8 @@ class CrossSlot:
         # Tests stop a protocol between two steps with this (it raises Crash).
         self.fault: Callable[[str], None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._pending: list[tuple[Any, ...]] = []  # bookkeeping commands for _send_later
+        self._flush: asyncio.TimerHandle | None = None
         self._batchers: dict[int, Batcher[PartOrder, tuple[int, Any]]] = {}
 
     # -- keys ------------------------------------------------------------------------------
@@ -333,16 +338,25 @@ class CrossSlot:
         part left unconfirmed is confirmed by recovery: this only spares it the work)."""
         score = str(deadline_ms + self.window_ms)
         cmds = [("ZADD", self.parts_index(h.part.partition), "XX", score, order_id) for h in held]
-        self._later(cmds, "part confirmation")
+        self._later(cmds)
 
-    def _later(self, cmds: Sequence[tuple[Any, ...]], what: str) -> None:
-        """Send index bookkeeping after the answer; recovery does it if this fails."""
+    def _later(self, cmds: Sequence[tuple[Any, ...]]) -> None:
+        """Send index bookkeeping after the answer, coalesced: what many orders queue within
+        LATER_S goes in one pipeline per slot. Recovery does it if this fails."""
+        self._pending.extend(cmds)
+        if self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(LATER_S, self._send_later)
+
+    def _send_later(self) -> None:
+        self._flush = None
+        cmds, self._pending = self._pending, []
 
         async def send() -> None:
             try:
                 await self._pipeline(cmds)
             except Exception as exc:
-                log.debug("%s deferred to recovery: %s", what, exc)
+                log.debug("index bookkeeping deferred to recovery: %s", exc)
 
         task = asyncio.get_running_loop().create_task(send())
         self._background.add(task)
@@ -377,6 +391,9 @@ class CrossSlot:
         """Let parts in flight and background confirmations finish (engine close)."""
         for batcher in self._batchers.values():
             await batcher.drain()
+        if self._flush is not None:
+            self._flush.cancel()
+            self._send_later()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
@@ -475,7 +492,7 @@ class CrossSlot:
         if parts_raw and state is not None and state != c.STATE_HELD:
             await self._settle_parts(k, state, rec.get("units") or "[]", parts_raw)
             self._step("settled")
-        self._later([("ZREM", self.settle_index(k.partition), k.order_id)], "settle entry removal")
+        self._later([("ZREM", self.settle_index(k.partition), k.order_id)])
 
     async def hmget_many(
         self, keys: Sequence[str], fields: tuple[str, ...]

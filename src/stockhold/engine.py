@@ -43,6 +43,10 @@ T = TypeVar("T")
 # busy event loop and the trip back (docs/api.md, "SKU policies and reserve thresholds").
 DEADLINE_MARGIN_S = 0.02
 
+# Redis Cluster: batches of the reserve and transition batchers in flight, per
+# batch_max_inflight (see Engine.__init__).
+CLUSTER_INFLIGHT = 8
+
 # How often a commit/release re-reads a record whose stock keys changed under it.
 _KEYS_CHANGED_RETRIES = 3
 
@@ -196,11 +200,15 @@ class Engine:
         )
         self.tracker = new_tracker()
         # Concurrent reserves and commits/releases are coalesced into few script calls.
+        # On Redis Cluster a batch waits for its cross-slot orders' several round trips, and
+        # the calls inside it are coalesced again per partition (crossslot.py): more batches
+        # may be in flight there, CLUSTER_INFLIGHT times the setting.
+        inflight = settings.batch_max_inflight * (CLUSTER_INFLIGHT if settings.redis_cluster else 1)
         self.reserves: Batcher[ResolvedOrder | PaidOrder, ReserveResult] = Batcher(
-            self._reserve_batch, settings.batch_max_orders, settings.batch_max_inflight
+            self._reserve_batch, settings.batch_max_orders, inflight
         )
         self.transitions: Batcher[Transition, dict[str, Any]] = Batcher(
-            self._transition_batch, settings.batch_max_orders, settings.batch_max_inflight
+            self._transition_batch, settings.batch_max_orders, inflight
         )
         # Redis Cluster: every call in one slot; orders spanning slots go through parts.
         self.cross: CrossSlot | None = None
