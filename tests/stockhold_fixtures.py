@@ -90,6 +90,19 @@ def store(request: pytest.FixtureRequest) -> str:
     return name
 
 
+class _ClusterClient(redis.RedisCluster):
+    """redis-py's RedisCluster whose KEYS and DBSIZE cover every master, as on one node
+    (redis-py 8 sends them to one node unless target_nodes says otherwise)."""
+
+    def keys(self, pattern: Any = "*", **kwargs: Any) -> Any:
+        kwargs.setdefault("target_nodes", self.PRIMARIES)
+        return super().keys(pattern, **kwargs)
+
+    def dbsize(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("target_nodes", self.PRIMARIES)
+        return super().dbsize(**kwargs)
+
+
 class ClusterStore:
     """A Redis Cluster behind RedisProc's interface, for tests that run on both stores."""
 
@@ -108,11 +121,11 @@ class ClusterStore:
         return self.cluster.masters
 
     def client(self, **kwargs: Any) -> redis.RedisCluster:
-        """A new sync cluster client (bytes responses; multi-node commands such as KEYS and
-        SCAN go to every master); closed after the test."""
+        """A new sync cluster client (bytes responses; KEYS, DBSIZE and SCAN cover every
+        master); closed after the test."""
         kwargs.setdefault("decode_responses", False)
         kwargs.setdefault("socket_timeout", 10.0)
-        client = redis.RedisCluster(host="127.0.0.1", port=self.masters[0].port, **kwargs)
+        client = _ClusterClient(host="127.0.0.1", port=self.masters[0].port, **kwargs)
         self._clients.append(client)
         return client
 

@@ -24,6 +24,8 @@ from stockhold.settings import Settings
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.stores("standalone", "cluster")
+
 HELD = pb.RESERVATION_STATE_HELD
 
 
@@ -157,6 +159,9 @@ async def test_list_pages_by_sku_and_filters_hot(stub: pb_grpc.InventoryStub) ->
 # -- enforcement on Reserve --------------------------------------------------------------------
 
 
+@pytest.mark.cluster_bug(
+    "a cross-slot order's violation names its line in the part (/tmp/team/cluster_bugs.md #3)"
+)
 async def test_line_above_the_skus_max_quantity_is_refused_and_writes_nothing(
     stub: pb_grpc.InventoryStub, stockhold: Running
 ) -> None:
@@ -272,6 +277,7 @@ async def test_auto_hot_counts_committed_units_only_for_its_sku_and_survives_res
     assert other.server.engine.policies.cache.limit(["A", "B"]) == (300, "A", True)
 
 
+@pytest.mark.stores("standalone")  # no Redis call: per-process memory, the same on a cluster
 def test_per_process_sku_state_stays_bounded_with_a_million_distinct_skus(redis_proc: Any) -> None:
     """The reserve path's per-SKU memos (keys, thresholds) never grow past their bound."""
     from redis.asyncio import Redis
