@@ -10,11 +10,13 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from stockhold_fixtures import Running, add_stock, expect_error, line
+from stockhold_fixtures import Running, add_stock, expect_error, is_cluster, line
 from test_workers import _children, _sockets_on, serve_workers
 
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.stores("standalone", "cluster")
 
 HOT = pb.SalesUnit(sku="PHONE", spec="128GB", barcode="690{1}:x")  # key syntax in user text
 
@@ -120,6 +122,8 @@ async def test_sku_hint_names_a_sku_with_several_hot_units(
 @pytest.fixture
 def two_workers(redis_proc: Any, tmp_path: Path) -> Iterator[tuple[int, int]]:
     env = {"STOCKHOLD_CONTENTION_FLUSH_SECONDS": "0.2"}
+    if is_cluster(redis_proc):
+        env["STOCKHOLD_REDIS_CLUSTER"] = "true"
     with serve_workers(redis_proc.url, tmp_path / "serve.log", env=env) as (proc, port):
         yield proc.pid, port
 
