@@ -183,6 +183,14 @@ def async_client(store: Any) -> redis.asyncio.Redis | redis.asyncio.RedisCluster
     return redis.asyncio.Redis.from_url(store.url)
 
 
+async def quiesce(running: Running) -> None:
+    """Wait until the server's bookkeeping after its answers is done: on a cluster a
+    cross-slot order's index moves follow the reply (CrossSlot.drain); none on one node."""
+    cross = running.server.engine.cross
+    if cross is not None:
+        await cross.drain()
+
+
 def spans_slots(running: Running, order_id: str, *skus: str) -> bool:
     """Whether, on a cluster, the order's record and some SKU's stock are in different
     partitions (a cross-slot order: crossslot.py); never on a standalone Redis."""

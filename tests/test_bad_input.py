@@ -7,10 +7,12 @@ from typing import Any
 
 import grpc
 import pytest
-from stockhold_fixtures import add_stock, expect_error, levels, line, unit
+from stockhold_fixtures import Running, add_stock, expect_error, levels, line, quiesce, unit
 
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.stores("standalone", "cluster")
 
 MAX_HOLD = 30 * 86_400  # Settings.max_hold_seconds default
 EXISTING = "o-existing"
@@ -157,12 +159,17 @@ CASES: list[tuple[str, Callable[[], tuple[str, Any]], str]] = [
 
 @pytest.mark.parametrize(("build", "field"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 async def test_bad_input_is_invalid_argument_with_field_path_and_writes_nothing(
-    stub: pb_grpc.InventoryStub, redis_proc: Any, build: Callable[[], tuple[str, Any]], field: str
+    stub: pb_grpc.InventoryStub,
+    stockhold: Running,
+    redis_proc: Any,
+    build: Callable[[], tuple[str, Any]],
+    field: str,
 ) -> None:
     # Some state worth protecting: stock, a held order, a stored adjustment, events.
     await add_stock(stub, "apple", "w1", 10, adjustment_id="adj-existing")
     await stub.Reserve(pb.ReserveRequest(order_id=EXISTING, lines=[line("apple", 2, "w1")]))
     rpc, request = build()
+    await quiesce(stockhold)
     before = redis_proc.dump()
 
     err = await expect_error(getattr(stub, rpc)(request))
