@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import redis
 from redis_proc import RedisProc, free_port
+from stockhold_fixtures import is_cluster
 
 _SCRIPT = Path(sys.executable).with_name("stockhold")
 STOCKHOLD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "stockhold.cli"]
@@ -29,6 +30,7 @@ STOCKHOLD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "stoc
 EXIT_TIMEOUT = 60.0
 LOG_TIMEOUT = 30.0
 PASSWORD = "pw-9f3b-never-printed"
+pytestmark = pytest.mark.stores("standalone", "cluster")
 
 
 def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -244,6 +246,7 @@ def test_a_partition_mismatch_stops_the_supervisor_without_restarts(redis_proc: 
     done = _serve(
         *("--listen", f"127.0.0.1:{free_port()}", "--redis-url", redis_proc.url),
         *("--partitions", "16", "--workers", "2"),
+        *(["--redis-cluster"] if is_cluster(redis_proc) else []),
     )
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
@@ -266,6 +269,8 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], msg: str) -> list[dict[
         time.sleep(0.1)
 
 
+# Standalone only: it starts its own Redis (with ACL) late; a cluster node going and coming
+# back is the failover tests' subject.
 def test_an_unreachable_redis_is_logged_once_then_once_when_back(
     redis_binary: str, tmp_path: Path
 ) -> None:
