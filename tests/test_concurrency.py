@@ -17,6 +17,8 @@ from stockhold_fixtures import RichError, add_stock, levels, line, rich_error, u
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.stores("standalone", "cluster")
+
 HELD = pb.RESERVATION_STATE_HELD
 COMMITTED = pb.RESERVATION_STATE_COMMITTED
 RELEASED = pb.RESERVATION_STATE_RELEASED
