@@ -109,6 +109,7 @@ class ClusterStore:
     def __init__(self, cluster: RedisCluster) -> None:
         self.cluster = cluster
         self._clients: list[redis.RedisCluster] = []
+        self.servers: list[StockholdServer] = []  # started on it in this test (make_stockhold)
 
     @property
     def url(self) -> str:
@@ -150,7 +151,8 @@ class ClusterStore:
         return out
 
     def close(self) -> None:
-        """Close the clients this test made."""
+        """Close the clients this test made; forget its servers."""
+        self.servers.clear()
         for client in self._clients:
             with contextlib.suppress(Exception):
                 client.close()
@@ -183,12 +185,15 @@ def async_client(store: Any) -> redis.asyncio.Redis | redis.asyncio.RedisCluster
     return redis.asyncio.Redis.from_url(store.url)
 
 
-async def quiesce(running: Running) -> None:
-    """Wait until the server's bookkeeping after its answers is done: on a cluster a
-    cross-slot order's index moves follow the reply (CrossSlot.drain); none on one node."""
-    cross = running.server.engine.cross
-    if cross is not None:
-        await cross.drain()
+async def snapshot(store: Any, with_ttl: bool = False) -> dict[bytes, object]:
+    """`store.dump()` once every stockhold server on it has done its bookkeeping after its
+    answers (on a cluster a cross-slot order's index moves follow the reply, within ms:
+    CrossSlot.drain); what a "writes nothing" comparison needs."""
+    for server in getattr(store, "servers", ()):
+        if server.engine.cross is not None:
+            await server.engine.cross.drain()
+    dump: dict[bytes, object] = store.dump(with_ttl=with_ttl)
+    return dump
 
 
 def spans_slots(running: Running, order_id: str, *skus: str) -> bool:
@@ -293,6 +298,8 @@ async def make_stockhold(redis_proc: Any) -> AsyncIterator[Factory]:
         server = StockholdServer(settings, redis.url)
         port = await server.start()
         started.append(server)
+        if is_cluster(redis):
+            redis.servers.append(server)
         return Running(server, settings, redis, f"127.0.0.1:{port}")
 
     yield start

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
-from stockhold_fixtures import Running, add_stock, expect_error, levels, line, quiesce, unit
+from stockhold_fixtures import add_stock, expect_error, levels, line, snapshot, unit
 
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
@@ -159,18 +159,13 @@ CASES: list[tuple[str, Callable[[], tuple[str, Any]], str]] = [
 
 @pytest.mark.parametrize(("build", "field"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 async def test_bad_input_is_invalid_argument_with_field_path_and_writes_nothing(
-    stub: pb_grpc.InventoryStub,
-    stockhold: Running,
-    redis_proc: Any,
-    build: Callable[[], tuple[str, Any]],
-    field: str,
+    stub: pb_grpc.InventoryStub, redis_proc: Any, build: Callable[[], tuple[str, Any]], field: str
 ) -> None:
     # Some state worth protecting: stock, a held order, a stored adjustment, events.
     await add_stock(stub, "apple", "w1", 10, adjustment_id="adj-existing")
     await stub.Reserve(pb.ReserveRequest(order_id=EXISTING, lines=[line("apple", 2, "w1")]))
     rpc, request = build()
-    await quiesce(stockhold)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(getattr(stub, rpc)(request))
 
@@ -178,13 +173,13 @@ async def test_bad_input_is_invalid_argument_with_field_path_and_writes_nothing(
     assert err.reason == "INVALID_ARGUMENT"
     assert field in err.violations, f"{field!r} not in {sorted(err.violations)}"
     assert all(err.violations.values()), "every violation says what is wrong"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 async def test_every_bad_field_of_a_request_is_reported_at_once(
     stub: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
     request = pb.ReserveRequest(
         order_id="",
         lines=[line("apple", 1, "w1"), line("", 0, "w\n"), line("pear", 2_000_000, "w1")],
@@ -203,7 +198,7 @@ async def test_every_bad_field_of_a_request_is_reported_at_once(
         "lines[2].quantity",
     } <= set(err.violations)
     assert not any(f.startswith("lines[0]") for f in err.violations)
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 # -- the bounds themselves are valid -------------------------------------------------------------

@@ -19,7 +19,16 @@ from typing import Any
 
 import grpc
 import pytest
-from stockhold_fixtures import Factory, Running, add_stock, expect_error, levels, line, unit
+from stockhold_fixtures import (
+    Factory,
+    Running,
+    add_stock,
+    expect_error,
+    levels,
+    line,
+    snapshot,
+    unit,
+)
 from test_expiry_sweep import counting
 
 from stockhold import constants as c
@@ -314,10 +323,10 @@ async def test_a_read_right_after_the_deadline_expires_the_hold_with_the_sweeper
         assert r.updated_at.ToMilliseconds() == ts
         assert await levels(stub, unit("TEE")) == {("TEE", "", "", "w1"): (10, 10, 0)}
         # Later reads and a sweep change nothing.
-        before = unswept.redis.dump(with_ttl=True)
+        before = await snapshot(unswept.redis, with_ttl=True)
         assert await stub.GetReservation(pb.GetReservationRequest(order_id="o-1")) == r
         assert await unswept.server.engine.expire_due() == 0
-        assert unswept.redis.dump(with_ttl=True) == before
+        assert await snapshot(unswept.redis, with_ttl=True) == before
 
 
 def _call(op: str, stub: pb_grpc.InventoryStub) -> Awaitable[Any]:
@@ -383,13 +392,13 @@ async def test_every_call_that_finds_a_due_hold_expires_it_before_answering(
         assert got.state == EXPIRED and got.updated_at.ToMilliseconds() == ts
         assert not got.HasField("payment") or got.payment.status != pb.PAYMENT_STATUS_PENDING
 
-        before = unswept.redis.dump(with_ttl=True)
+        before = await snapshot(unswept.redis, with_ttl=True)
         if refused:
             err = await expect_error(_call(op, stub))
             assert err.reason == "RESERVATION_EXPIRED"
         else:
             await _call(op, stub)
-        assert unswept.redis.dump(with_ttl=True) == before
+        assert await snapshot(unswept.redis, with_ttl=True) == before
 
 
 async def test_racing_first_calls_and_sweeps_on_a_due_hold_expire_it_once(

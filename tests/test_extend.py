@@ -19,6 +19,7 @@ from stockhold_fixtures import (
     expect_error,
     levels,
     line,
+    snapshot,
     unit,
     wait_settled,
 )
@@ -178,13 +179,13 @@ async def test_extend_never_shortens_a_hold_and_a_call_that_moves_nothing_writes
     """Extend(300) on a 48 h hold: unchanged, extended = false, no event, no write at all."""
     admin = redis_proc.client()
     held = await hold(stub)  # the default: 48 h
-    before = redis_proc.dump(with_ttl=True)
+    before = await snapshot(redis_proc, with_ttl=True)
 
     resp = await extend(stub, seconds=300)
 
     assert resp.extended is False
     assert resp.reservation == held  # same deadline, no updated_at, nothing else moved
-    assert redis_proc.dump(with_ttl=True) == before  # no event, no index or record write
+    assert await snapshot(redis_proc, with_ttl=True) == before  # no event, no index or record write
     assert c.EVENT_EXTENDED not in {e["type"] for e in events(admin, "o-1")}
     assert (await stub.GetReservation(pb.GetReservationRequest(order_id="o-1"))) == held
 
@@ -271,7 +272,7 @@ async def test_extend_of_a_committed_or_released_reservation_is_refused(
     await hold(stub, "o-r")
     await stub.Commit(pb.CommitRequest(order_id="o-c"))
     await stub.Release(pb.ReleaseRequest(order_id="o-r"))
-    before = redis_proc.dump(with_ttl=True)
+    before = await snapshot(redis_proc, with_ttl=True)
 
     committed = await expect_error(extend(stub, "o-c"))
     released = await expect_error(extend(stub, "o-r"))
@@ -284,7 +285,7 @@ async def test_extend_of_a_committed_or_released_reservation_is_refused(
         grpc.StatusCode.FAILED_PRECONDITION,
         "RESERVATION_RELEASED",
     )
-    assert redis_proc.dump(with_ttl=True) == before
+    assert await snapshot(redis_proc, with_ttl=True) == before
 
 
 async def test_extend_of_an_expired_reservation_is_refused(
@@ -294,12 +295,12 @@ async def test_extend_of_an_expired_reservation_is_refused(
     await hold(stub, seconds=1)
     await wait_swept(admin, "o-1")
     await wait_settled(redis_proc)
-    before = redis_proc.dump(with_ttl=True)
+    before = await snapshot(redis_proc, with_ttl=True)
 
     err = await expect_error(extend(stub))
 
     assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_EXPIRED")
-    assert redis_proc.dump(with_ttl=True) == before
+    assert await snapshot(redis_proc, with_ttl=True) == before
 
 
 async def test_extend_of_a_held_reservation_past_its_deadline_expires_it_and_is_refused(
@@ -327,22 +328,22 @@ async def test_extend_of_a_held_reservation_past_its_deadline_expires_it_and_is_
     assert got.state == EXPIRED and got.updated_at.ToMilliseconds() == int(exp["ts"])
 
     # Again: still refused, and nothing more is written.
-    before = redis_proc.dump(with_ttl=True)
+    before = await snapshot(redis_proc, with_ttl=True)
     err = await expect_error(extend(unswept, seconds=3600))
     assert err.reason == "RESERVATION_EXPIRED"
-    assert redis_proc.dump(with_ttl=True) == before
+    assert await snapshot(redis_proc, with_ttl=True) == before
 
 
 async def test_extend_of_an_unknown_order_is_not_found(
     stub: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
-    before = redis_proc.dump(with_ttl=True)
+    before = await snapshot(redis_proc, with_ttl=True)
 
     err = await expect_error(extend(stub, "nobody"))
 
     assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "RESERVATION_NOT_FOUND")
     assert err.metadata == {"order_id": "nobody"}
-    assert redis_proc.dump(with_ttl=True) == before
+    assert await snapshot(redis_proc, with_ttl=True) == before
 
 
 @pytest.mark.parametrize(
@@ -374,14 +375,14 @@ async def test_bad_input_is_invalid_argument_and_changes_nothing(
     stub: pb_grpc.InventoryStub, redis_proc: Any, order_id: str, seconds: int, fields: set[str]
 ) -> None:
     await hold(stub)
-    before = redis_proc.dump(with_ttl=True)
+    before = await snapshot(redis_proc, with_ttl=True)
 
     err = await expect_error(extend(stub, order_id, seconds))
 
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert err.reason == "INVALID_ARGUMENT"
     assert set(err.violations) == fields
-    assert redis_proc.dump(with_ttl=True) == before
+    assert await snapshot(redis_proc, with_ttl=True) == before
 
 
 async def test_the_longest_allowed_hold_is_accepted(

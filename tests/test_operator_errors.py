@@ -30,6 +30,7 @@ STOCKHOLD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "stoc
 EXIT_TIMEOUT = 60.0
 LOG_TIMEOUT = 30.0
 PASSWORD = "pw-9f3b-never-printed"
+
 pytestmark = pytest.mark.stores("standalone", "cluster")
 
 

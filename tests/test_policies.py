@@ -16,6 +16,7 @@ from stockhold_fixtures import (
     expect_error,
     levels,
     line,
+    snapshot,
     unit,
 )
 
@@ -130,11 +131,11 @@ async def test_set_get_keeps_fields_not_given_and_reset_deletes(
 async def test_bad_policy_is_refused_with_field_details_and_changes_nothing(
     stub: pb_grpc.InventoryStub, stockhold: Running, request_: pb.SetSkuPolicyRequest, field: str
 ) -> None:
-    before = stockhold.redis.dump()
+    before = await snapshot(stockhold.redis)
     err = await expect_error(stub.SetSkuPolicy(request_))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.violations
-    assert stockhold.redis.dump() == before
+    assert await snapshot(stockhold.redis) == before
 
 
 async def test_list_pages_by_sku_and_filters_hot(stub: pb_grpc.InventoryStub) -> None:
@@ -168,11 +169,11 @@ async def test_line_above_the_skus_max_quantity_is_refused_and_writes_nothing(
     await add_stock(stub, "TV", "w1", 100)
     await add_stock(stub, "CABLE", "w1", 100)
     await stub.SetSkuPolicy(pb.SetSkuPolicyRequest(sku="TV", max_line_quantity=2))
-    before = stockhold.redis.dump()
+    before = await snapshot(stockhold.redis)
     err = await expect_error(stub.Reserve(reserve("o-1", line("CABLE", 5), line("TV", 3))))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "lines[1].quantity" in err.violations
-    assert stockhold.redis.dump() == before
+    assert await snapshot(stockhold.redis) == before
     ok = await stub.Reserve(reserve("o-1", line("CABLE", 5), line("TV", 2)))
     assert ok.reservation.state == HELD
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 import pytest
-from stockhold_fixtures import add_stock, expect_error, levels, line, unit
+from stockhold_fixtures import add_stock, expect_error, levels, line, snapshot, unit
 
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
@@ -73,7 +73,7 @@ async def test_one_short_line_refuses_the_whole_order_and_writes_nothing(
     await add_stock(stub, "apple", "w1", 10)
     await add_stock(stub, "pear", "w1", 4)
     await add_stock(stub, "plum", "w2", 7)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(
         reserve(stub, "o-1", line("apple", 3, "w1"), line("pear", 5, "w1"), line("plum", 2, "w2"))
@@ -89,7 +89,7 @@ async def test_one_short_line_refuses_the_whole_order_and_writes_nothing(
         "requested": "5",
         "available": "4",
     }
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
     assert await levels(stub, unit("apple"), unit("pear"), unit("plum")) == {
         ("apple", "", "", "w1"): (10, 10, 0),
         ("pear", "", "", "w1"): (4, 4, 0),
@@ -103,7 +103,7 @@ async def test_line_for_a_warehouse_without_stock_is_refused_with_available_zero
     stub: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
     await add_stock(stub, "apple", "w1", 10)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(reserve(stub, "o-1", line("apple", 1, "w2")))
 
@@ -112,7 +112,7 @@ async def test_line_for_a_warehouse_without_stock_is_refused_with_available_zero
     assert err.metadata["warehouse"] == "w2"
     assert err.metadata["requested"] == "1"
     assert err.metadata["available"] == "0"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 # -- duplicate lines -----------------------------------------------------------------------
@@ -123,7 +123,7 @@ async def test_two_lines_for_the_same_unit_are_checked_against_their_sum(
     stub: pb_grpc.InventoryStub, redis_proc: Any, warehouse: str
 ) -> None:
     await add_stock(stub, "apple", "w1", 5)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(
         reserve(stub, "o-1", line("apple", 3, warehouse), line("apple", 3, warehouse))
@@ -139,7 +139,7 @@ async def test_two_lines_for_the_same_unit_are_checked_against_their_sum(
         "requested": "6",
         "available": "5",
     }
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 @pytest.mark.parametrize("warehouse", ["w1", ""], ids=["named-warehouse", "auto-warehouse"])
@@ -277,7 +277,7 @@ async def test_auto_allocation_refuses_when_all_warehouses_together_are_short(
     await add_stock(stub, "apple", "w-a", 3)
     await add_stock(stub, "apple", "w-b", 4)
     await add_stock(stub, "apple", "w-c", 2)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(reserve(stub, "o-1", line("apple", 10)))
 
@@ -291,13 +291,13 @@ async def test_auto_allocation_refuses_when_all_warehouses_together_are_short(
         "requested": "10",
         "available": "9",
     }
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 async def test_auto_allocation_of_a_unit_never_stocked_is_refused_with_available_zero(
     stub: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(reserve(stub, "o-1", line("ghost", 1)))
 
@@ -305,7 +305,7 @@ async def test_auto_allocation_of_a_unit_never_stocked_is_refused_with_available
     assert err.reason == "INSUFFICIENT_STOCK"
     assert err.metadata["warehouse"] == ""
     assert err.metadata["available"] == "0"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 # -- idempotency -----------------------------------------------------------------------------
@@ -319,14 +319,14 @@ async def test_retry_with_same_order_id_returns_the_same_reservation_and_changes
     request = pb.ReserveRequest(order_id="o-1", lines=[line("apple", 5)], hold_seconds=600)
     first = await stub.Reserve(request)
     assert not first.replayed
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     for _ in range(3):
         again = await stub.Reserve(request)
         assert again.replayed
         assert again.reservation == first.reservation
 
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
     # Split once (w-b 4, w-a 1) and never again.
     assert await levels(stub, unit("apple")) == {
         ("apple", "", "", "w-a"): (3, 2, 1),
@@ -339,7 +339,7 @@ async def test_same_order_id_with_other_lines_is_refused_as_order_conflict(
 ) -> None:
     await add_stock(stub, "apple", "w1", 10)
     await reserve(stub, "o-1", line("apple", 2, "w1"))
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     for other in (
         [line("apple", 3, "w1")],
@@ -352,7 +352,7 @@ async def test_same_order_id_with_other_lines_is_refused_as_order_conflict(
         assert err.reason == "ORDER_CONFLICT"
         assert err.metadata.get("order_id") == "o-1"
 
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 async def test_same_order_id_with_other_hold_seconds_is_refused_as_order_conflict(
@@ -360,13 +360,13 @@ async def test_same_order_id_with_other_hold_seconds_is_refused_as_order_conflic
 ) -> None:
     await add_stock(stub, "apple", "w1", 10)
     await reserve(stub, "o-1", line("apple", 2, "w1"), hold_seconds=600)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(reserve(stub, "o-1", line("apple", 2, "w1"), hold_seconds=601))
 
     assert err.code == grpc.StatusCode.ALREADY_EXISTS
     assert err.reason == "ORDER_CONFLICT"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 # -- unit identity -----------------------------------------------------------------------------

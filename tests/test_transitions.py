@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import orjson
 import pytest
-from stockhold_fixtures import add_stock, expect_error, levels, line, unit, wait_settled
+from stockhold_fixtures import add_stock, expect_error, levels, line, snapshot, unit, wait_settled
 
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
@@ -227,7 +227,7 @@ async def test_sweeper_expiry_is_final_and_later_calls_see_expired(
     await wait_until_swept(c, "o-1")
     await wait_settled(redis_proc)
     assert redis_ms(c) >= held.expires_at.ToMilliseconds()
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(commit(stub))
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -237,7 +237,7 @@ async def test_sweeper_expiry_is_final_and_later_calls_see_expired(
     assert again.reservation.state == EXPIRED
     assert again.reservation.release_reason == ""
 
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
     assert (await get(stub)).state == EXPIRED
 
 
@@ -284,10 +284,10 @@ async def test_commit_after_the_deadline_expires_the_hold_and_is_refused_before_
     assert r.state == EXPIRED and r.updated_at.ToMilliseconds() == ts
 
     # Again: the same refusal, nothing more written.
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
     err = await expect_error(commit(stub))
     assert err.reason == "RESERVATION_EXPIRED"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 async def test_get_reservation_of_a_held_reservation_past_its_deadline_expires_it(
@@ -310,9 +310,9 @@ async def test_get_reservation_of_a_held_reservation_past_its_deadline_expires_i
     assert r.updated_at.ToMilliseconds() == ts
     assert await counters(stub) == {APPLE: (10, 10, 0), PEAR: (5, 5, 0)}
     assert event_types(redis_proc, "o-1") == {"ORDER_RESERVED": 1, "ORDER_EXPIRED": 1}
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
     assert await get(stub) == r  # a later read changes nothing
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 async def test_release_after_the_deadline_ends_expired_and_returns_the_stock(
@@ -331,13 +331,13 @@ async def test_release_after_the_deadline_ends_expired_and_returns_the_stock(
     assert await counters(stub) == {APPLE: (10, 10, 0), PEAR: (5, 5, 0)}
     assert event_types(redis_proc, "o-1") == {"ORDER_RESERVED": 1, "ORDER_EXPIRED": 1}
 
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
     again = await release(stub)
     assert again.reservation.state == EXPIRED
     err = await expect_error(commit(stub))
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert err.reason == "RESERVATION_EXPIRED"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 # -- refused transitions -------------------------------------------------------------------------
@@ -348,13 +348,13 @@ async def test_commit_of_a_released_reservation_is_refused_and_writes_nothing(
 ) -> None:
     await stocked_hold(stub)
     await release(stub)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(commit(stub))
 
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert err.reason == "RESERVATION_RELEASED"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
     assert (await get(stub)).state == RELEASED
 
 
@@ -363,13 +363,13 @@ async def test_release_of_a_committed_reservation_is_refused_and_writes_nothing(
 ) -> None:
     await stocked_hold(stub)
     await commit(stub)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(release(stub))
 
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert err.reason == "RESERVATION_COMMITTED"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
     assert (await get(stub)).state == COMMITTED
     assert await counters(stub) == {APPLE: (7, 7, 0), PEAR: (3, 3, 0)}
 
@@ -379,7 +379,7 @@ async def test_unknown_order_is_not_found(
     stub: pb_grpc.InventoryStub, redis_proc: Any, rpc: str
 ) -> None:
     await stocked_hold(stub)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
     call = {
         "Commit": lambda: commit(stub, "no-such-order"),
         "Release": lambda: release(stub, "no-such-order"),
@@ -391,7 +391,7 @@ async def test_unknown_order_is_not_found(
     assert err.code == grpc.StatusCode.NOT_FOUND
     assert err.reason == "RESERVATION_NOT_FOUND"
     assert err.metadata.get("order_id") == "no-such-order"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 # -- replays ------------------------------------------------------------------------------------
@@ -402,14 +402,14 @@ async def test_commit_twice_gives_the_same_answer_and_one_event(
 ) -> None:
     await stocked_hold(stub)
     first = await commit(stub, payment_ref="pay-1")
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     second = await commit(stub, payment_ref="pay-1")
     other_ref = await commit(stub, payment_ref="pay-2")
 
     assert second.reservation == first.reservation
     assert other_ref.reservation == first.reservation  # the first payment_ref stays
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
     assert event_types(redis_proc, "o-1") == {"ORDER_RESERVED": 1, "ORDER_COMMITTED": 1}
     assert await counters(stub) == {APPLE: (7, 7, 0), PEAR: (3, 3, 0)}
 
@@ -419,13 +419,13 @@ async def test_release_twice_is_ok_and_changes_nothing(
 ) -> None:
     await stocked_hold(stub)
     first = await release(stub, reason="first")
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     second = await release(stub, reason="second")
 
     assert second.reservation == first.reservation
     assert second.reservation.release_reason == "first"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
     assert event_types(redis_proc, "o-1") == {"ORDER_RESERVED": 1, "ORDER_RELEASED": 1}
     assert await counters(stub) == {APPLE: (10, 10, 0), PEAR: (5, 5, 0)}
 
@@ -435,7 +435,7 @@ async def test_reserve_replay_after_commit_changes_nothing(
 ) -> None:
     await stocked_hold(stub)
     await commit(stub)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     again = await stub.Reserve(
         pb.ReserveRequest(order_id="o-1", lines=[line("apple", 3, "w1"), line("pear", 2, "w2")])
@@ -443,7 +443,7 @@ async def test_reserve_replay_after_commit_changes_nothing(
 
     assert again.replayed
     assert again.reservation.state == COMMITTED
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 # -- events ------------------------------------------------------------------------------------
@@ -532,13 +532,13 @@ async def test_adjust_stock_replay_returns_the_stored_answer_and_changes_nothing
 ) -> None:
     first = await adjust(stub, "adj-1", 10)
     await adjust(stub, "adj-2", 5)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     again = await adjust(stub, "adj-1", 10)
 
     assert again.replayed
     assert again.level == first.level
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
     assert await levels(stub, unit("apple")) == {APPLE: (15, 15, 0)}
     assert event_types(redis_proc) == {"STOCK_ADJUSTED": 2}
 
@@ -557,14 +557,14 @@ async def test_adjust_stock_same_id_other_contents_is_adjustment_conflict(
     stub: pb_grpc.InventoryStub, redis_proc: Any, change: dict[str, Any]
 ) -> None:
     await adjust(stub, "adj-1", 10)
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
     args: dict[str, Any] = {"delta": 10, "warehouse": "w1", **change}
 
     err = await expect_error(adjust(stub, "adj-1", **args))
 
     assert err.code == grpc.StatusCode.ALREADY_EXISTS
     assert err.reason == "ADJUSTMENT_CONFLICT"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
 
 
 async def test_adjust_stock_shrink_below_available_zero_is_insufficient_stock(
@@ -572,7 +572,7 @@ async def test_adjust_stock_shrink_below_available_zero_is_insufficient_stock(
 ) -> None:
     await adjust(stub, "adj-1", 10)
     await stub.Reserve(pb.ReserveRequest(order_id="o-1", lines=[line("apple", 4, "w1")]))
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     # on_hand is 10, but only the 6 available may shrink.
     err = await expect_error(adjust(stub, "adj-2", -7))
@@ -587,7 +587,7 @@ async def test_adjust_stock_shrink_below_available_zero_is_insufficient_stock(
         "requested": "7",
         "available": "6",
     }
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
     # A refused adjustment is not remembered: the same id may be used again.
     ok = await adjust(stub, "adj-2", -6)
     assert not ok.replayed
@@ -597,11 +597,11 @@ async def test_adjust_stock_shrink_below_available_zero_is_insufficient_stock(
 async def test_adjust_stock_shrink_of_a_warehouse_never_stocked_is_refused(
     stub: pb_grpc.InventoryStub, redis_proc: Any
 ) -> None:
-    before = redis_proc.dump()
+    before = await snapshot(redis_proc)
 
     err = await expect_error(adjust(stub, "adj-1", -1, warehouse="nowhere"))
 
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert err.reason == "INSUFFICIENT_STOCK"
     assert err.metadata["available"] == "0"
-    assert redis_proc.dump() == before
+    assert await snapshot(redis_proc) == before
