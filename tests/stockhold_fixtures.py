@@ -5,10 +5,12 @@ Registered from conftest.py through `pytest_plugins`; the helpers below are impo
 Stores: a module marked `pytestmark = pytest.mark.stores("standalone", "cluster")` runs each
 test that uses Redis (`redis_proc`, hence `make_stockhold`, `stockhold`, `stub`) once per
 store, with ids `[standalone]` and `[cluster]`. On "cluster", `redis_proc` is a ClusterStore:
-one 3-master cluster per module (tests/redis_cluster.py), flushed before each test, seen
+one 3-master cluster for the session (tests/redis_cluster.py), flushed before each test, seen
 through RedisProc's interface (url, client(), dump(), flush()), and stockhold servers get
-`redis_cluster=True`, so Redis itself refuses any cross-slot call. Unmarked modules run on a
-standalone Redis only.
+`redis_cluster=True`, so Redis itself refuses any cross-slot call. `redis_any` gets a
+`[cluster]` run beside its Redis versions. A test narrows it with its own marker
+(`stores("standalone")`, with the reason in a comment); `cluster_bug(reason)` makes its
+`[cluster]` run a strict xfail. Unmarked modules run on a standalone Redis only.
 """
 
 from __future__ import annotations
@@ -223,8 +225,8 @@ async def wait_settled(store: Any, limit_s: float = 10.0) -> None:
 
 
 class _SharedCluster:
-    """The module's cluster, started by the first test that needs it; restarted if a test
-    left it broken."""
+    """The session's cluster (starting one takes about 2 s), started by the first test that
+    needs it; restarted if a test left it broken."""
 
     def __init__(self, binary: str, workdir: Path) -> None:
         self.binary = binary
@@ -248,7 +250,7 @@ class _SharedCluster:
             self.current = None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def _shared_cluster(
     redis_binary: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[_SharedCluster]:
@@ -261,7 +263,7 @@ def _shared_cluster(
 
 @pytest.fixture
 def cluster_store(_shared_cluster: _SharedCluster) -> Iterator[ClusterStore]:
-    """The module's 3-master cluster, empty (flushed) for this test."""
+    """The session's 3-master cluster, empty (flushed) for this test."""
     current = _shared_cluster.get()
     current.flush()
     try:
