@@ -160,9 +160,6 @@ async def test_list_pages_by_sku_and_filters_hot(stub: pb_grpc.InventoryStub) ->
 # -- enforcement on Reserve --------------------------------------------------------------------
 
 
-@pytest.mark.cluster_bug(
-    "a cross-slot order's violation names its line in the part (/tmp/team/cluster_bugs.md #3)"
-)
 async def test_line_above_the_skus_max_quantity_is_refused_and_writes_nothing(
     stub: pb_grpc.InventoryStub, stockhold: Running
 ) -> None:

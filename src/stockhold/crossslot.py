@@ -74,6 +74,7 @@ class Crash(BaseException):
 class _Part(NamedTuple):
     partition: int
     idxs: tuple[int, ...]  # the order's unit indexes held in this part
+    lines: tuple[int, ...]  # the order's line indexes held in this part, in the part's order
     order: PartOrder
 
 
@@ -158,7 +159,8 @@ class CrossSlot:
         parts = []
         for p, idxs in groups.items():
             local = {g: j for j, g in enumerate(idxs)}
-            lines = tuple((local[i], wh, q) for i, wh, q in order.lines if i in local)
+            mine = [n for n, (i, _wh, _q) in enumerate(order.lines) if i in local]
+            lines = tuple((local[order.lines[n][0]], *order.lines[n][1:]) for n in mine)
             keys = OrderKeys(
                 oid, p, self.part_key(p, oid), self.parts_index(p), self.resolver.events_key(p)
             )
@@ -169,7 +171,7 @@ class CrossSlot:
                 order.hold_seconds,
                 order.fingerprint,
             )
-            parts.append(_Part(p, tuple(idxs), PartOrder(sub, nonce)))
+            parts.append(_Part(p, tuple(idxs), tuple(mine), PartOrder(sub, nonce)))
         return parts
 
     async def reserve(
@@ -293,7 +295,10 @@ class CrossSlot:
                 return _Held(part, rec.get("nc", ""), False, int(rec["hold"]), []), pol, None
             alloc = orjson.loads(rec["alloc"])
             return _Held(part, rec.get("nc", ""), False, int(rec["hold"]), alloc), pol, None
-        return None, pol, (entry[2], entry[3] or {})
+        meta = dict(entry[3] or {})
+        if "line" in meta:  # a line above its SKU's max: its index in the part's lines
+            meta["line"] = part.lines[int(meta["line"])]
+        return None, pol, (entry[2], meta)
 
     async def _finish(
         self,

@@ -165,7 +165,14 @@ def _transition_result(entry: Sequence[Any]) -> dict[str, Any]:
         return {"err": entry[1], "meta": entry[2]}
     flat = entry[2]
     rec = dict(zip(flat[::2], flat[1::2], strict=True))
-    return {"ok": 1, "changed": entry[1], "replayed": entry[3], "stuck": entry[4], "rec": rec}
+    return {
+        "ok": 1,
+        "changed": entry[1],
+        "replayed": entry[3],
+        "stuck": entry[4],
+        "settling": entry[5],
+        "rec": rec,
+    }
 
 
 def _raise_for(result: dict[str, Any]) -> None:
@@ -590,7 +597,11 @@ class Engine:
         moved = [
             (items[i].keys, results[i].get("rec"))
             for i in live
-            if stored[i][2] and not (results[i].get("ok") and not results[i].get("changed"))
+            if stored[i][2]
+            and (
+                results[i].get("settling")
+                or not (results[i].get("ok") and not results[i].get("changed"))
+            )
         ]
         if moved:
             await asyncio.gather(*(self.cross.settle(k, rec) for k, rec in moved))
@@ -642,6 +653,9 @@ class Engine:
         rec = result["rec"]
         if rec["st"] == c.STATE_HELD and int(result["now"]) >= int(rec["dl"]):
             rec = await self._expire_held(k)
+        elif result.get("settling") and self.cross is not None:
+            # finished, but its parts may still count as reserved: they follow first
+            await self.cross.settle(k, rec)
         return Reservation.from_record(rec)
 
     async def _expire_held(self, k: OrderKeys) -> dict[str, Any]:

@@ -6,6 +6,17 @@
 -- past its deadline, which it then expires for real (transition.lua op "expire", which has
 -- the stock keys) before answering: nothing ever reads EXPIRED while the hold still counts.
 
+-- Redis Cluster, an order whose stock is in parts (docs/cluster.md): "settling" is 1 while a
+-- finished record's parts may not have followed yet (the order is in its partition's settle
+-- index, in this slot); the caller settles them before answering.
+
 local flat = redis.call('HGETALL', KEYS[1])
 if #flat == 0 then return cjson.encode({now = now_ms()}) end
-return cjson.encode({now = now_ms(), rec = hash_table(flat)})
+local rec = hash_table(flat)
+if rec.parts and rec.st ~= 'H' then
+  local settle = string.match(KEYS[1], '^(.*{p%d+}:)order:') .. 'settle'
+  if redis.call('ZSCORE', settle, rec.oid) then
+    return cjson.encode({now = now_ms(), rec = rec, settling = 1})
+  end
+end
+return cjson.encode({now = now_ms(), rec = rec})

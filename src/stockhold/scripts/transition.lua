@@ -28,7 +28,8 @@
 -- A commit counts its units as sold in each SKU's trailing sales window (auto-hot detection).
 -- Returns one JSON text, an array with one entry per order (built as text: Redis converts a
 -- Lua table reply element by element, at a high cost):
---   [1, changed 0|1, record, replayed 0|1, stuck 0|1]   the reservation after the call, the
+--   [1, changed 0|1, record, replayed 0|1, stuck 0|1, settling 0|1]   the reservation after
+--       the call (settling: see the end of this script), the
 --       record flat [field, value, ...] (a field may repeat: the last value counts);
 --       pay: replayed 1 when the report was seen before; expire: stuck 1 when refused (a
 --       reserved counter below the hold; nothing written, the record returned as it is)
@@ -318,8 +319,18 @@ while b < #ARGV do
     results[#results + 1] = '[0,"' .. r.err .. '",' .. (r.meta and cjson.encode(r.meta) or 'null')
       .. ']'
   else
+    -- a finished cross-slot order whose parts may not have followed yet (still in the
+    -- settle index): settling 1, and the caller settles them before answering
+    local settling = 0
+    if (r.changed or 0) == 0 and r.flat[1] then
+      local t = hash_table(r.flat)
+      if t.parts and t.st ~= 'H'
+          and redis.call('ZSCORE', settle_index(KEYS[g + 2]), t.oid) then
+        settling = 1
+      end
+    end
     results[#results + 1] = '[1,' .. FLAG[r.changed or 0] .. ',' .. cjson.encode(r.flat) .. ','
-      .. FLAG[r.replayed or 0] .. ',' .. FLAG[r.stuck or 0] .. ']'
+      .. FLAG[r.replayed or 0] .. ',' .. FLAG[r.stuck or 0] .. ',' .. FLAG[settling] .. ']'
   end
   g = g + 3 + n + m + x
   b = b + 6
