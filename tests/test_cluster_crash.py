@@ -89,7 +89,7 @@ async def check_invariants(engine: Engine, stocked: dict[tuple[str, str], int]) 
             homes[h["oid"]] = h
         elif f":{c.PART}:" in key:
             parts.append((key, h))
-    for key, h in [*((k, v) for k, v in hashes.items() if f":{c.ORDER}:" in k), *parts]:
+    for h in [*(v for k, v in hashes.items() if f":{c.ORDER}:" in k), *(p for _, p in parts)]:
         if "parts" in h:
             continue  # a home of a cross-slot order: its stock is in its parts
         units = orjson.loads(h["units"])
