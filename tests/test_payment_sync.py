@@ -192,9 +192,11 @@ async def test_a_last_poll_before_the_hold_expires_commits_it(
         fake.set_order("NO-3001", amount=4200, transaction_id="4200000000000000000000000002")
         assert await wait_for(lambda: _state(stub, "order-3001", COMMITTED), within=3)
         times = fake.queries["NO-3001"]
-        # 0.3 and 0.6 s, then the final one at the deadline (3 s) - margin (1 s)
+        # 0.3 and 0.6 s, then the final one not before the deadline (3 s) - margin (1 s),
+        # and before the deadline itself (however busy the machine: the order is committed
+        # before it expires, checked below)
         assert len(times) == 3, times
-        assert abs(times[2] - started - 2.0) < 0.25, times[2] - started
+        assert 1.95 <= times[2] - started < 3.0, times[2] - started
         done = await state_of(stub, "order-3001")
         assert done.updated_at.ToMilliseconds() < r.expires_at.ToMilliseconds()
 

@@ -160,12 +160,15 @@ def test_same_unit_always_resolves_to_the_same_partition_and_key(impl: SimpleNam
 def test_partition_is_crc32_of_the_canonical_id_mod_the_partition_count(
     impl: SimpleNamespace,
 ) -> None:
+    """Of the SKU's canonical id for a unit (its stock beside the SKU's policy, issue 11)."""
     import zlib
 
     r = impl.KeyResolver("sh", 16)
     u = r.unit("sku-1", "blue", "")
     assert u.unit_id == "sku-1:blue:"
-    assert u.partition == zlib.crc32(b"sku-1:blue:") % 16
+    assert u.partition == zlib.crc32(b"sku-1") % 16
+    assert r.sku_key("sku-1") == f"sh:{{p{u.partition}}}:sku:sku-1"
+    assert r.order("o-1").partition == zlib.crc32(b"o-1") % 16
     assert u.stock_key == f"sh:{{p{u.partition}}}:stock:sku-1:blue:"
 
 

@@ -126,13 +126,15 @@ def test_results_are_the_pure_modules_types(impl: ModuleType) -> None:
 
 # -- key behaviours, pinned for each implementation ----------------------------------------------
 def test_unit_keys_partition_and_escaping(impl: ModuleType) -> None:
+    # A unit lives in its SKU's partition: CRC-32 of the escaped SKU (layout 2, issue 11).
     r = impl.KeyResolver("sh", 16)
     u = r.unit("sku-1", "blue", "")
-    p = zlib.crc32(b"sku-1:blue:") % 16
+    p = zlib.crc32(b"sku-1") % 16
+    assert r.unit("sku-1", "red", "x").partition == p
     assert u == ("sku-1", "blue", "", "sku-1:blue:", p, f"sh:{{p{p}}}:stock:sku-1:blue:")
     w = r.unit("100%{cotton}", "a:b", "x}")
     assert w.unit_id == "100%25%7Bcotton%7D:a%3Ab:x%7D"
-    assert w.partition == zlib.crc32(w.unit_id.encode()) % 16
+    assert w.partition == zlib.crc32(b"100%25%7Bcotton%7D") % 16
     assert w.stock_key == f"sh:{{p{w.partition}}}:stock:{w.unit_id}"
     assert impl.escape("a%b:c{d}e") == "a%25b%3Ac%7Bd%7De"
     assert impl.escape("Schrödinger: 🙂") == "Schrödinger%3A 🙂"
@@ -143,7 +145,7 @@ def test_non_ascii_text_is_nfc_normalised_and_keyed_by_its_utf8(impl: ModuleType
     u = r.unit("cafe\u0301", "日本:語", "🙂")
     assert u.sku == "caf\u00e9"
     assert u.unit_id == "caf\u00e9:日本%3A語:🙂"
-    assert u.partition == zlib.crc32(u.unit_id.encode()) % 64
+    assert u.partition == zlib.crc32("caf\u00e9".encode()) % 64
     # Order ids are opaque: validated, never normalised.
     assert r.order("cafe\u0301").order_key.endswith(":order:cafe\u0301")
 
@@ -167,7 +169,7 @@ def test_non_ascii_prefix_and_partition_counts(impl: ModuleType) -> None:
     for prefix, partitions in [("stöck", 3), ("sh", 1), ("sh", 16384)]:
         r = impl.KeyResolver(prefix, partitions)
         u = r.unit("a", "", "")
-        assert u.partition == zlib.crc32(b"a::") % partitions
+        assert u.partition == zlib.crc32(b"a") % partitions
         assert u.stock_key == f"{prefix}:{{p{u.partition}}}:stock:a::"
         assert r.partitions == partitions and r.prefix == prefix
 
