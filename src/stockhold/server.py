@@ -158,9 +158,8 @@ class StockholdServer:
             interceptors=metrics.server_interceptors(settings),
         )
         self.contention = ContentionStore(self.engine)
-        inventory_pb2_grpc.add_InventoryServicer_to_server(
-            InventoryServicer(self.engine, settings, self.contention), self.server
-        )
+        self.servicer = InventoryServicer(self.engine, settings, self.contention)
+        inventory_pb2_grpc.add_InventoryServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         services = (
             inventory_pb2.DESCRIPTOR.services_by_name["Inventory"].full_name,
@@ -242,6 +241,7 @@ class StockholdServer:
             self._webhook = None
         if self.poller is not None:
             await self.poller.close()
+        self.servicer.close_watches()  # endless streams: they end now, not at the grace's end
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         # The last calls' figures still count for the deployment (until they go stale).
         await self._publish_contention()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -22,6 +23,16 @@ from stockhold.contention import KeyReport, sku_hints
 from stockhold.contention_store import ContentionStore
 from stockhold.engine import Engine, check_payment, payment_report_violations
 from stockhold.errors import DomainError, FieldViolation, Reason, invalid, to_rpc_status, under
+from stockhold.events import (
+    EARLIEST,
+    EventFilter,
+    EventReader,
+    StreamEvent,
+    StreamId,
+    decode_cursor,
+    encode_cursor,
+    event_filter,
+)
 from stockhold.model import PaymentInfo, PaymentReport, PendingPayment, Reservation, StockLevel
 from stockhold.policies import MAX_PAGE, SkuPolicy, parse_page_token
 from stockhold.resolver import ResolvedOrder, check_int, check_text
@@ -203,6 +214,9 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         self.settings = settings
         self.resolver = engine.resolver
         self.contention = contention
+        # WatchEvents calls running now; set when the server shuts down (they end UNAVAILABLE).
+        self.watches = 0
+        self._closing = asyncio.Event()
 
     def _check_order_and_note(self, order_id: str, field: str, note: str) -> None:
         """Validate an order id and the free-text field of a Commit or Release, together."""
@@ -572,6 +586,100 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         _raise_if(out)
         reservation = await self.engine.mark_payment_pending(request.order_id, pending)
         return pb.MarkPaymentPendingResponse(reservation=reservation_pb(reservation))
+
+    # -- events (issue 12) -----------------------------------------------------------------
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.Event]:
+        """Every partition's events from the request's cursor, filtered, until cancelled."""
+        self.watches += 1
+        try:
+            async for event in self._watch(request):
+                yield event
+        except DomainError as err:
+            log_refusal("WatchEvents", err)
+            await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
+        finally:
+            self.watches -= 1
+
+    async def _watch(self, request: pb.WatchEventsRequest) -> AsyncIterator[pb.Event]:
+        """The watch loop: read every partition after its position (a bounded batch each),
+        deliver what passes the filter with the cursor after it, and wait a poll interval
+        when no partition had a full batch. Cancellation (the client) stops it at an await."""
+        s = self.settings
+        reader = EventReader(self.engine.client, self.resolver, s.partitions, s.watch_batch_size)
+        positions, wanted = await self._watch_start(request, reader)
+        while not self._closing.is_set():
+            full = False
+            for events in await reader.read(positions):
+                for e in events:
+                    positions[e.partition] = e.id
+                    if wanted.matches(e):
+                        yield event_pb(e, encode_cursor(positions))
+                full = full or len(events) >= reader.batch
+            if not full:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), s.watch_poll_interval_seconds)
+        raise DomainError(
+            Reason.BACKEND_UNAVAILABLE,
+            "the server is shutting down: reconnect with the last event's cursor",
+            metadata={"cause": "shutdown"},
+        )
+
+    async def _watch_start(
+        self, request: pb.WatchEventsRequest, reader: EventReader
+    ) -> tuple[list[StreamId], EventFilter]:
+        """Validate the request: the start positions and the filter; DomainError if bad."""
+        out: list[FieldViolation] = []
+        wanted = event_filter(request.types, request.warehouses, request.skus, out)
+        positions: list[StreamId] | None = None
+        if request.cursor == EARLIEST:
+            positions = [(0, 0)] * self.settings.partitions
+        elif request.cursor:
+            try:
+                positions = decode_cursor(request.cursor, self.settings.partitions)
+            except ValueError as err:
+                out.append(FieldViolation("cursor", str(err)))
+        _raise_if(out)
+        if positions is not None and request.cursor != EARLIEST:
+            heads = await reader.heads()
+            ahead = [
+                p for p, (pos, head) in enumerate(zip(positions, heads, strict=True)) if pos > head
+            ]
+            if ahead:
+                raise invalid(
+                    [
+                        FieldViolation(
+                            "cursor",
+                            f"ahead of partition {ahead[0]}'s stream: "
+                            "a cursor of another deployment, or of data this one lost",
+                        )
+                    ]
+                )
+        if positions is None:
+            positions = await reader.heads()
+        return positions, wanted
+
+    def close_watches(self) -> None:
+        """Server shutdown: every WatchEvents call ends UNAVAILABLE within a poll interval."""
+        self._closing.set()
+
+
+def event_pb(e: StreamEvent, cursor: str) -> pb.Event:
+    """A stream entry -> wire message, with the cursor that resumes right after it."""
+    return pb.Event(
+        id=e.id_text,
+        type=e.type,
+        order_id=e.order_id,
+        adjustment_id=e.adjustment_id,
+        sku=e.sku,
+        skus=e.skus,
+        warehouses=e.warehouses,
+        ts=timestamp(e.ts_ms),
+        data_json=e.data_json,
+        partition=e.partition,
+        cursor=cursor,
+    )
 
 
 def _batch_refusal(err: DomainError, i: int) -> pb.ReserveBatchResult:

@@ -83,6 +83,10 @@ class Settings:
     # ReserveStream flow control (issue 10): messages of one stream being reserved at once;
     # one more is answered RESOURCE_EXHAUSTED / STREAM_BACKPRESSURE, unsent.
     stream_max_outstanding: int = 256
+    # WatchEvents (issue 12): how long an idle watch waits before reading the streams again,
+    # and the most entries it reads from one partition's stream per read.
+    watch_poll_interval_seconds: float = 0.1
+    watch_batch_size: int = 200
     # A SKU is hot (automatically, unless its policy is pinned) while more than this many
     # units were committed over the trailing window, counted by the scripts on Redis's clock.
     hot_threshold_units: int = 500
@@ -453,6 +457,8 @@ _RULES: Final[Mapping[str, Rule]] = {
     "metrics_host": (_host_ok, "a host name or IP address"),
     "metrics_contention_top_n": _at_least(1),
     "shutdown_grace_seconds": _NOT_NEGATIVE,
+    "watch_poll_interval_seconds": _POSITIVE,
+    "watch_batch_size": _within(1, 10_000),
     "reserve_timeout_ms": _within(1, 60_000),
     "hot_reserve_timeout_ms": _within(1, 60_000),
     "hot_threshold_units": _at_least(0),
