@@ -558,6 +558,7 @@ def _commands(sub: Any) -> None:
     p.set_defaults(run=_top)
 
     _reserve_many_commands(client)
+    _events_commands(sub, client)
 
 
 # -- many orders per call: reserve-batch, reserve-stream (issue 10) ----------------------------
@@ -697,6 +698,79 @@ def _reserve_many_commands(client: Callable[[str, str], argparse.ArgumentParser]
     )
     # One deadline for the whole stream.
     p.set_defaults(run=_reserve_stream, timeout=60.0)
+
+
+# -- events (issue 12) ---------------------------------------------------------------------------
+def _event_line(event: pb.Event) -> str:
+    """One event as a JSON line: the Event's fields, with `data` (its data_json, parsed)."""
+    out = json_format.MessageToDict(
+        event, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    raw = out.pop("data_json", "")
+    try:
+        out["data"] = json.loads(raw) if raw else {}
+    except ValueError:
+        out["data_json"] = raw
+    return json.dumps(out, ensure_ascii=False)
+
+
+def _events_tail(args: argparse.Namespace) -> int:
+    request = pb.WatchEventsRequest(
+        cursor=args.cursor, types=args.types, warehouses=args.warehouses, skus=args.skus
+    )
+    seen = 0
+    last = args.cursor
+    with grpc.insecure_channel(args.address) as channel:
+        call = pb_grpc.InventoryStub(channel).WatchEvents(request, timeout=args.timeout)
+        try:
+            for event in call:
+                print(_event_line(event), flush=True)
+                last = event.cursor
+                seen += 1
+                if args.count and seen >= args.count:
+                    call.cancel()
+                    break
+        except KeyboardInterrupt:
+            call.cancel()
+        except grpc.RpcError as err:
+            if err.code() is grpc.StatusCode.DEADLINE_EXCEEDED:  # --timeout: followed long enough
+                return 0
+            _print_error(err)
+            if last and last != "earliest":
+                print(f"resume with: --from {last}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _events_commands(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> None:
+    """`events tail`: WatchEvents as JSON lines (docs/api.md, "Watching events")."""
+    events = sub.add_parser("events", help="the event feed of every partition")
+    esub = events.add_subparsers(dest="events_command", required=True)
+    p = client("tail", "follow the events as JSON lines, each with its cursor", esub)
+    p.add_argument(
+        "--from",
+        dest="cursor",
+        default="",
+        metavar="CURSOR",
+        help='where to start: a cursor printed earlier, "earliest" (the oldest kept); '
+        "default: from now",
+    )
+    for flag, dest, what in (
+        ("--type", "types", "of this type, e.g. ORDER_RESERVED"),
+        ("--warehouse", "warehouses", "touching this warehouse"),
+        ("--sku", "skus", "touching this SKU"),
+    ):
+        p.add_argument(
+            flag,
+            dest=dest,
+            action="append",
+            default=[],
+            metavar=flag[2].upper(),
+            help=f"only events {what} (repeatable: any of them)",
+        )
+    p.add_argument("--count", type=_positive(int), help="stop after N events")
+    # No deadline unless asked: a tail runs until interrupted (a --timeout ends it, status 0).
+    p.set_defaults(run=_events_tail, timeout=None)
 
 
 def parser() -> argparse.ArgumentParser:
