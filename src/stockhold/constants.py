@@ -89,6 +89,8 @@ EVENT_PAYMENT_PENDING: Final = "PAYMENT_PENDING"
 EVENT_PAYMENT_FLAGGED: Final = "PAYMENT_FLAGGED"
 EVENT_PAYMENT_AFTER_EXPIRY: Final = "PAYMENT_AFTER_EXPIRY"
 EVENT_POLICY_CHANGED: Final = "SKU_POLICY_CHANGED"
+# A counter set back to what the events say by `stockhold reconcile --repair` (reconcile.py).
+EVENT_REPAIRED: Final = "STOCK_REPAIRED"
 # Every type a stream may hold (WatchEvents refuses a filter naming another).
 EVENT_TYPES: Final = (
     EVENT_RESERVED,
@@ -101,6 +103,7 @@ EVENT_TYPES: Final = (
     EVENT_PAYMENT_FLAGGED,
     EVENT_PAYMENT_AFTER_EXPIRY,
     EVENT_POLICY_CHANGED,
+    EVENT_REPAIRED,
 )
 
 ERROR_DOMAIN: Final = "stockhold"
