@@ -773,6 +773,67 @@ def _events_commands(sub: Any, client: Callable[..., argparse.ArgumentParser]) -
     p.set_defaults(run=_events_tail, timeout=None)
 
 
+# `snapshot` / `reconcile` find the data as `migrate-layout` does, plus the cluster switch.
+_RECONCILE_FLAGS: tuple[tuple[str, str, str], ...] = (
+    *(f for f in _SERVE_FLAGS if f[0] in ("--redis-url", "--partitions")),
+    ("--key-prefix", "key_prefix", "first segment of every key (env STOCKHOLD_KEY_PREFIX)"),
+    ("--redis-cluster", "redis_cluster", "the URL is a node of a Redis Cluster"),
+)
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    """Settings as `serve` reads them (one line and exit 2 for a mistake), then run."""
+    from pathlib import Path
+
+    from stockhold import reconcile
+
+    flags = {field: flag for flag, field, _ in _RECONCILE_FLAGS}
+    try:
+        settings = Settings.from_env(
+            **{field: getattr(args, _dest(flag)) for flag, field, _ in _RECONCILE_FLAGS}
+        )
+    except ConfigError as err:
+        err.flag = err.flag or flags.get(err.field)
+        print(f"stockhold: {err}", file=sys.stderr)
+        return 2
+    path = args.out if args.command == "snapshot" else args.snapshot
+    return reconcile.run(
+        settings, args.command, Path(path) if path else None, getattr(args, "repair", False)
+    )
+
+
+def _reconcile_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "snapshot",
+        help="write every unit's counters with the stream positions they match (JSON lines)",
+        description="Write a consistent snapshot of every (unit, warehouse) counter and the "
+        "per-partition event positions it corresponds to (docs/operations.md, snapshot and "
+        "reconcile). Exit status: 0 written, 2 a setting, 1 Redis failing.",
+    )
+    p.add_argument("--out", required=True, help="the file to write (replaced atomically)")
+    p2 = sub.add_parser(
+        "reconcile",
+        help="compare live counters with the snapshot + events and the HELD holds",
+        description="Rebuild the counters from a snapshot and the events after it (and "
+        "reserved from the HELD holds), compare with the live counters, print every drift. "
+        "Exit status: 0 no drift (or every drift repaired), 1 drift, 2 a setting or an "
+        "unusable snapshot.",
+    )
+    p2.add_argument("--snapshot", help="a file written by `stockhold snapshot`")
+    p2.add_argument(
+        "--repair",
+        action="store_true",
+        help="set each drifting counter to the expected figure (one STOCK_REPAIRED event each)",
+    )
+    for q in (p, p2):
+        for flag, _, help_ in _RECONCILE_FLAGS:
+            if flag in _SWITCHES:
+                q.add_argument(flag, action="store_const", const="1", help=help_)
+            else:
+                q.add_argument(flag, help=help_)
+        q.set_defaults(run=_reconcile)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     top = argparse.ArgumentParser(prog="stockhold", description=__doc__)
@@ -812,6 +873,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(flag, help=help_)
     p.add_argument("--dry-run", action="store_true", help="report what it would move; no write")
     p.set_defaults(run=_migrate_layout)
+    _reconcile_commands(sub)
     _commands(sub)
     return top
 
