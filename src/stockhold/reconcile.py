@@ -14,7 +14,8 @@ every HELD hold, for the cross-check). What "consistent" means:
   call as the counter, while its events are at home and are written before (commit, release,
   expiry) or after (reserve) the parts move. So for the units of a partition, cross-slot
   orders are accounted from the part records read in the same call as the counters, not from
-  the events.
+  the events. The call follows the partition's parts index, which holds every HELD part, so
+  it sees every part held at that instant (`Store._placed_new_parts` for the rest).
 
 Reconcile takes a second cut of the live store and computes, per (unit, warehouse), the
 snapshot's counters plus the effect of every event between the two cuts' positions (and, on
@@ -218,13 +219,14 @@ class Store:
         raise Refused(f"new units kept appearing during {CUT_ATTEMPTS} reads; try again", code=1)
 
     def _placed_new_parts(self, cut: Cut, part_keys: dict[int, set[str]]) -> bool:
-        """Parts that appeared after the scan and are not in the cut: a part is moved out of
-        its parts index in the call that settles it, so one created and settled between the
-        scan and its partition's read is in neither, though the counters read include it.
-        Each is placed by its times (Redis's clock of its own slot, as the read's): created
-        after the read, nothing; before, HELD at the read unless settled before it. False
-        when one was written in the very millisecond of the read (which side is unknown):
-        read again, with the new keys."""
+        """Parts that appeared after the key scan and are not in the cut. A HELD part is in
+        its parts index from the call that writes it to the call that settles it (which moves
+        it out), so the read saw every part HELD at that instant; a part it did not see either
+        did not exist yet, or was settled before it (its counters then include it). Which one
+        is told by its settle time against the read's (Redis's clock of the same slot): HELD
+        now, or settled after the read: created after it, nothing; settled before the read (or
+        in its millisecond, having been created before it): its final state. False when it
+        was created and settled in the very millisecond of the read: read again."""
         placed = True
         for p, keys in self._scan(c.PART).items():
             new = sorted(keys - part_keys.get(p, set()) - cut.parts.keys())
@@ -233,20 +235,16 @@ class Store:
             for key in new:
                 row: list[Any] = self.client.hmget(key, "st", "units", "alloc", "cr", "up")
                 st, units, alloc, cr, up = row
-                if st is None:
-                    continue  # given back since: counted nowhere
+                if st is None or st == b"H":
+                    continue  # given back since (counted nowhere), or created after the read
                 created, updated = int(cr or 0), int(up or cr or 0)
-                if created == at or (st != b"H" and updated == at):
-                    placed = False
+                if updated > at:
+                    continue  # HELD at the read had it existed, so it was created after it
+                if updated == at and created == at:
+                    placed = False  # created and settled in the read's millisecond
                     continue
-                if created > at:
-                    continue
-                state = st.decode() if st != b"H" and updated < at else "H"
                 holds = tuple(_holds(self.resolver, _s(units), _s(alloc)))
-                cut.parts[key] = Part(state, holds, created, updated if state != "H" else created)
-                if state == "H":
-                    for counter_key, wh, qty in holds:
-                        cut.held[(counter_key, wh)] = cut.held.get((counter_key, wh), 0) + qty
+                cut.parts[key] = Part(st.decode(), holds, created, updated)
         return placed
 
     def _read(
