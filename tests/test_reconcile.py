@@ -2,7 +2,7 @@
 
 What is pinned, on both stores: after a Reserve/Commit/Release/AdjustStock load through a
 running server, a snapshot, more load (and a snapshot taken while load runs), reconcile
-reports 0 drift, with and without the snapshot; three counters corrupted directly in Redis are
+reports 0 drift, with and without the snapshot (1 s holds expire meanwhile); three counters corrupted directly in Redis are
 reported exactly, with their expected and actual figures; `--repair` sets them back with
 exactly one STOCK_REPAIRED event each; reconcile then reports 0 drift again.
 """
@@ -59,21 +59,29 @@ def drift_rows(out: str) -> list[dict[str, Any]]:
     return [json.loads(x) for x in out.splitlines() if x.startswith("{")]
 
 
-async def load(stub: pb_grpc.InventoryStub, rng: random.Random, tag: str, orders: int) -> None:
+async def load(
+    stub: pb_grpc.InventoryStub, rng: random.Random, tag: str, orders: int, hold: int = 0
+) -> list[str]:
     """Reserves of 1-3 lines (some split over both warehouses), then a commit, a release, or
-    the hold left HELD; a receipt now and then."""
+    the hold left HELD (for `hold` seconds when given: the ids returned); a receipt now and
+    then."""
+    left: list[str] = []
     for n in range(orders):
         oid = f"{tag}-{n}"
         picks = rng.sample(SKUS, rng.randint(1, 3))
         lines = [line(s, rng.randint(1, 3), rng.choice(("", *WAREHOUSES))) for s in picks]
-        await stub.Reserve(pb.ReserveRequest(order_id=oid, lines=lines))
         step = n % 4
+        held_for = hold if step == 3 else 0
+        await stub.Reserve(pb.ReserveRequest(order_id=oid, lines=lines, hold_seconds=held_for))
+        if held_for:
+            left.append(oid)
         if step in (0, 1):
             await stub.Commit(pb.CommitRequest(order_id=oid))
         elif step == 2:
             await stub.Release(pb.ReleaseRequest(order_id=oid, reason="test"))
         if n % 7 == 0:
             await add_stock(stub, rng.choice(SKUS), rng.choice(WAREHOUSES), rng.randint(1, 5))
+    return left
 
 
 def repaired_events(running: Running) -> list[dict[str, Any]]:
@@ -113,13 +121,14 @@ async def test_snapshot_load_reconcile_corrupt_repair(
         # load runs until the snapshot is written, and a few orders past it.
         snapshot_done = asyncio.Event()
         started = asyncio.Event()
+        expiring: list[str] = []
 
         async def steady(w: int) -> None:
             for n in range(400):
-                await load(stub, rng, f"b{w}-{n}", 1)
-                if n == 5:
+                expiring.extend(await load(stub, rng, f"b{w}-{n}", 4, hold=1))
+                if n == 2:
                     started.set()
-                if snapshot_done.is_set() and n > 40:
+                if snapshot_done.is_set() and n > 10:
                     return
 
         loader = asyncio.gather(*(steady(w) for w in range(3)))
@@ -128,6 +137,16 @@ async def test_snapshot_load_reconcile_corrupt_repair(
         snapshot_done.set()
         assert code == 0, err
         await loader
+        # the 1 s holds expire (the sweeper, or GetReservation finding them due)
+        assert expiring
+        for oid in expiring:
+            for _ in range(300):
+                got = await stub.GetReservation(pb.GetReservationRequest(order_id=oid))
+                if got.state == pb.RESERVATION_STATE_EXPIRED:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"{oid} never expired")
         await wait_settled(running.redis)
         cursors = [json.loads(f.read_text().splitlines()[0])["cursor"] for f in (snap, live_snap)]
         first, live = (decode_cursor(x, running.settings.partitions) for x in cursors)
