@@ -1,10 +1,11 @@
 """`stockhold snapshot` and `stockhold reconcile` (issue 12): counters checked against the events.
 
 What is pinned, on both stores: after a Reserve/Commit/Release/AdjustStock load through a
-running server, a snapshot, more load (and a snapshot taken while load runs), reconcile
-reports 0 drift, with and without the snapshot (1 s holds expire meanwhile); three counters corrupted directly in Redis are
-reported exactly, with their expected and actual figures; `--repair` sets them back with
-exactly one STOCK_REPAIRED event each; reconcile then reports 0 drift again.
+running server, a snapshot, more load (and a snapshot taken while load runs; 1 s holds expire
+meanwhile), reconcile reports 0 drift, with and without the snapshot; three counters corrupted
+directly in Redis are reported exactly, with their expected and actual figures; `--repair`
+sets them back with exactly one STOCK_REPAIRED event each; reconcile then reports 0 drift
+again.
 """
 
 from __future__ import annotations
