@@ -594,11 +594,11 @@ def run(
     try:
         if command == "snapshot":
             assert path is not None
-            return snapshot(settings, path, out)
-        return reconcile(settings, path, repair, out)
+            code = snapshot(settings, path, out)
+        else:
+            code = reconcile(settings, path, repair, out)
     except Refused as err:
         print(f"stockhold {command}: {err}", file=sys.stderr)
         return err.code
-    finally:
-        took = time.monotonic() - started
-        print(f"({took:.1f} s)", file=sys.stderr)
+    print(f"({time.monotonic() - started:.1f} s)", file=sys.stderr)
+    return code
