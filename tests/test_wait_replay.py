@@ -15,28 +15,15 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from test_cluster_plumbing import Replicated
+from test_cluster_plumbing import Replicated, replicated  # noqa: F401 (fixture)
 
 from stockhold.engine import Engine
 from stockhold.errors import DomainError, Reason
 from stockhold.settings import Settings
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-def replicated(redis_binary: str, tmp_path: Path) -> Iterator[Replicated]:
-    pair = Replicated(redis_binary, tmp_path)
-    try:
-        yield pair
-    finally:
-        if pair.replica.pid is not None:
-            os.kill(pair.replica.pid, signal.SIGCONT)
-        pair.stop()
 
 
 def engine_on(url: str) -> Engine:
@@ -47,7 +34,7 @@ def engine_on(url: str) -> Engine:
 
 
 async def test_a_retry_answered_from_storage_waits_for_the_original_write(
-    replicated: Replicated,
+    replicated: Replicated,  # noqa: F811 (the fixture imported above)
 ) -> None:
     master, replica = replicated.master, replicated.replica
     first, retry = engine_on(master.url), engine_on(master.url)

@@ -20,7 +20,7 @@ from stockhold import constants as c
 from stockhold import metrics, scripts
 from stockhold.batcher import Batcher, NotSent
 from stockhold.contention import ContentionStats, Outcome, new_tracker
-from stockhold.crossslot import CrossSlot, PartOrder
+from stockhold.crossslot import CrossSlot, PartOrder, distinct_skus
 from stockhold.errors import DomainError, FieldViolation, Reason, invalid
 from stockhold.model import PaymentReport, PendingPayment, PollClaim, Reservation, StockLevel
 from stockhold.policies import PolicyStore
@@ -98,15 +98,6 @@ if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[2], ARGV[2], '
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}
 """
-
-
-def _distinct_skus(units: Sequence[Unit]) -> list[str]:
-    """The SKUs of an order's units, distinct, in first-appearance order (reserve.lua's m)."""
-    skus: list[str] = []
-    for u in units:
-        if u.sku not in skus:
-            skus.append(u.sku)
-    return skus
 
 
 class ReserveResult(NamedTuple):
@@ -386,7 +377,7 @@ class Engine:
         pol = result.pol
         if pol:
             update = self.policies.cache.update
-            for j, s in enumerate(_distinct_skus(units)):
+            for j, s in enumerate(distinct_skus(units)):
                 update(s, pol[3 * j], bool(pol[3 * j + 1]), bool(pol[3 * j + 2]))
         err = result.err
         outcome: Outcome = (
@@ -511,7 +502,7 @@ class Engine:
                 order, fp, amount, payment = item, item.fingerprint, 0, None
             k = order.keys
             units = order.units
-            skus = _distinct_skus(units)
+            skus = distinct_skus(units)
             stock_keys = [u.stock_key for u in units]
             sku_keys = [self.sku_key(s) for s in skus]
             keys += (k.order_key, k.expiry_key, k.events_key, *stock_keys, *sku_keys)
