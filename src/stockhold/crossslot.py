@@ -40,13 +40,20 @@ from typing import Any, NamedTuple
 import orjson
 
 from stockhold import constants as c
+from stockhold import scripts
 from stockhold.batcher import Batcher, NotSent
 from stockhold.errors import DomainError, Reason
 from stockhold.model import PendingPayment, Reservation
-from stockhold.resolver import KeyResolver, OrderKeys, ResolvedOrder, Unit, escape
+from stockhold.resolver import (
+    KeyResolver,
+    OrderKeys,
+    ResolvedOrder,
+    Unit,
+    escape,
+    partition_tag,
+)
 from stockhold.settings import Settings
-from stockhold.store.calls import ScriptCalls, redis_errors
-from stockhold.store.cluster import command_slot
+from stockhold.store.calls import ScriptCalls
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +135,7 @@ class CrossSlot:
 
     # -- keys ------------------------------------------------------------------------------
     def tag(self, partition: int) -> str:
-        return self.resolver.expiry_key(partition)[: -len(c.EXPIRY)]
+        return partition_tag(self.resolver, partition)
 
     def part_key(self, partition: int, order_id: str) -> str:
         return f"{self.tag(partition)}{c.PART}:{escape(order_id)}"
@@ -183,17 +190,13 @@ class CrossSlot:
         payment_key: str,
     ) -> tuple[Reservation | None, bool, str | None, dict[str, Any], list[Any]]:
         """Hold a cross-slot order: (reservation or None, replayed, refusal reason, its meta,
-        pol) as reserve.lua answers one order (pol: flat per distinct SKU, maybe empty)."""
+        pol) as reserve.lua answers one order (pol: flat per distinct SKU, maybe empty); a
+        payment whose out_trade_no another order holds raises PAYMENT_CONFLICT."""
         k = order.keys
         if fingerprint != order.fingerprint:
             order = order._replace(fingerprint=fingerprint)
         if payment is not None:
-            ttl = (self.settings.max_hold_seconds + self.settings.record_retention_seconds) * 1000
-            other = await self._script(self.scripts.claim, (payment_key,), (k.order_id, str(ttl)))
-            if other:
-                other_id = other.decode() if isinstance(other, bytes) else str(other)
-                meta = {"out_trade_no": payment.out_trade_no, "order_id": other_id}
-                return None, False, Reason.PAYMENT_CONFLICT.value, meta, []
+            await self.claim_payment(k.order_id, payment, payment_key)
             self._step("claimed")
         nonce = secrets.token_hex(8)
         parts = self.parts_of(order, nonce)
@@ -271,6 +274,19 @@ class CrossSlot:
         keys, args = self._reserve_call(items)
         now, *entries = orjson.loads(await self._script(self.scripts.reserve, keys, args))
         return [(now, e) for e in entries]
+
+    async def claim_payment(self, order_id: str, payment: PendingPayment, key: str) -> None:
+        """Claim a payment's out_trade_no (its map `key`, in its own slot) for an order
+        (claim.lua), for as long as the map would live (scripts.poll_schedule's ttl); raises
+        PAYMENT_CONFLICT when another order holds it."""
+        ttl = str(scripts.poll_schedule(self.settings)["ttl"])
+        other = await self._script(self.scripts.claim, (key,), (order_id, ttl))
+        if other:
+            other_id = other.decode() if isinstance(other, bytes) else str(other)
+            raise DomainError(
+                Reason.PAYMENT_CONFLICT,
+                metadata={"out_trade_no": payment.out_trade_no, "order_id": other_id},
+            )
 
     async def _hold(
         self, part: _Part
@@ -359,38 +375,13 @@ class CrossSlot:
 
         async def send() -> None:
             try:
-                await self._pipeline(cmds)
+                await self.calls.pipeline(cmds)
             except Exception as exc:
                 log.debug("index bookkeeping deferred to recovery: %s", exc)
 
         task = asyncio.get_running_loop().create_task(send())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _pipeline(self, cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
-        hot = self.calls.hot
-        if hot is not None:
-            # the hot client's cluster pipelines stay in one slot: one per slot, at once
-            by_slot: dict[int | None, list[int]] = {}
-            for i, cmd in enumerate(cmds):
-                by_slot.setdefault(command_slot(cmd), []).append(i)
-            out: list[Any] = [None] * len(cmds)
-            with redis_errors():
-                parts = await asyncio.gather(
-                    *(hot.pipeline([cmds[i] for i in idxs]) for idxs in by_slot.values())
-                )
-            for idxs, replies in zip(by_slot.values(), parts, strict=True):
-                for i, r in zip(idxs, replies, strict=True):
-                    out[i] = r
-            return out
-
-        async def run() -> list[Any]:
-            async with self.calls.client.pipeline(transaction=False) as pipe:
-                for cmd in cmds:
-                    pipe.execute_command(*cmd)
-                return list(await pipe.execute())
-
-        return await self.calls.run(run())
 
     async def drain(self) -> None:
         """Let parts in flight and background confirmations finish (engine close)."""
@@ -465,7 +456,7 @@ class CrossSlot:
             (entry,) = orjson.loads(await self._script(self.scripts.transition, keys, args))
             if entry[0] == 0 and entry[1] == "KEYS_CHANGED":
                 # written under another unit order: read the part's own texts, once
-                stored = await self.hmget_many(
+                stored = await self.calls.hmget_many(
                     [self.part_key(partition, order_id)], ("keys", "skeys")
                 )
                 raw, raw_skus = stored[0][0] or b"[]", stored[0][1] or b""
@@ -490,7 +481,7 @@ class CrossSlot:
         record as a transition just returned it, else read), then drop the order from its
         settle index, after the answer (nothing to settle while HELD or gone)."""
         if rec is None:
-            raw = (await self.hmget_many([k.order_key], ("st", "units", "parts")))[0]
+            raw = (await self.calls.hmget_many([k.order_key], ("st", "units", "parts")))[0]
             fields = ("st", "units", "parts")
             rec = {f: v.decode() for f, v in zip(fields, raw, strict=True) if v is not None}
         state, parts_raw = rec.get("st"), rec.get("parts")
@@ -498,12 +489,6 @@ class CrossSlot:
             await self._settle_parts(k, state, rec.get("units") or "[]", parts_raw)
             self._step("settled")
         self._later([("ZREM", self.settle_index(k.partition), k.order_id)])
-
-    async def hmget_many(
-        self, keys: Sequence[str], fields: tuple[str, ...]
-    ) -> list[list[bytes | None]]:
-        """HMGET of the same fields from hashes of any slots (one pipeline per slot)."""
-        return await self._pipeline([("HMGET", k, *fields) for k in keys])
 
     def _units_of(self, units_raw: bytes | str) -> list[Unit]:
         return [self.resolver.unit(s, sp, b) for s, sp, b in orjson.loads(units_raw)]
@@ -525,7 +510,7 @@ class CrossSlot:
         Returns counts by outcome."""
         counts = {"settled": 0, "confirmed": 0, "undone": 0, "stale": 0}
         parts_of = list(range(self.settings.partitions)) if partitions is None else partitions
-        now = await self.now_ms()
+        now = await self.calls.redis_time_ms()
         cmds: list[tuple[Any, ...]] = []
         for p in parts_of:
             cmds.append(
@@ -534,7 +519,7 @@ class CrossSlot:
             cmds.append(
                 ("ZRANGEBYSCORE", self.parts_index(p), "-inf", now, "LIMIT", 0, RECOVER_BATCH)
             )
-        replies = await self._pipeline(cmds)
+        replies = await self.calls.pipeline(cmds)
         for i, p in enumerate(parts_of):
             for raw in replies[2 * i]:
                 oid = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -545,25 +530,16 @@ class CrossSlot:
                 counts[await self._recover_part(p, oid)] += 1
         return counts
 
-    async def now_ms(self) -> int:
-        hot = self.calls.hot
-        if hot is not None:
-            with redis_errors():
-                seconds, micros = await hot.execute("TIME")
-        else:
-            seconds, micros = await self.calls.run(self.calls.client.time())
-        return int(seconds) * 1000 + int(micros) // 1000
-
     async def _recover_part(self, partition: int, order_id: str) -> str:
         """A part whose index time has passed: confirm, settle or give it back."""
         k = self.resolver.order(order_id)
         part_key = self.part_key(partition, order_id)
-        (part, home) = await self.hmget_many(
+        (part, home) = await self.calls.hmget_many(
             [part_key, k.order_key], ("st", "nc", "units", "parts", "dl")
         )
         if part[0] is None or part[0] != c.STATE_HELD.encode():
             # settled or gone: only the index entry is left
-            await self._pipeline([("ZREM", self.parts_index(partition), order_id)])
+            await self.calls.pipeline([("ZREM", self.parts_index(partition), order_id)])
             return "stale"
         nonce = part[1].decode() if part[1] else ""
         part_units = self._units_of(part[2] or b"[]")
@@ -586,7 +562,9 @@ class CrossSlot:
             return "undone"
         if state == c.STATE_HELD:
             score = str(int(home[4] or 0) + self.window_ms)
-            await self._pipeline([("ZADD", self.parts_index(partition), "XX", score, order_id)])
+            await self.calls.pipeline(
+                [("ZADD", self.parts_index(partition), "XX", score, order_id)]
+            )
             return "confirmed"
         await self._part_op(partition, order_id, "part", state, part_units)
         return "settled"

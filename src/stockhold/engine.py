@@ -31,6 +31,7 @@ from stockhold.resolver import (
     check_int,
     check_text,
     escape,
+    partition_tag,
 )
 from stockhold.settings import Settings
 from stockhold.store.calls import RedisClient, ScriptCalls, connect, redis_errors
@@ -119,6 +120,20 @@ def _text(i: int) -> str:
 
 
 _NO_META: dict[str, Any] = {}
+
+
+def _payment_ident(provider: str, out_trade_no: str) -> str:
+    """The id of a payment's out_trade_no map: `<provider>:<out_trade_no>`, escaped."""
+    return f"{escape(provider)}:{escape(out_trade_no)}"
+
+
+def _unpack(
+    item: ResolvedOrder | PaidOrder,
+) -> tuple[ResolvedOrder, str, int, PendingPayment | None]:
+    """(order, fingerprint, amount, payment) of an order as queued."""
+    if isinstance(item, PaidOrder):
+        return item.order, item.fingerprint, item.amount, item.payment
+    return item, item.fingerprint, 0, None
 
 
 def reserve_results(
@@ -431,11 +446,10 @@ class Engine:
 
     def _home_only(self, item: ResolvedOrder | PaidOrder) -> bool:
         """Whether every key of an order is in its home partition (one slot)."""
-        order = item.order if isinstance(item, PaidOrder) else item
+        order, _fp, _amount, payment = _unpack(item)
         home = order.keys.partition
         if any(u.partition != home for u in order.units):
             return False
-        payment = item.payment if isinstance(item, PaidOrder) else None
         return payment is None or self._payment_partition(*payment) == home
 
     async def _reserve_batch_cluster(
@@ -448,8 +462,7 @@ class Engine:
         spanning: list[int] = []
         for i, item in enumerate(orders):
             if self._home_only(item):
-                order = item.order if isinstance(item, PaidOrder) else item
-                groups.setdefault(order.keys.partition, []).append(i)
+                groups.setdefault(_unpack(item)[0].keys.partition, []).append(i)
             else:
                 spanning.append(i)
 
@@ -467,11 +480,7 @@ class Engine:
                 results[i] = r
 
         async def one(i: int) -> None:
-            item = orders[i]
-            if isinstance(item, PaidOrder):
-                order, fp, amount, payment = item.order, item.fingerprint, item.amount, item.payment
-            else:
-                order, fp, amount, payment = item, item.fingerprint, 0, None
+            order, fp, amount, payment = _unpack(orders[i])
             map_key = self.payment_map_key(*payment) if payment is not None else ""
             try:
                 r = await cross.reserve(order, fp, amount, payment, map_key)
@@ -498,7 +507,7 @@ class Engine:
             elif isinstance(item, PartOrder):
                 order, fp, amount, payment = item.order, item.order.fingerprint, 0, None
                 nonce = item.nonce
-            else:
+            else:  # the common case, unpacked inline on the hot path
                 order, fp, amount, payment = item, item.fingerprint, 0, None
             k = order.keys
             units = order.units
@@ -567,11 +576,8 @@ class Engine:
         """Read each record's stock and SKU keys (one pipeline), then one transition.lua call
         (its header says what each field is). On Redis Cluster one call per partition, then
         the parts of cross-slot orders that moved follow their home record (crossslot.py)."""
-        order_keys = [t.keys.order_key for t in items]
-        if self.cross is None:
-            stored = await self.calls.hmget_many(order_keys, ("keys", "skeys"))
-        else:
-            stored = await self.cross.hmget_many(order_keys, ("keys", "skeys", "parts"))
+        fields = ("keys", "skeys", "parts") if self.cross else ("keys", "skeys")
+        stored = await self.calls.hmget_many([t.keys.order_key for t in items], fields)
         results: list[dict[str, Any]] = [{"err": Reason.RESERVATION_NOT_FOUND.value} for _ in items]
         live = [i for i, s in enumerate(stored) if s[0] is not None]
         if self.cross is None:
@@ -702,7 +708,8 @@ class Engine:
             }
         )
         keys = (k.record_key, k.events_key, unit.stock_key)
-        if self.cross is not None and k.partition != unit.partition:
+        claimed = self.cross is not None and k.partition != unit.partition
+        if claimed:
             # Redis Cluster: the id is claimed in its own partition (its fingerprint: another
             # adjustment under the same id conflicts), the record kept beside the stock.
             retention = str(self.settings.record_retention_seconds * 1000)
@@ -712,14 +719,11 @@ class Engine:
                     Reason.ADJUSTMENT_CONFLICT, metadata={"adjustment_id": adjustment_id}
                 )
             tag = self._tag(unit.partition)
-            claim = k.record_key
             keys = (f"{tag}{c.ADJUSTMENT}:{escape(adjustment_id)}", tag + c.EVENTS, unit.stock_key)
-            result = orjson.loads(await self._call(self.scripts.adjust, keys, (arg,)))
-            if result.get("err"):
-                # refused, nothing written: the id is free again, as on one node
-                await self._call(self.scripts.claim, (claim,), (fp, "release"))
-        else:
-            result = orjson.loads(await self._call(self.scripts.adjust, keys, (arg,)))
+        result = orjson.loads(await self._call(self.scripts.adjust, keys, (arg,)))
+        if claimed and result.get("err"):
+            # refused, nothing written: the id is free again, as on one node
+            await self._call(self.scripts.claim, (k.record_key,), (fp, "release"))
         _raise_for(result)
         level = StockLevel(
             unit.sku,
@@ -800,15 +804,14 @@ class Engine:
                 replies = await pipe.execute()
         seconds, micros = replies[0]
         now_ms = int(seconds) * 1000 + int(micros) // 1000
-        replies = replies[1:]
-        return [p for p, first in enumerate(replies) if first and first[0][1] <= now_ms]
+        return [p for p, first in enumerate(replies[1:]) if first and first[0][1] <= now_ms]
 
     def expire_call(self, partition: int) -> tuple[tuple[str, str], tuple[str, ...]]:
         """KEYS and ARGV of one expire.lua call for a partition."""
         expiry_key = self.resolver.expiry_key(partition)
         # The partition's record key prefix: its tag (shared by every key of the partition)
         # followed by the order template of constants.py.
-        record_prefix = f"{expiry_key[: -len(c.EXPIRY)]}{c.ORDER}:"
+        record_prefix = f"{partition_tag(self.resolver, partition)}{c.ORDER}:"
         keys = (expiry_key, self.resolver.events_key(partition))
         args = (
             str(self.settings.sweep_batch),
@@ -851,9 +854,8 @@ class Engine:
         return scripts.poll_schedule(self.settings)
 
     def _tag(self, partition: int) -> str:
-        """A partition's key tag, `<prefix>:{p<N>}:`, which every key of the partition starts
-        with (taken from the resolver's expiry key, as expire_call does)."""
-        return self.resolver.expiry_key(partition)[: -len(c.EXPIRY)]
+        """A partition's key tag, `<prefix>:{p<N>}:` (resolver.partition_tag)."""
+        return partition_tag(self.resolver, partition)
 
     def polls_key(self, partition: int) -> str:
         """The poll index of a partition: order id -> next payment poll (ms, Redis clock)."""
@@ -861,26 +863,12 @@ class Engine:
 
     def payment_map_key(self, provider: str, out_trade_no: str) -> str:
         """Where the order id paid under `out_trade_no` at `provider` is kept."""
-        ident = f"{escape(provider)}:{escape(out_trade_no)}"
+        ident = _payment_ident(provider, out_trade_no)
         return f"{self._tag(self.resolver.partition_of(ident))}{c.OUT_TRADE_NO}:{ident}"
 
     def _payment_partition(self, provider: str, out_trade_no: str) -> int:
-        return self.resolver.partition_of(f"{escape(provider)}:{escape(out_trade_no)}")
-
-    async def _claim_payment(self, order_id: str, payment: PendingPayment) -> bool:
-        """Redis Cluster: claim an out_trade_no in its own slot for an order (claim.lua);
-        False when another order holds it (raises PAYMENT_CONFLICT)."""
-        ttl = (self.settings.max_hold_seconds + self.settings.record_retention_seconds) * 1000
-        other = await self._call(
-            self.scripts.claim, (self.payment_map_key(*payment),), (order_id, str(ttl))
-        )
-        if other:
-            other_id = other.decode() if isinstance(other, bytes) else str(other)
-            raise DomainError(
-                Reason.PAYMENT_CONFLICT,
-                metadata={"out_trade_no": payment.out_trade_no, "order_id": other_id},
-            )
-        return True
+        """The partition of that key (payment_map_key)."""
+        return self.resolver.partition_of(_payment_ident(provider, out_trade_no))
 
     async def report_payment(
         self, order_id: str, report: PaymentReport
@@ -926,7 +914,7 @@ class Engine:
         )
         if self.cross is not None and self._payment_partition(*payment) != k.partition:
             # the map is in another slot: claimed there first, then the script goes without it
-            await self._claim_payment(order_id, payment)
+            await self.cross.claim_payment(order_id, payment, keys[3])
             keys = keys[:3]
         arg = orjson.dumps(
             {

@@ -42,7 +42,7 @@ from redis.commands.core import Script
 
 from stockhold import constants as c
 from stockhold.embedded import EmbeddedRedis, EmbeddedRedisError
-from stockhold.resolver import KeyResolver, escape
+from stockhold.resolver import KeyResolver, escape, partition_tag
 from stockhold.settings import Settings, mask_url
 
 # `{meta}:layout` while a migration runs: not LAYOUT, so every server still refuses.
@@ -139,7 +139,7 @@ class Migration:
     # -- keys ---------------------------------------------------------------------------------
     def tag(self, partition: int) -> str:
         """`<prefix>:{p<N>}:`, the start of every key of a partition (from the resolver)."""
-        return self.resolver.expiry_key(partition)[: -len(c.EXPIRY)]
+        return partition_tag(self.resolver, partition)
 
     def placed(self, key: str) -> tuple[str, bool] | None:
         """(layout-2 key, whether `key` is a layout-1 key elsewhere) of a stock key; None for

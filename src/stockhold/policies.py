@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from stockhold import constants as c
-from stockhold.resolver import escape
+from stockhold.resolver import escape, partition_tag
 from stockhold.scripts import policy_window
 from stockhold.settings import Settings
 from stockhold.store.calls import ScriptCalls
@@ -153,8 +153,7 @@ class PolicyStore:
         resolver = calls.resolver
         # One SKU index per partition, in the slot of the SKU hashes it lists (constants.py).
         self.index_keys = [
-            resolver.expiry_key(p)[: -len(c.EXPIRY)] + c.SKU_INDEX
-            for p in range(settings.partitions)
+            partition_tag(resolver, p) + c.SKU_INDEX for p in range(settings.partitions)
         ]
         self._refresh_after = ""  # the refresh pass's cursor over the SKU index
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from stockhold import constants as c
 from stockhold._resolver_py import AdjustmentKeys, OrderKeys, ResolvedOrder, Unit
 from stockhold._resolver_py import KeyResolver as PyKeyResolver
 
@@ -36,6 +37,13 @@ else:
 
         NATIVE = False
 
+
+def partition_tag(resolver: KeyResolver, partition: int) -> str:
+    """A partition's key tag, `<prefix>:{p<N>}:`, which every key of the partition starts with
+    (taken from the resolver's expiry key, whose name follows it)."""
+    return resolver.expiry_key(partition)[: -len(c.EXPIRY)]
+
+
 __all__ = [
     "NATIVE",
     "AdjustmentKeys",
@@ -47,4 +55,5 @@ __all__ = [
     "check_int",
     "check_text",
     "escape",
+    "partition_tag",
 ]

@@ -32,7 +32,6 @@ from redis.asyncio.cluster import PipelineCommand
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -53,7 +52,12 @@ from stockhold.errors import DomainError, Reason
 from stockhold.resolver import KeyResolver
 from stockhold.scripts import Scripts
 from stockhold.settings import Settings
-from stockhold.store.cluster import MAX_REDIRECTS, TRYAGAIN_PAUSE, ClusterHotClient
+from stockhold.store.cluster import (
+    MAX_REDIRECTS,
+    TRYAGAIN_PAUSE,
+    ClusterHotClient,
+    command_slot,
+)
 from stockhold.store.hotclient import HotClient, ReplicationError, ScriptDef, acked_reply
 
 log = logging.getLogger(__name__)
@@ -238,34 +242,32 @@ class ScriptCalls:
     async def hmget_many(
         self, keys: Sequence[str], fields: tuple[str, ...]
     ) -> list[list[bytes | None]]:
-        """HMGET of the same fields from many hashes, in one pipeline (hot client if any);
-        on a cluster one pipeline per slot, all at once."""
+        """HMGET of the same fields from many hashes, in one pipeline (see `pipeline`)."""
+        return await self.pipeline([("HMGET", k, *fields) for k in keys])
+
+    async def pipeline(self, cmds: Sequence[Sequence[Any]]) -> list[Any]:
+        """Plain commands in one pipeline (hot client if any); on a cluster one pipeline per
+        slot, all at once, the replies in the commands' order."""
         with redis_errors():
-            if self.hot is not None:
-                if self._hot_cluster and len(keys) > 1:
-                    return await self._hmget_by_slot(self.hot, keys, fields)
-                replies: list[list[bytes | None]] = await self.hot.pipeline(
-                    [("HMGET", k, *fields) for k in keys]
-                )
-                return replies
+            hot = self.hot
+            if hot is not None:
+                if self._hot_cluster and len(cmds) > 1:
+                    return await self._by_slot(hot, cmds)
+                return list(await hot.pipeline(cmds))
             async with self.client.pipeline(transaction=False) as pipe:
-                for k in keys:
-                    pipe.hmget(k, fields)
-                stored: list[list[bytes | None]] = await pipe.execute()
-            return stored
+                for cmd in cmds:
+                    pipe.execute_command(*cmd)
+                return list(await pipe.execute())
 
     @staticmethod
-    async def _hmget_by_slot(
-        hot: HotClient, keys: Sequence[str], fields: tuple[str, ...]
-    ) -> list[list[bytes | None]]:
-        by_slot: dict[int, list[int]] = {}
-        for i, k in enumerate(keys):
-            by_slot.setdefault(key_slot(k.encode()), []).append(i)
+    async def _by_slot(hot: HotClient, cmds: Sequence[Sequence[Any]]) -> list[Any]:
+        # the hot client's cluster pipelines stay in one slot
+        by_slot: dict[int | None, list[int]] = {}
+        for i, cmd in enumerate(cmds):
+            by_slot.setdefault(command_slot(cmd), []).append(i)
         groups = list(by_slot.values())
-        answers = await asyncio.gather(
-            *(hot.pipeline([("HMGET", keys[i], *fields) for i in group]) for group in groups)
-        )
-        out: list[list[bytes | None]] = [[] for _ in keys]
+        answers = await asyncio.gather(*(hot.pipeline([cmds[i] for i in g]) for g in groups))
+        out: list[Any] = [None] * len(cmds)
         for group, replies in zip(groups, answers, strict=True):
             for i, reply in zip(group, replies, strict=True):
                 out[i] = reply
