@@ -98,6 +98,11 @@ class _Held(NamedTuple):
 ReserveCall = Callable[[Sequence[Any]], tuple[list[str], list[bytes | str]]]
 
 
+def _listed(parts: str | bytes) -> set[tuple[int, str]]:
+    """A record's "parts" field ([[partition, nonce], ...]) as a set of pairs."""
+    return {(int(p), str(n)) for p, n in orjson.loads(parts)}
+
+
 def distinct_skus(units: Sequence[Unit]) -> list[str]:
     """The SKUs of units, distinct, in first-appearance order (reserve.lua's m)."""
     skus: list[str] = []
@@ -234,15 +239,16 @@ class CrossSlot:
             assert failure is not None
             raise failure
         self._step("held")
+        # the order's allocations: each part's, its unit indexes mapped to the order's
+        alloc = [[h.part.idxs[a[0] - 1] + 1, a[1], a[2]] for h in held for a in h.alloc]
         try:
-            result = await self._finish(order, held, amount, payment)
+            result = await self._finish(order, held, alloc, amount, payment)
         except DomainError:
             await self._abort(k, held)
             raise
         kind = result[0]
         if kind == 1:
             _, now, dl, first = result
-            alloc = [[h.part.idxs[a[0] - 1] + 1, a[1], a[2]] for h in held for a in h.alloc]
             reservation = Reservation.held(
                 k.order_id, order.units, alloc, now, dl, amount, payment, first
             )
@@ -306,10 +312,8 @@ class CrossSlot:
         if kind == 2:
             flat = entry[2]
             rec = dict(zip(flat[::2], flat[1::2], strict=True))
-            if rec.get("st") != c.STATE_HELD:
-                # a finished order's part: its record answers the replay (finish.lua)
-                return _Held(part, rec.get("nc", ""), False, int(rec["hold"]), []), pol, None
-            alloc = orjson.loads(rec["alloc"])
+            # a finished order's part holds nothing: its record answers the replay (finish.lua)
+            alloc = orjson.loads(rec["alloc"]) if rec.get("st") == c.STATE_HELD else []
             return _Held(part, rec.get("nc", ""), False, int(rec["hold"]), alloc), pol, None
         meta = dict(entry[3] or {})
         if "line" in meta:  # a line above its SKU's max: its index in the part's lines
@@ -320,19 +324,13 @@ class CrossSlot:
         self,
         order: ResolvedOrder,
         held: list[_Held],
+        alloc: list[list[Any]],
         amount: int,
         payment: PendingPayment | None,
     ) -> list[Any]:
         k = order.keys
         units = order.units
-        alloc: list[list[Any]] = []
-        payload: list[list[Any]] = []
-        for h in held:
-            for a in h.alloc:
-                i = h.part.idxs[a[0] - 1]
-                u = units[i]
-                alloc.append([i + 1, a[1], a[2]])
-                payload.append([u.sku, u.spec, u.barcode, a[1], a[2]])
+        payload = [[*units[i - 1][:3], wh, q] for i, wh, q in alloc]
         hold = order.hold_seconds or min(h.hold_s for h in held)
         keys = [k.order_key, k.expiry_key, k.events_key, self.abort_key(k)]
         if payment is not None:
@@ -399,19 +397,22 @@ class CrossSlot:
         Returns whether the order's record exists (asked even with no parts when `always`)."""
         if not held and not always:
             return False
-        nonces = sorted({h.nonce for h in held})
-        reply = orjson.loads(
-            await self._script(
-                self.scripts.abort, (k.order_key, self.abort_key(k)), (str(ABORT_TTL_MS), *nonces)
-            )
-        )
+        reply = await self._abort_nonces(k, sorted({h.nonce for h in held}))
         self._step("aborted")
         listed = reply[2] if reply[0] == 1 else "[]"
         await self._undo_unlisted(k, held, listed)
         return bool(reply[0] == 1)
 
+    async def _abort_nonces(self, k: OrderKeys, nonces: Sequence[str]) -> list[Any]:
+        """abort.lua at the order's home: [0] aborted, or [1, state, parts] the record exists."""
+        keys = (k.order_key, self.abort_key(k))
+        reply: list[Any] = orjson.loads(
+            await self._script(self.scripts.abort, keys, (str(ABORT_TTL_MS), *nonces))
+        )
+        return reply
+
     async def _undo_unlisted(self, k: OrderKeys, held: list[_Held], listed: str | bytes) -> None:
-        keep = {(int(p), str(n)) for p, n in orjson.loads(listed)}
+        keep = _listed(listed)
         todo = [h for h in held if (h.part.partition, h.nonce) not in keep and h.alloc]
         if todo:
             await asyncio.gather(
@@ -423,20 +424,15 @@ class CrossSlot:
                 )
             )
 
-    def _part_texts(self, units: Sequence[Unit]) -> tuple[bytes, bytes]:
-        """The "keys" and "skeys" texts of a part of these units, as reserve_call built them."""
-        stock_keys = [u.stock_key for u in units]
-        sku_keys = [self._sku_key(s) for s in distinct_skus(units)]
-        return orjson.dumps(stock_keys), orjson.dumps(sku_keys)
-
     async def _part_op(
         self, partition: int, order_id: str, op: str, arg: str, units: Sequence[Unit]
     ) -> dict[str, Any]:
-        """One transition.lua op ("part" or "undo") on the part of an order in a partition."""
-        raw, raw_skus = self._part_texts(units)
+        """One transition.lua op ("part" or "undo") on the part of an order in a partition.
+        Its stock and SKU keys, and their texts, are what reserve_call built for the part."""
+        stock_keys = [u.stock_key for u in units]
+        sku_keys = [self._sku_key(s) for s in distinct_skus(units)]
+        raw, raw_skus = orjson.dumps(stock_keys), orjson.dumps(sku_keys)
         for _ in range(2):
-            stock_keys = orjson.loads(raw)
-            sku_keys = orjson.loads(raw_skus) if raw_skus else []
             keys = [
                 self.part_key(partition, order_id),
                 self.parts_index(partition),
@@ -460,6 +456,8 @@ class CrossSlot:
                     [self.part_key(partition, order_id)], ("keys", "skeys")
                 )
                 raw, raw_skus = stored[0][0] or b"[]", stored[0][1] or b""
+                stock_keys = orjson.loads(raw)
+                sku_keys = orjson.loads(raw_skus) if raw_skus else []
                 continue
             if entry[0] == 0:
                 if entry[1] == Reason.RESERVATION_NOT_FOUND.value:
@@ -546,17 +544,13 @@ class CrossSlot:
         listed: set[tuple[int, str]] = set()
         state: str | None = None
         if home[0] is None:
-            reply = orjson.loads(
-                await self._script(
-                    self.scripts.abort, (k.order_key, self.abort_key(k)), (str(ABORT_TTL_MS), nonce)
-                )
-            )
+            reply = await self._abort_nonces(k, [nonce])
             if reply[0] == 1:
                 state = str(reply[1])
-                listed = {(int(p), str(n)) for p, n in orjson.loads(reply[2])}
+                listed = _listed(reply[2])
         else:
             state = home[0].decode()
-            listed = {(int(p), str(n)) for p, n in orjson.loads(home[3] or b"[]")}
+            listed = _listed(home[3] or b"[]")
         if state is None or (partition, nonce) not in listed:
             await self._part_op(partition, order_id, "undo", nonce, part_units)
             return "undone"

@@ -83,10 +83,16 @@ local function sku_state(key, now, p)
     sold = sold, hot = hot}
 end
 
+-- The partition tag "<prefix>:{p<N>}:" that every key of a partition starts with (ids in keys
+-- are escaped: no braces after it).
+local function tag_of(key)
+  return string.match(key, '^(.*{p%d+}:)')
+end
+
 -- The SKU index (zset) of a SKU hash's partition: "<prefix>:{p<N>}:sku:<sku>" ->
 -- "<prefix>:{p<N>}:skus", in the hash's own slot (constants.py).
 local function sku_index(key)
-  return string.match(key, '^(.*{p%d+}:)sku:') .. 'skus'
+  return tag_of(key) .. 'skus'
 end
 
 -- Count q committed units of a SKU now: drop the buckets that left the window, add to the
@@ -153,8 +159,8 @@ end
 
 -- Redis Cluster: orders whose keys span slots (issue 11, docs/cluster.md) ----------------------
 
--- The settle index of a partition (zset: order id -> when recovery settles its parts), beside
--- its expiry index "<tag>expiry" (same slot).
-local function settle_index(xk)
-  return string.sub(xk, 1, -7) .. 'settle'
+-- The settle index (zset: order id -> when recovery settles its parts) of the partition of a
+-- key (same slot).
+local function settle_index(key)
+  return tag_of(key) .. 'settle'
 end

@@ -14,8 +14,7 @@ local flat = redis.call('HGETALL', KEYS[1])
 if #flat == 0 then return cjson.encode({now = now_ms()}) end
 local rec = hash_table(flat)
 if rec.parts and rec.st ~= 'H' then
-  local settle = string.match(KEYS[1], '^(.*{p%d+}:)order:') .. 'settle'
-  if redis.call('ZSCORE', settle, rec.oid) then
+  if redis.call('ZSCORE', settle_index(KEYS[1]), rec.oid) then
     return cjson.encode({now = now_ms(), rec = rec, settling = 1})
   end
 end
