@@ -218,20 +218,10 @@ class PolicyStore:
         """The first `count` SKUs after `after` over every partition's index (one pipeline:
         each partition's first `count`, merged)."""
         start = f"({after}" if after else "-"
-
-        async def pages() -> list[list[bytes]]:
-            async with self.calls.client.pipeline(transaction=False) as pipe:
-                for key in self.index_keys:
-                    pipe.zrangebylex(key, start, "+", start=0, num=count)
-                return list(await pipe.execute())
-
-        merged = sorted(
-            {
-                m.decode() if isinstance(m, bytes) else m
-                for page in await self.calls.run(pages())
-                for m in page
-            }
+        pages = await self.calls.pipeline(
+            [("ZRANGEBYLEX", key, start, "+", "LIMIT", 0, count) for key in self.index_keys]
         )
+        merged = sorted({m.decode() if isinstance(m, bytes) else m for page in pages for m in page})
         return merged[:count]
 
     async def list(self, page_size: int, after: str, hot_only: bool) -> tuple[list[SkuPolicy], str]:
