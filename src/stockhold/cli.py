@@ -133,25 +133,37 @@ _SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+_KEY_PREFIX_FLAG = (
+    "--key-prefix",
+    "key_prefix",
+    "first segment of every key (env STOCKHOLD_KEY_PREFIX)",
+)
+
 # `migrate-layout` takes the serve flags that find the data, plus the key prefix.
 _MIGRATE_FLAGS: tuple[tuple[str, str, str], ...] = (
     *(f for f in _SERVE_FLAGS if f[0] in ("--redis-url", "--data-dir", "--partitions")),
-    ("--key-prefix", "key_prefix", "first segment of every key (env STOCKHOLD_KEY_PREFIX)"),
+    _KEY_PREFIX_FLAG,
     ("--redis-cluster", "redis_cluster", "refused: a Redis Cluster never held layout-1 data"),
 )
+
+
+def _settings_of(args: argparse.Namespace, table: tuple[tuple[str, str, str], ...]) -> Settings:
+    """Settings as `serve` reads them, from the environment and the flags of `table`; a
+    ConfigError names the flag of the setting it is about."""
+    try:
+        return Settings.from_env(**{field: getattr(args, _dest(flag)) for flag, field, _ in table})
+    except ConfigError as err:
+        err.flag = err.flag or {field: flag for flag, field, _ in table}.get(err.field)
+        raise
 
 
 def _migrate_layout(args: argparse.Namespace) -> int:
     """Settings as `serve` reads them (one line and exit 2 for a mistake), then migrate."""
     from stockhold import logs, migrate
 
-    flags = {field: flag for flag, field, _ in _MIGRATE_FLAGS}
     try:
-        settings = Settings.from_env(
-            **{field: getattr(args, _dest(flag)) for flag, field, _ in _MIGRATE_FLAGS}
-        )
+        settings = _settings_of(args, _MIGRATE_FLAGS)
     except ConfigError as err:
-        err.flag = err.flag or flags.get(err.field)
         print(f"stockhold: {err}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
@@ -776,7 +788,7 @@ def _events_commands(sub: Any, client: Callable[..., argparse.ArgumentParser]) -
 # `snapshot` / `reconcile` find the data as `migrate-layout` does, plus the cluster switch.
 _RECONCILE_FLAGS: tuple[tuple[str, str, str], ...] = (
     *(f for f in _SERVE_FLAGS if f[0] in ("--redis-url", "--partitions")),
-    ("--key-prefix", "key_prefix", "first segment of every key (env STOCKHOLD_KEY_PREFIX)"),
+    _KEY_PREFIX_FLAG,
     ("--redis-cluster", "redis_cluster", "the URL is a node of a Redis Cluster"),
 )
 
@@ -787,13 +799,9 @@ def _reconcile(args: argparse.Namespace) -> int:
 
     from stockhold import reconcile
 
-    flags = {field: flag for flag, field, _ in _RECONCILE_FLAGS}
     try:
-        settings = Settings.from_env(
-            **{field: getattr(args, _dest(flag)) for flag, field, _ in _RECONCILE_FLAGS}
-        )
+        settings = _settings_of(args, _RECONCILE_FLAGS)
     except ConfigError as err:
-        err.flag = err.flag or flags.get(err.field)
         print(f"stockhold: {err}", file=sys.stderr)
         return 2
     path = args.out if args.command == "snapshot" else args.snapshot
