@@ -58,6 +58,11 @@ def test_command_slot_picks_the_first_key() -> None:
     assert command_slot(("EVALSHA", "sha", 0, "arg")) is None
     assert command_slot(("PING",)) is None
     assert command_slot(("WAIT", 1, 100)) is None
+    # stream commands whose key is not the first argument (consumer groups, issue 12)
+    assert command_slot(("XGROUP", "CREATE", "s{t}", "g", "0", "MKSTREAM")) == key_slot(b"t")
+    assert command_slot(("XINFO", "GROUPS", "s{t}")) == key_slot(b"t")
+    read = ("XREADGROUP", "GROUP", "g", "c", "COUNT", 10, "STREAMS", "s{t}", ">")
+    assert command_slot(read) == key_slot(b"t")
 
 
 async def test_calls_reach_every_master(redis_cluster: RedisCluster) -> None:

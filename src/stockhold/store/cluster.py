@@ -72,6 +72,10 @@ _KEYLESS: Final = frozenset(
     {b"PING", b"ECHO", b"TIME", b"INFO", b"CLUSTER", b"SCRIPT", b"FUNCTION", b"WAIT", b"DBSIZE"}
 )
 _NUMKEYS: Final = frozenset({b"EVAL", b"EVALSHA", b"EVAL_RO", b"EVALSHA_RO", b"FCALL", b"FCALL_RO"})
+# Commands whose key follows a subcommand (XGROUP CREATE <key> ..., XINFO GROUPS <key>).
+_SUBCOMMAND_KEY: Final = frozenset({b"XGROUP", b"XINFO"})
+# Commands whose keys follow a STREAMS token (XREAD / XREADGROUP ... STREAMS <key> ... <id> ...).
+_STREAMS_KEY: Final = frozenset({b"XREAD", b"XREADGROUP"})
 
 
 def _bytes(value: Arg) -> bytes:
@@ -83,12 +87,19 @@ def _bytes(value: Arg) -> bytes:
 def command_slot(cmd: Sequence[Arg]) -> int | None:
     """The slot a command is routed by: its first key's, or None for a command without keys.
 
-    The first key is the argument after the name, or for EVAL/EVALSHA/FCALL the one after
-    numkeys (none when numkeys is 0).
+    The first key is the argument after the name; for EVAL/EVALSHA/FCALL the one after
+    numkeys (none when numkeys is 0); for XGROUP/XINFO the one after the subcommand; for
+    XREAD/XREADGROUP the one after STREAMS.
     """
     name = _bytes(cmd[0]).upper()
     if name in _NUMKEYS:
         return key_slot(_bytes(cmd[3])) if len(cmd) > 3 and int(cmd[2]) > 0 else None
+    if name in _SUBCOMMAND_KEY:
+        return key_slot(_bytes(cmd[2])) if len(cmd) > 2 else None
+    if name in _STREAMS_KEY:
+        words = [_bytes(a).upper() for a in cmd]
+        at = words.index(b"STREAMS") + 1 if b"STREAMS" in words else len(cmd)
+        return key_slot(_bytes(cmd[at])) if at < len(cmd) else None
     if name in _KEYLESS or len(cmd) < 2:
         return None
     return key_slot(_bytes(cmd[1]))
