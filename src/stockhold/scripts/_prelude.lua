@@ -19,10 +19,19 @@ end
 
 -- Append one event to a partition stream, trimmed to about maxlen entries. `data` is a table,
 -- or its JSON text already encoded (the reserve path builds it as text: cheaper than cjson).
-local function emit(stream, maxlen, etype, id_field, id, now, data)
+-- `actor`: who caused it (the caller's identity, or "sweeper", "poller", "webhook",
+-- "recovery", "reconcile": constants.ACTOR_*), in the entry's field 'actor'.
+local function emit(stream, maxlen, etype, id_field, id, now, data, actor)
   if type(data) ~= 'string' then data = cjson.encode(data) end
+  -- TRANSITIONAL (issue 12, actor): call sites not yet passing an actor write none; removed
+  -- once every script passes one.
+  if actor == nil then
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
+      'type', etype, id_field, id, 'ts', now, 'data', data)
+    return
+  end
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-    'type', etype, id_field, id, 'ts', now, 'data', data)
+    'type', etype, id_field, id, 'ts', now, 'data', data, 'actor', actor)
 end
 
 -- A string as a JSON string literal: quoted as is when nothing in it needs escaping (the
