@@ -8,6 +8,8 @@ partition sit in one Redis Cluster slot.
     <prefix>:{p<N>}:expiry               zset  order id -> deadline (ms, Redis clock)
     <prefix>:{p<N>}:events               stream  one entry per state change
     <prefix>:{p<N>}:adj:<adjustment-id>  hash  the stored answer of an AdjustStock
+    <prefix>:{p<N>}:count:<count-id>     hash  the stored answer of a SetOnHand (cycle count),
+                                               in the counted unit's SKU partition
     <prefix>:{meta}:partitions           string  the partition count of this deployment
     <prefix>:{meta}:layout               string  the key layout of its data (LAYOUT)
     <prefix>:{p<N>}:sku:<sku>            hash  a SKU's policy fields and its sales buckets
@@ -27,6 +29,17 @@ Redis Cluster only (docs/cluster.md), an order whose keys span partitions:
     <prefix>:{p<N>}:settle               zset  order id -> when recovery settles its parts (ms)
     <prefix>:{p<N>}:abort:<order-id>     set   nonces of attempts whose parts were given back
     <prefix>:{p<N>}:adj:<adjustment-id>  also in the unit's partition, claimed in its own
+
+Subscriptions (issue 12, stockhold.delivery.subscriptions builds these keys):
+
+    <prefix>:{meta}:subs                 set   subscription names
+    <prefix>:{meta}:sub:<name>           hash  definition (JSON), secret, created (ms)
+    <prefix>:{p<N>}:lease:<name>         string  the process delivering partition N (PX)
+    <prefix>:{p<N>}:failed:<name>        zset  stream id -> entry ms: events that used up their
+                                               attempts
+    <prefix>:{p<N>}:failedev:<name>      hash  stream id -> the failed event's body and error
+    <prefix>:{p<N>}:dstat:<name>         hash  delivery statistics of partition N
+    consumer group "sub:<name>" on every <prefix>:{p<N>}:events
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ ORDER: Final = "order"
 EXPIRY: Final = "expiry"
 EVENTS: Final = "events"
 ADJUSTMENT: Final = "adj"
+COUNT: Final = "count"
 META_PARTITIONS: Final = "{meta}:partitions"
 # The key layout a deployment's data is in (absent: 1, stock by sales unit id); layout 2
 # (issue 11) keeps stock in its SKU's partition and one SKU index per partition.
@@ -57,6 +71,12 @@ ABORT: Final = "abort"
 META_CONTENTION: Final = "{meta}:contention"
 META_CONTENTION_SEEN: Final = "{meta}:contention:seen"
 META_CONTENTION_SLOTS: Final = "{meta}:contention:slots"
+META_SUBSCRIPTIONS: Final = "{meta}:subs"
+META_SUBSCRIPTION: Final = "{meta}:sub"
+SUB_LEASE: Final = "lease"
+SUB_FAILED: Final = "failed"
+SUB_FAILED_EVENTS: Final = "failedev"
+SUB_STATS: Final = "dstat"
 
 # SKU policy hash fields (sales buckets are "b:<bucket index>").
 POLICY_TIMEOUT: Final = "to"
@@ -71,6 +91,9 @@ POLICY_SOLD: Final = "sold"
 # Stock hash field prefixes (the warehouse name follows, as data).
 FIELD_AVAILABLE: Final = "a:"
 FIELD_RESERVED: Final = "r:"
+# When the last cycle count applied to the warehouse was taken (counted_at, ms): an older count
+# is refused (SetOnHand, STALE_COUNT).
+FIELD_COUNTED: Final = "c:"
 
 # Reservation record states as stored by the scripts.
 STATE_HELD: Final = "H"
@@ -91,6 +114,16 @@ EVENT_PAYMENT_AFTER_EXPIRY: Final = "PAYMENT_AFTER_EXPIRY"
 EVENT_POLICY_CHANGED: Final = "SKU_POLICY_CHANGED"
 # A counter set back to what the events say by `stockhold reconcile --repair` (reconcile.py).
 EVENT_REPAIRED: Final = "STOCK_REPAIRED"
+# A cycle count (SetOnHand): available set to on_hand - reserved (counts.py).
+EVENT_COUNTED: Final = "STOCK_COUNTED"
+# Who caused an event (its stream field "actor", Event.actor): the caller's identity for an
+# RPC (servicer.actor_of), or the background job that wrote it.
+ACTOR_ANONYMOUS: Final = "anonymous"  # a caller with no known identity (no auth yet)
+ACTOR_SWEEPER: Final = "sweeper"  # expiry sweeps (server.py)
+ACTOR_POLLER: Final = "poller"  # payment polling (payments/poller.py)
+ACTOR_WEBHOOK: Final = "webhook"  # payment notifications (payments/webhook.py)
+ACTOR_RECOVERY: Final = "recovery"  # cross-slot recovery (crossslot.py, Redis Cluster)
+ACTOR_RECONCILE: Final = "reconcile"  # stockhold reconcile --repair (reconcile.py)
 # Every type a stream may hold (WatchEvents refuses a filter naming another).
 EVENT_TYPES: Final = (
     EVENT_RESERVED,
@@ -104,6 +137,7 @@ EVENT_TYPES: Final = (
     EVENT_PAYMENT_AFTER_EXPIRY,
     EVENT_POLICY_CHANGED,
     EVENT_REPAIRED,
+    EVENT_COUNTED,
 )
 
 ERROR_DOMAIN: Final = "stockhold"
@@ -118,6 +152,7 @@ MAX_WAREHOUSE: Final = 64
 MAX_QUANTITY: Final = 1_000_000
 MAX_LINES: Final = 100
 MAX_ADJUSTMENT_ID: Final = 128
+MAX_COUNT_ID: Final = 128
 MAX_DELTA: Final = 1_000_000_000
 MAX_REASON: Final = 256
 MAX_PAYMENT_REF: Final = 128

@@ -26,6 +26,8 @@ class Reason(StrEnum):
     INSUFFICIENT_STOCK = "INSUFFICIENT_STOCK"
     ORDER_CONFLICT = "ORDER_CONFLICT"
     ADJUSTMENT_CONFLICT = "ADJUSTMENT_CONFLICT"
+    COUNT_CONFLICT = "COUNT_CONFLICT"
+    STALE_COUNT = "STALE_COUNT"
     RESERVATION_NOT_FOUND = "RESERVATION_NOT_FOUND"
     RESERVATION_RELEASED = "RESERVATION_RELEASED"
     RESERVATION_EXPIRED = "RESERVATION_EXPIRED"
@@ -34,6 +36,8 @@ class Reason(StrEnum):
     STREAM_BACKPRESSURE = "STREAM_BACKPRESSURE"
     PAYMENT_AMOUNT_MISMATCH = "PAYMENT_AMOUNT_MISMATCH"
     PAYMENT_CONFLICT = "PAYMENT_CONFLICT"
+    SUBSCRIPTION_NOT_FOUND = "SUBSCRIPTION_NOT_FOUND"
+    SUBSCRIPTION_EXISTS = "SUBSCRIPTION_EXISTS"
     BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
     INTERNAL = "INTERNAL"
 
@@ -44,6 +48,8 @@ STATUS_FOR_REASON: Final[Mapping[Reason, grpc.StatusCode]] = {
     Reason.INSUFFICIENT_STOCK: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.ORDER_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
     Reason.ADJUSTMENT_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.COUNT_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.STALE_COUNT: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.RESERVATION_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Reason.RESERVATION_RELEASED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.RESERVATION_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
@@ -52,6 +58,8 @@ STATUS_FOR_REASON: Final[Mapping[Reason, grpc.StatusCode]] = {
     Reason.STREAM_BACKPRESSURE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.PAYMENT_AMOUNT_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.PAYMENT_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.SUBSCRIPTION_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.SUBSCRIPTION_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     Reason.BACKEND_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Reason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
@@ -61,6 +69,10 @@ _MESSAGES: Final[Mapping[Reason, str]] = {
     Reason.INSUFFICIENT_STOCK: "not enough stock",
     Reason.ORDER_CONFLICT: "order_id was already used for a different reservation",
     Reason.ADJUSTMENT_CONFLICT: "adjustment_id was already used with different contents",
+    Reason.COUNT_CONFLICT: "count_id was already used with different contents",
+    Reason.STALE_COUNT: (
+        "a later count of this unit and warehouse was applied already; nothing changed"
+    ),
     Reason.RESERVATION_NOT_FOUND: "no reservation with this order_id",
     Reason.RESERVATION_RELEASED: "the reservation was released",
     Reason.RESERVATION_EXPIRED: "the reservation expired",
@@ -71,6 +83,8 @@ _MESSAGES: Final[Mapping[Reason, str]] = {
     ),
     Reason.PAYMENT_AMOUNT_MISMATCH: "the paid amount differs from the order's; not committed",
     Reason.PAYMENT_CONFLICT: "this out_trade_no is already the payment of another order",
+    Reason.SUBSCRIPTION_NOT_FOUND: "no subscription with this name",
+    Reason.SUBSCRIPTION_EXISTS: "a subscription with this name exists with another definition",
     Reason.BACKEND_UNAVAILABLE: "the stock store (Redis) is unavailable; retry",
     Reason.INTERNAL: "internal error",
 }

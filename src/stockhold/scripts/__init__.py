@@ -40,6 +40,8 @@ OPERATIONS = (
     "finish",
     "abort",
     "claim",
+    "count",
+    "group",
 )
 
 
@@ -212,3 +214,5 @@ class Scripts:
         self.finish: AsyncScript = register("finish")
         self.abort: AsyncScript = register("abort")
         self.claim: AsyncScript = register("claim")
+        self.count: AsyncScript = register("count")
+        self.group: AsyncScript = register("group")
