@@ -571,6 +571,7 @@ def _commands(sub: Any) -> None:
 
     _reserve_many_commands(client)
     _events_commands(sub, client)
+    _stock_commands(sub, client)
 
 
 # -- many orders per call: reserve-batch, reserve-stream (issue 10) ----------------------------
@@ -783,6 +784,37 @@ def _events_commands(sub: Any, client: Callable[..., argparse.ArgumentParser]) -
     p.add_argument("--count", type=_positive(int), help="stop after N events")
     # No deadline unless asked: a tail runs until interrupted (a --timeout ends it, status 0).
     p.set_defaults(run=_events_tail, timeout=None)
+
+
+def _stock_commands(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> None:
+    """`stock count`: SetOnHand, a cycle count from the WMS (docs/api.md, "Cycle counts")."""
+    stock = sub.add_parser("stock", help="absolute stock figures from the warehouse")
+    ssub = stock.add_subparsers(dest="stock_command", required=True)
+    p = client("count", "record a cycle count: available := on_hand - reserved", ssub)
+    p.add_argument("--count-id", required=True, help="the idempotency key of this count")
+    p.add_argument("--sku", required=True)
+    p.add_argument("--spec", default="")
+    p.add_argument("--barcode", default="")
+    p.add_argument("--warehouse", required=True)
+    p.add_argument("--on-hand", type=int, required=True, help="units counted (>= 0)")
+    p.add_argument(
+        "--counted-at", required=True, help="when counted: RFC 3339 with an offset, e.g. ...+08:00"
+    )
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.SetOnHand(
+                pb.SetOnHandRequest(
+                    count_id=a.count_id,
+                    unit=_unit(a),
+                    warehouse=a.warehouse,
+                    on_hand=a.on_hand,
+                    counted_at=a.counted_at,
+                ),
+                timeout=a.timeout,
+            ),
+        )
+    )
 
 
 # `snapshot` / `reconcile` find the data as `migrate-layout` does, plus the cluster switch.

@@ -7,6 +7,8 @@ What is exported (see docs/operations.md, "Metrics"):
   answer (health and reflection calls are not recorded);
 * `stockhold_reserve_shed_total{hot}`: Reserves refused with RESERVE_TIMEOUT before any script
   was sent (`record_shed`, called by the engine);
+* `stockhold_oversold_counts_total`: cycle counts (SetOnHand, not replays) that found fewer
+  units than are reserved (`record_oversold_count`, called by stockhold.counts);
 * `stockhold_contention_*{key,sku}`: gauges of the top keys of the server's own
   `GetContentionStats`, asked over gRPC at scrape time (`ContentionCollector`).
 
@@ -98,6 +100,10 @@ class _Metrics:
             True: self.shed.labels(hot="true"),
             False: self.shed.labels(hot="false"),
         }
+        self.oversold_counts: Counter = Counter(
+            "stockhold_oversold_counts_total",
+            "Cycle counts (SetOnHand) applied with on_hand below reserved: available negative",
+        )
 
 
 _state: _Metrics | None = None
@@ -132,6 +138,17 @@ def record_shed(sku_is_hot: bool) -> None:
         state.shed_by_hot[bool(sku_is_hot)].inc()
     except Exception:  # a metric must never fail a request
         log.warning("shed counter failed", exc_info=True)
+
+
+def record_oversold_count() -> None:
+    """Count one applied cycle count that left available negative; never raises."""
+    state = _state
+    if state is None:
+        return
+    try:
+        state.oversold_counts.inc()
+    except Exception:  # a metric must never fail a request
+        log.warning("oversold counter failed", exc_info=True)
 
 
 # -- RPC latency --------------------------------------------------------------------------------

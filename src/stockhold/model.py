@@ -183,6 +183,12 @@ class StockLevel:
         """Physical stock not yet shipped: what is free plus what is held."""
         return self.available + self.reserved
 
+    @property
+    def oversold(self) -> bool:
+        """A cycle count found fewer units than are reserved: available is negative (stored as
+        counted, never clamped) until receipts or releases bring it back to >= 0."""
+        return self.available < 0
+
 
 class PendingPayment(NamedTuple):
     """A payment to poll: the provider and the merchant's order number there."""

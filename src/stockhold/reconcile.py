@@ -90,7 +90,8 @@ return {redis.call('TIME'), heads, stock, parts, held}
 
 # KEYS[1] a stock hash, KEYS[2] the event stream of its partition. ARGV: field ("a:<wh>" or
 # "r:<wh>"), the value it had when reconcile read it, the value it must have, the event's data
-# (JSON), maxlen. Sets it only when it still holds the value read: 1 repaired, 0 changed since.
+# (JSON), maxlen, the event's actor. Sets it only when it still holds the value read: 1
+# repaired, 0 changed since.
 _REPAIR = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
 if cur ~= ARGV[2] then return 0 end
@@ -98,7 +99,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 local t = redis.call('TIME')
 local now = t[1] .. string.sub('00000' .. t[2], -6, -4)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', 'STOCK_REPAIRED',
-  'adjustment_id', '', 'ts', now, 'data', ARGV[4])
+  'adjustment_id', '', 'ts', now, 'data', ARGV[4], 'actor', ARGV[6])
 return 1
 """
 
@@ -314,7 +315,7 @@ class Store:
             | {"counter": field, "from": was, "to": to}
         ).decode()
         args: list[str | int] = [f"{field[0]}:{wh}", str(was), str(to), data]
-        args.append(self.settings.event_stream_maxlen)
+        args += (self.settings.event_stream_maxlen, c.ACTOR_RECONCILE)
         return bool(self._repair(keys=[key, self.resolver.events_key(p)], args=args))
 
 
@@ -403,10 +404,15 @@ _EFFECTS: Final = {
 }
 
 
+Change = tuple[Counter, int, int, int | None, int | None, int | None]
+"""One counter's change by an event or a part: (counter, available delta, reserved delta,
+available set to, reserved set to, on hand set to: available := it - reserved as rebuilt)."""
+
+
 def replay(store: Store, old: Cut, new: Cut) -> dict[Counter, list[int]]:
     """The counters `old` plus every change between the two cuts, at `new`'s positions."""
     expected = {k: list(v) for k, v in old.counters.items()}
-    steps: list[tuple[int, int, int, list[tuple[Counter, int, int, int | None, int | None]]]] = []
+    steps: list[tuple[int, int, int, list[Change]]] = []
     for p in range(store.partitions):
         if new.positions[p] <= old.positions[p]:
             continue
@@ -425,20 +431,20 @@ def replay(store: Store, old: Cut, new: Cut) -> dict[Counter, list[int]]:
         after = now.effect() if now else (was.effect() if was and was.state == "C" else (0, 0))
         da, dr = after[0] - before[0], after[1] - before[1]
         at = now.updated_ms if now else new.time_ms
-        changes = [((k, wh), da * q, dr * q, None, None) for k, wh, q in holds]
-        steps.append((at, 2**63, -1, changes))
+        moved: list[Change] = [((k, wh), da * q, dr * q, None, None, None) for k, wh, q in holds]
+        steps.append((at, 2**63, -1, moved))
     steps.sort(key=lambda s: (s[0], s[1], s[2]))
     for _, _, _, changes in steps:
-        for counter, da, dr, set_a, set_r in changes:
+        for counter, da, dr, set_a, set_r, on_hand in changes:
             values = expected.setdefault(counter, [0, 0])
             values[0] = set_a if set_a is not None else values[0] + da
             values[1] = set_r if set_r is not None else values[1] + dr
+            if on_hand is not None:
+                values[0] = on_hand - values[1]
     return expected
 
 
-def _event_changes(
-    store: Store, p: int, e: Any
-) -> list[tuple[Counter, int, int, int | None, int | None]]:
+def _event_changes(store: Store, p: int, e: Any) -> list[Change]:
     try:
         data = orjson.loads(e.data_json) if e.data_json else {}
     except orjson.JSONDecodeError:
@@ -447,24 +453,36 @@ def _event_changes(
         return []
     if e.type == c.EVENT_ADJUSTED:
         key = store.resolver.unit(data["sku"], data["spec"], data["barcode"]).stock_key
-        return [((key, data["warehouse"]), int(data["delta"]), 0, None, None)]
+        return [((key, data["warehouse"]), int(data["delta"]), 0, None, None, None)]
+    if e.type == c.EVENT_COUNTED:
+        return _counted(store, data)
     if e.type == c.EVENT_REPAIRED:
         key = store.resolver.unit(*unit_triple(data["unit"])).stock_key
         to = int(data["to"])
         avail = data["counter"] == "available"
-        return [((key, data["warehouse"]), 0, 0, to if avail else None, None if avail else to)]
+        set_a, set_r = (to, None) if avail else (None, to)
+        return [((key, data["warehouse"]), 0, 0, set_a, set_r, None)]
     effect = _EFFECTS.get(e.type)
     if e.type == c.EVENT_PAYMENT_AFTER_EXPIRY and data.get("recommitted") is True:
         effect = (-1, 0)
     if effect is None or not isinstance(data.get("allocations"), list):
         return []
-    out: list[tuple[Counter, int, int, int | None, int | None]] = []
+    out: list[Change] = []
     for sku, spec, barcode, wh, qty in data["allocations"]:
         unit = store.resolver.unit(sku, spec, barcode)
         if store.cluster and unit.partition != p:
             return []  # a cross-slot order: its stock moved in parts (see Cut)
-        out.append(((unit.stock_key, wh), effect[0] * int(qty), effect[1] * int(qty), None, None))
+        da, dr = effect[0] * int(qty), effect[1] * int(qty)
+        out.append(((unit.stock_key, wh), da, dr, None, None, None))
     return out
+
+
+def _counted(store: Store, data: dict[str, Any]) -> list[Change]:
+    """A cycle count (STOCK_COUNTED) sets on hand: available := on_hand - reserved, with
+    reserved as rebuilt at that point (a hold taken or given back keeps on hand, so the result
+    does not depend on where a part settled in the same millisecond lands)."""
+    key = store.resolver.unit(data["sku"], data["spec"], data["barcode"]).stock_key
+    return [((key, data["warehouse"]), 0, 0, None, None, int(data["on_hand"]))]
 
 
 def drifts(old: Cut | None, new: Cut, expected: dict[Counter, list[int]] | None) -> list[Drift]:

@@ -4,7 +4,8 @@
 -- KEYS[2] the event stream of that partition
 -- KEYS[3] the stock hash of the sales unit
 -- ARGV[1] JSON: {"aid": str, "fp": str, "wh": str, "delta": int, "reason": str,
---                "unit": [sku, spec, barcode], "maxlen": int, "retention": ms}
+--                "unit": [sku, spec, barcode], "maxlen": int, "retention": ms,
+--                "actor": who adjusts (the event's actor)}
 -- Returns JSON: {"ok": 1, "replayed": 0|1, "available": int, "reserved": int}
 --               or {"err": REASON, "meta": {...}}
 -- The same adjustment id again returns the stored answer and changes nothing.
@@ -18,7 +19,7 @@ if prev[1] then
 end
 local cur = redis.call('HMGET', sk, 'a:' .. a.wh, 'r:' .. a.wh)
 local avail, reserved = tonumber(cur[1]) or 0, tonumber(cur[2]) or 0
-if avail + a.delta < 0 then
+if a.delta < 0 and avail + a.delta < 0 then
   return cjson.encode({err = 'INSUFFICIENT_STOCK', meta = {sku = a.unit[1], spec = a.unit[2],
     barcode = a.unit[3], warehouse = a.wh, requested = -a.delta, available = avail}})
 end
@@ -29,5 +30,5 @@ redis.call('HSET', rk, 'fp', a.fp, 'av', avail, 'rs', reserved, 'ts', now)
 redis.call('PEXPIRE', rk, a.retention)
 emit(ek, a.maxlen, 'STOCK_ADJUSTED', 'adjustment_id', a.aid, now,
   {sku = a.unit[1], spec = a.unit[2], barcode = a.unit[3], warehouse = a.wh, delta = a.delta,
-   reason = a.reason, available = avail, reserved = reserved})
+   reason = a.reason, available = avail, reserved = reserved}, a.actor)
 return cjson.encode({ok = 1, replayed = 0, available = avail, reserved = reserved})
