@@ -155,7 +155,7 @@ class Workload:
             unit = self.resolver.units([(sku, SPEC, f"2{i:012d}")])[0]
             oid = self._probes.get(unit.partition) or self._probe_id(unit.partition)
             self._probes[unit.partition] = oid
-            keys, _ = self.engine.reserve_call([self._order(oid, unit)])
+            keys, _ = self.engine.reserve_call([(self._order(oid, unit), "bench")])
             if len({key_slot(key.encode()) for key in keys}) == 1:
                 return unit
         raise RuntimeError(f"no single-slot sales unit found for unit {i}")
@@ -199,7 +199,7 @@ class Workload:
                 turn[p] = t + 1
                 orders.append(self._order(o, units[t % len(units)]))
             queue.clear()
-            keys, args = self.engine.reserve_call(orders)
+            keys, args = self.engine.reserve_call([(o, "bench") for o in orders])
             slot = key_slot(keys[0].encode())
             yield slot, list(keys), [self._compact(a) for a in args]
 

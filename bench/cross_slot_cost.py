@@ -253,10 +253,10 @@ async def run_block(
         t = time.perf_counter()
         try:
             if op == "reserve":
-                res, replayed = await engine.reserve(order)
+                res, replayed = await engine.reserve(order, actor="bench")
                 ok = res.state == State.HELD and not replayed
             else:
-                res = await engine.commit(order.keys.order_id)
+                res = await engine.commit(order.keys.order_id, actor="bench")
                 ok = res.state == State.COMMITTED
         except Exception as exc:  # counted, reported; the run goes on
             fig.failures[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
@@ -321,7 +321,9 @@ async def setup(dep: Deployment, units: Sequence[Unit]) -> None:
 
     async def stock(u: Unit) -> None:
         async with sem:
-            await dep.engine.adjust(f"stock-{u.unit_id}", u, WAREHOUSE, STOCK, "stock")
+            await dep.engine.adjust(
+                f"stock-{u.unit_id}", u, WAREHOUSE, STOCK, "stock", actor="bench"
+            )
 
     await asyncio.gather(*(stock(u) for u in units))
 
@@ -337,8 +339,8 @@ async def measure(
         orders = workload.orders(kind, 8, "warm")
         for dep in deps:
             for o in orders:
-                await dep.engine.reserve(o)
-                await dep.engine.commit(o.keys.order_id)
+                await dep.engine.reserve(o, actor="bench")
+                await dep.engine.commit(o.keys.order_id, actor="bench")
             await dep.drain()
     cells = [(dep, kind) for dep in deps for kind, _, _ in KINDS]
     started = time.monotonic()

@@ -51,7 +51,7 @@ async def main(url, n, lines, tag):
 
     async def one(o):
         async with sem:
-            await e.reserve(o)
+            await e.reserve(o, actor="bench")
 
     await asyncio.gather(*(one(o) for o in orders))
     await e.close()
@@ -68,7 +68,8 @@ from stockhold.settings import Settings
 async def main(url, skus):
     e = Engine.connect(url, Settings(redis_url=url, partitions=64))
     for i in range(skus):
-        await e.adjust(f"a{i}", e.resolver.unit(f"sku{i}", "", ""), "east", 10**8, "")
+        unit = e.resolver.unit(f"sku{i}", "", "")
+        await e.adjust(f"a{i}", unit, "east", 10**8, "", actor="bench")
     await e.close()
 
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))

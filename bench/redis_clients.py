@@ -284,7 +284,7 @@ def build_workload(settings: Settings, url: str, n: int) -> Workload:
             0,
             settings.max_hold_seconds,
         )
-        w.calls.append(engine.reserve_call([order]))
+        w.calls.append(engine.reserve_call([(order, "bench")]))
     return w
 
 
@@ -292,7 +292,7 @@ async def seed(w: Workload, proc: RedisProc) -> None:
     """FLUSHALL, then STOCK units of every sales unit in WAREHOUSE (through the real adjust)."""
     proc.flush()
     for i, u in enumerate(w.units):
-        await w.engine.adjust(f"seed-{i}", u, WAREHOUSE, STOCK, "bench")
+        await w.engine.adjust(f"seed-{i}", u, WAREHOUSE, STOCK, "bench", actor="bench")
 
 
 @dataclass

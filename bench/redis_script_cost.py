@@ -92,7 +92,7 @@ def generate(out: str, batches: Sequence[int], calls: int, lines: int) -> None:
                         settings.max_hold_seconds,
                     )
                 )
-            keys, args = engine.reserve_call(orders)
+            keys, args = engine.reserve_call([(o, "bench") for o in orders])
             plan[batch].append(
                 (list(keys), [a if isinstance(a, bytes) else str(a).encode() for a in args])
             )
@@ -149,13 +149,13 @@ def live_commits(url: str, batch: int, calls: int, lines: int) -> None:
                         settings.max_hold_seconds,
                     )
                 )
-            keys, args = engine.reserve_call(orders)
+            keys, args = engine.reserve_call([(o, "bench") for o in orders])
             admin.eval(source, len(keys), *keys, *args)
             held.append(orders)
         admin.config_resetstat()
         for orders in held:
             results = await engine._transition_batch(
-                [Transition("commit", o.keys, f"pay-{o.keys.order_id}") for o in orders]
+                [Transition("commit", o.keys, f"pay-{o.keys.order_id}", "bench") for o in orders]
             )
             for r in results:
                 if r.get("err") or r.get("rec", {}).get("st") != "C":

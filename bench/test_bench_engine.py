@@ -55,7 +55,7 @@ def test_build_batched_reserve_call(benchmark: Any, orders: int) -> None:
     engine = Engine(Redis(), settings)
     resolver = KeyResolver(settings.key_prefix, settings.partitions)
     batch = [
-        resolver.resolve_order(r.order_id, line_tuples(r), 0, settings.max_hold_seconds)
+        (resolver.resolve_order(r.order_id, line_tuples(r), 0, settings.max_hold_seconds), "bench")
         for r in (reserve_request(i, 3) for i in range(orders))
     ]
     keys, args = benchmark(engine.reserve_call, batch)

@@ -53,7 +53,9 @@ class Bench:
         self.calls: list[tuple[list[str], list[bytes]]] = []
         self.next = 0
         for i, u in enumerate(self.units):
-            loop.run_until_complete(self.engine.adjust(f"seed-{i}", u, "wh-1", 10**9, "bench"))
+            loop.run_until_complete(
+                self.engine.adjust(f"seed-{i}", u, "wh-1", 10**9, "bench", actor="bench")
+            )
 
     def batch(self, n: int) -> list[tuple[list[str], list[bytes]]]:
         """The KEYS/ARGV of `n` orders never sent before."""
@@ -66,7 +68,7 @@ class Bench:
             order = resolver.resolve_order(
                 f"bench-{i:09d}", [(u.sku, u.spec, u.barcode, "", 1)], 0, 3600
             )
-            out.append(self.engine.reserve_call([order]))
+            out.append(self.engine.reserve_call([(order, "bench")]))
         return out
 
 

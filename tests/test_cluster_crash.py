@@ -140,7 +140,7 @@ async def _stock(engine: Engine, skus: list[str]) -> dict[tuple[str, str], int]:
     for s in skus:
         unit = engine.resolver.unit(s, "", "")
         for wh in WAREHOUSES:
-            await engine.adjust(f"init-{s}-{wh}", unit, wh, STOCK, "stock")
+            await engine.adjust(f"init-{s}-{wh}", unit, wh, STOCK, "stock", actor="test")
             stocked[(unit.stock_key, wh)] = STOCK
     return stocked
 
@@ -154,7 +154,7 @@ async def _recover_until_quiet(engine: Engine, window_s: float) -> Counter[str]:
     deadline = time.monotonic() + 30
     done: Counter[str] = Counter()
     while time.monotonic() < deadline:
-        await engine.expire_due()
+        await engine.expire_due(actor="test")
         counts = await cross.recover()
         if not any(counts.values()):
             return done
@@ -192,14 +192,14 @@ async def test_crash_between_steps_then_recovery_restores_every_invariant(
         order = dying.resolver.resolve_order(f"ord-{i}", lines, hold, 172800)
         try:
             if dying._home_only(order):
-                await dying.reserve(order)
+                await dying.reserve(order, actor="test")
             else:
-                await cross.reserve(order, order.fingerprint, 0, None, "")
+                await cross.reserve(order, order.fingerprint, 0, None, "", "test")
             outcome["reserved"] += 1
             op = rng.choice(("commit", "release", "keep", "keep"))
             if op != "keep":
                 arg = "tx" if op == "commit" else "changed mind"
-                await dying._transition_batch([Transition(op, order.keys, arg)])
+                await dying._transition_batch([Transition(op, order.keys, arg, "test")])
         except Crash:
             outcome["crashed"] += 1
         except DomainError as err:
@@ -214,7 +214,7 @@ async def test_crash_between_steps_then_recovery_restores_every_invariant(
     await asyncio.wait_for(asyncio.gather(*(bounded(i) for i in range(orders))), 240)
     await asyncio.sleep(1.1)  # the short holds fall due; the dying sweeper may crash too
     try:
-        await dying.expire_due()
+        await dying.expire_due(actor="test")
     except Crash:
         outcome["sweep crashed"] += 1
     assert crashes, "no fault was injected"

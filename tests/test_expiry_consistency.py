@@ -325,7 +325,7 @@ async def test_a_read_right_after_the_deadline_expires_the_hold_with_the_sweeper
         # Later reads and a sweep change nothing.
         before = await snapshot(unswept.redis, with_ttl=True)
         assert await stub.GetReservation(pb.GetReservationRequest(order_id="o-1")) == r
-        assert await unswept.server.engine.expire_due() == 0
+        assert await unswept.server.engine.expire_due(actor="test") == 0
         assert await snapshot(unswept.redis, with_ttl=True) == before
 
 
@@ -419,8 +419,8 @@ async def test_racing_first_calls_and_sweeps_on_a_due_hold_expire_it_once(
                 if i % 3 == 0:
                     calls.append(stub.Commit(pb.CommitRequest(order_id="o-1")))
                 if i % 6 == 0:
-                    calls.append((engine if i % 12 else other).expire_due())
-                    calls.append(other.get_reservation("o-1"))
+                    calls.append((engine if i % 12 else other).expire_due(actor="test"))
+                    calls.append(other.get_reservation("o-1", actor="test"))
             results = await asyncio.gather(*calls, return_exceptions=True)
 
             ts = assert_expired_for_real(admin, deadline)

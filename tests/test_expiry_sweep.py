@@ -58,7 +58,7 @@ def due_left(client: Any) -> int:
 async def stock(engine: Engine, units: list[Any], per_unit: int) -> None:
     """`per_unit` available in warehouse w1 of every unit."""
     for u in units:
-        await engine.adjust(f"receipt-{u.sku}", u, "w1", per_unit, "test")
+        await engine.adjust(f"receipt-{u.sku}", u, "w1", per_unit, "test", actor="test")
 
 
 async def hold_many(
@@ -82,11 +82,12 @@ async def hold_many(
             u = units[i % len(units)]
             line = (u.sku, u.spec, u.barcode, "w1", 1)
             orders.append(engine.resolver.resolve_order(oid, [line], hold, max_hold))
-        calls.append((orders, *engine.reserve_call(orders)))
+        queued = [(o, "test") for o in orders]
+        calls.append((queued, *engine.reserve_call(queued)))
     replies = [(o, await engine.scripts.reserve(keys=k, args=a)) for o, k, a in calls]
     deadlines: dict[str, int] = {}
-    for orders, reply in replies:
-        for r in reserve_results(orders, reply):
+    for sent, reply in replies:
+        for r in reserve_results(sent, reply):
             assert r.err is None and r.reservation is not None and not r.replayed, r
             deadlines[r.reservation.order_id] = r.reservation.expires_ms
     assert len(deadlines) == len(order_ids)
@@ -108,7 +109,7 @@ async def hold_through_engine(
     for start in range(0, len(orders), per_call):
         todo = orders[start : start + per_call]
         for _ in range(5):
-            results = await engine.reserve_many([(o, 0, None) for o in todo])
+            results = await engine.reserve_many([(o, 0, None) for o in todo], actor="test")
             retry = []
             for order, result in zip(todo, results, strict=True):
                 if isinstance(result, DomainError):
@@ -279,7 +280,7 @@ async def wait_past(client: Any, ms: int, limit_s: float = 5.0) -> None:
 
 
 async def expire_once(engine: Engine, partition: int) -> dict[str, Any]:
-    keys, args = engine.expire_call(partition)
+    keys, args = engine.expire_call(partition, "test")
     result: dict[str, Any] = orjson.loads(await engine.scripts.expire(keys=keys, args=args))
     return result
 
@@ -312,7 +313,7 @@ async def test_a_hold_before_its_deadline_is_not_claimed(
     await hold_many(engine, ["later"], units, 3600)
     await wait_past(admin, soon["soon"])
 
-    assert await engine.expire_due() == 1
+    assert await engine.expire_due(actor="test") == 1
 
     states = {o: admin.hget(engine.resolver.order(o).order_key, "st") for o in ("soon", "later")}
     assert states == {"soon": b"E", "later": b"H"}
@@ -369,7 +370,7 @@ async def test_a_hold_whose_counters_disagree_is_left_alone_and_reported(
 
     assert result["stuck"] == ["o-bad"] and result["expired"] == 0
     assert redis_any.dump(with_ttl=True) == before
-    assert await engine.expire_due() == 0  # and a sweep does not loop on it
+    assert await engine.expire_due(actor="test") == 0  # and a sweep does not loop on it
 
 
 async def test_many_sweepers_at_once_expire_each_hold_exactly_once(
@@ -382,7 +383,7 @@ async def test_many_sweepers_at_once_expire_each_hold_exactly_once(
     deadlines = await hold_many(sweepers[0], order_ids(2000), units, 1)
     await wait_past(admin, max(deadlines.values()))
 
-    counts = await asyncio.gather(*(s.expire_due() for s in sweepers))
+    counts = await asyncio.gather(*(s.expire_due(actor="test") for s in sweepers))
 
     assert sum(counts) == 2000
     expired = [e for e in all_events(admin) if e["type"] == c.EVENT_EXPIRED]
@@ -401,7 +402,7 @@ async def test_expiry_event_has_the_shape_of_the_other_transition_events(
     deadlines = await hold_many(engine, ["o-1"], units, 1)
     await wait_past(admin, deadlines["o-1"])
 
-    assert await engine.expire_due() == 1
+    assert await engine.expire_due(actor="test") == 1
 
     (e,) = [e for e in all_events(admin) if e["type"] == c.EVENT_EXPIRED]
     assert set(e) == {"type", "order_id", "ts", "data"}
@@ -436,13 +437,13 @@ async def test_a_sweep_that_fails_part_way_reports_what_it_expired(
         return await real_call(script, keys, args)
 
     engine.calls.call_script = failing_second_expire  # type: ignore[method-assign]
-    first = await engine.expire_due()
+    first = await engine.expire_due(actor="test")
     expired_now = sum(admin.hget(engine.resolver.order(o).order_key, "st") == b"E" for o in ids)
     # The count is what the first call really expired, not lost with the failure.
     assert 0 < first == expired_now < len(ids)
 
     engine.calls.call_script = real_call  # type: ignore[method-assign]
-    assert first + await engine.expire_due() == len(ids)
+    assert first + await engine.expire_due(actor="test") == len(ids)
     assert due_left(admin) == 0
     assert (await engine.availability(units))[0].reserved == 0
 
@@ -462,5 +463,5 @@ async def test_a_sweep_that_fails_before_expiring_anything_raises(
 
     engine.calls.call_script = refuse  # type: ignore[method-assign]
     with pytest.raises(DomainError):
-        await engine.expire_due()
+        await engine.expire_due(actor="test")
     assert admin.hget(engine.resolver.order("o-1").order_key, "st") == b"H"

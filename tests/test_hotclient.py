@@ -125,14 +125,15 @@ async def test_the_real_reserve_script_holds_stock(redis_proc: RedisProc) -> Non
     client = HotClient.from_url(redis_proc.url, settings)
     try:
         unit = engine.resolver.unit("SKU-1", "red-L", "6901234560001")
-        await engine.adjust("seed", unit, "wh-1", 10, "test")
+        await engine.adjust("seed", unit, "wh-1", 10, "test", actor="test")
         order = engine.resolver.resolve_order(
             "order-1", [(unit.sku, unit.spec, unit.barcode, "", 3)], 0, settings.max_hold_seconds
         )
-        keys, args = engine.reserve_call([order])
-        first = reserve_results([order], await client.evalsha(ScriptDef.of("reserve"), keys, args))
+        queued = [(order, "test")]
+        keys, args = engine.reserve_call(queued)
+        first = reserve_results(queued, await client.evalsha(ScriptDef.of("reserve"), keys, args))
         assert first[0].err is None and not first[0].replayed
-        replay = reserve_results([order], await engine.scripts.reserve(keys=keys, args=args))
+        replay = reserve_results(queued, await engine.scripts.reserve(keys=keys, args=args))
         assert replay[0].replayed
         # the hold built from the reply equals the stored record read back
         assert replay[0].reservation == first[0].reservation

@@ -77,7 +77,7 @@ async def test_shifting_the_host_clock_changes_no_deadline_and_no_expiry(
         assert before + 2000 <= deadline <= after + 2000
 
         # An engine sweep now (host clock far off either way) expires nothing.
-        assert await running.server.engine.expire_due() == 0
+        assert await running.server.engine.expire_due(actor="test") == 0
 
         # Poll (bounded by the real clock) until the sweeper expired it; HELD before.
         give_up = _real_monotonic() + 6

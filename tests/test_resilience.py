@@ -127,7 +127,7 @@ async def test_script_flush_between_calls_is_invisible_to_clients(make_stockhold
         await stub.Reserve(reserve_request("o-expire", line("tee", 1), hold=1))
         await asyncio.sleep(1.1)
         flush()
-        assert await engine.expire_due() == 1
+        assert await engine.expire_due(actor="test") == 1
         got = await stub.GetReservation(pb.GetReservationRequest(order_id="o-expire"))
         assert got.state == EXPIRED
         assert await levels(stub, unit("tee")) == {("tee", "", "", "w1"): (6, 6, 0)}
@@ -403,14 +403,14 @@ async def test_graceful_stop_answers_every_call_in_flight_and_reports_not_servin
     all_in = asyncio.Event()
     original_reserve = server.engine.reserve
 
-    async def slow_reserve(*args: Any) -> Any:
+    async def slow_reserve(*args: Any, **kwargs: Any) -> Any:
         # A slow backend: the calls are surely still running when the stop begins.
         nonlocal entered
         entered += 1
         if entered == n_calls:
             all_in.set()
         await asyncio.sleep(0.5)
-        return await original_reserve(*args)
+        return await original_reserve(*args, **kwargs)
 
     async with running.channel() as channel:
         stub = pb_grpc.InventoryStub(channel)

@@ -64,7 +64,7 @@ async def test_a_fresh_hold_from_the_reply_equals_the_stored_record(
     seed = [(odd, 'wh "x"', 5), (odd, "w2", 2), (odd, ODD_WH, 3), (odd, "big", 100)]
     seed += [(plain, "w1", 10), (plain, "w2", 1)]
     for i, (u, wh, q) in enumerate(seed):
-        await engine.adjust(f"seed-{i}", u, wh, q, "test")
+        await engine.adjust(f"seed-{i}", u, wh, q, "test", actor="test")
     max_hold = SETTINGS.max_hold_seconds
     cases = [
         # named warehouses; two lines of one unit and warehouse are held as their sum
@@ -86,11 +86,11 @@ async def test_a_fresh_hold_from_the_reply_equals_the_stored_record(
         order = r.resolve_order(
             oid, [(u.sku, u.spec, u.barcode, wh, q) for u, wh, q in lines], hold, max_hold
         )
-        fresh, replayed = await engine.reserve(order, amount=amount, payment=payment)
+        fresh, replayed = await engine.reserve(order, amount=amount, payment=payment, actor="test")
         assert not replayed and fresh.state == State.HELD
         rec = stored(redis_proc, order.keys.order_key)
         assert Reservation.from_record(rec) == fresh, oid
-        again, replayed = await engine.reserve(order, amount=amount, payment=payment)
+        again, replayed = await engine.reserve(order, amount=amount, payment=payment, actor="test")
         assert replayed and again == fresh, oid
         # the JSON fields as readers expect them
         units = order.units
@@ -145,7 +145,7 @@ async def test_records_written_by_the_previous_script_commit_release_and_expire(
     engine: Engine, redis_proc: RedisProc
 ) -> None:
     unit = engine.resolver.unit("SKU/1", "", "bc")
-    await engine.adjust("seed", unit, "w1", 10, "test")
+    await engine.adjust("seed", unit, "w1", 10, "test", actor="test")
     c = redis_proc.client()
     seconds, micros = c.time()
     now = seconds * 1000 + micros // 1000
@@ -171,12 +171,12 @@ async def test_records_written_by_the_previous_script_commit_release_and_expire(
         )
         c.zadd(k.expiry_key, {oid: dl})
 
-    committed = await engine.commit("legacy-c", "pay-1")
+    committed = await engine.commit("legacy-c", "pay-1", actor="test")
     assert committed.state == State.COMMITTED and committed.payment_ref == "pay-1"
     assert [(a.sku, a.warehouse, a.quantity) for a in committed.allocations] == [("SKU/1", "w1", 3)]
-    released = await engine.release("legacy-r", "changed my mind")
+    released = await engine.release("legacy-r", "changed my mind", actor="test")
     assert released.state == State.RELEASED
-    expired = await engine.get_reservation("legacy-e")
+    expired = await engine.get_reservation("legacy-e", actor="test")
     assert expired.state == State.EXPIRED
     [level] = await engine.availability([unit])
     # 10 - 3 committed; the released and the expired holds are back
@@ -194,17 +194,18 @@ async def test_a_script_built_for_another_configuration_refuses_the_call(
     assert scripts.source("reserve", same) == scripts.source("reserve", SETTINGS)
 
     unit = engine.resolver.unit("SKU-1", "", "bc")
-    await engine.adjust("seed", unit, "w1", 10, "test")
+    await engine.adjust("seed", unit, "w1", 10, "test", actor="test")
     order = engine.resolver.resolve_order(
         "o-1", [(unit.sku, unit.spec, unit.barcode, "w1", 1)], 0, SETTINGS.max_hold_seconds
     )
     stranger = Engine(make_client(redis_proc.url, other), other)
     try:
-        keys, args = stranger.reserve_call([order])
+        keys, args = stranger.reserve_call([(order, "test")])
         with pytest.raises(redis.exceptions.ResponseError, match="STOCKHOLD_CONFIG"):
             await engine.scripts.reserve(keys=keys, args=args)
-        keys, args = engine.reserve_call([order])
-        [result] = reserve_results([order], await engine.scripts.reserve(keys=keys, args=args))
+        queued = [(order, "test")]
+        keys, args = engine.reserve_call(queued)
+        [result] = reserve_results(queued, await engine.scripts.reserve(keys=keys, args=args))
         assert result.err is None and result.reservation is not None
     finally:
         await stranger.close()

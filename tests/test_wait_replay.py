@@ -40,33 +40,34 @@ async def test_a_retry_answered_from_storage_waits_for_the_original_write(
     first, retry = engine_on(master.url), engine_on(master.url)
     try:
         unit = first.resolver.unit("wait-sku", "", "")
-        await first.adjust("stock-1", unit, "east", 10, "")
+        await first.adjust("stock-1", unit, "east", 10, "", actor="test")
         order = first.resolver.resolve_order("o-wait", [("wait-sku", "", "", "east", 2)], 0, 3600)
         assert replica.pid is not None
         os.kill(replica.pid, signal.SIGSTOP)  # connected, acknowledging nothing
         with pytest.raises(DomainError) as err:
-            await first.reserve(order)
+            await first.reserve(order, actor="test")
         assert err.value.reason is Reason.BACKEND_UNAVAILABLE
         assert err.value.metadata["cause"] == "replication"
         # Written on the master only. A retry on other connections finds it held ...
         with pytest.raises(DomainError) as err:
-            await retry.reserve(order)
+            await retry.reserve(order, actor="test")
         # ... and is not acknowledged either: its WAIT covers the original write.
         assert err.value.metadata["cause"] == "replication"
         os.kill(replica.pid, signal.SIGCONT)
-        reservation, replayed = await retry.reserve(order)
+        reservation, replayed = await retry.reserve(order, actor="test")
         assert replayed and reservation.state.name == "HELD"
         assert replica.client().hget(order.keys.order_key, "st") == b"H"
         # The same for a Commit retried after its first answer was not acknowledged.
         os.kill(replica.pid, signal.SIGSTOP)
         with pytest.raises(DomainError) as err:
-            await first.commit("o-wait", "tx-1")
+            await first.commit("o-wait", "tx-1", actor="test")
         assert err.value.metadata["cause"] == "replication"
         with pytest.raises(DomainError) as err:
-            await retry.commit("o-wait", "tx-1")  # committed already: answered from storage
+            # committed already: answered from storage
+            await retry.commit("o-wait", "tx-1", actor="test")
         assert err.value.metadata["cause"] == "replication"
         os.kill(replica.pid, signal.SIGCONT)
-        committed = await retry.commit("o-wait", "tx-1")
+        committed = await retry.commit("o-wait", "tx-1", actor="test")
         assert committed.state.name == "COMMITTED"
         assert replica.client().hget(order.keys.order_key, "st") == b"C"
     finally:

@@ -77,6 +77,8 @@ SUB_LEASE: Final = "lease"
 SUB_FAILED: Final = "failed"
 SUB_FAILED_EVENTS: Final = "failedev"
 SUB_STATS: Final = "dstat"
+# zset: deliverer owner id -> expiry ms (stockhold.delivery.deliverer: the fair share)
+META_DELIVERERS: Final = "{meta}:deliverers"
 
 # SKU policy hash fields (sales buckets are "b:<bucket index>").
 POLICY_TIMEOUT: Final = "to"

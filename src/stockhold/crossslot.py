@@ -136,7 +136,8 @@ class CrossSlot:
         self._background: set[asyncio.Task[Any]] = set()
         self._pending: list[tuple[Any, ...]] = []  # bookkeeping commands for _send_later
         self._flush: asyncio.TimerHandle | None = None
-        self._batchers: dict[int, Batcher[PartOrder, tuple[int, Any]]] = {}
+        # (part, actor) pairs, as the engine's reserve batcher queues (order, actor)
+        self._batchers: dict[int, Batcher[tuple[PartOrder, str], tuple[int, Any]]] = {}
 
     # -- keys ------------------------------------------------------------------------------
     def tag(self, partition: int) -> str:
@@ -193,10 +194,12 @@ class CrossSlot:
         amount: int,
         payment: PendingPayment | None,
         payment_key: str,
+        actor: str,
     ) -> tuple[Reservation | None, bool, str | None, dict[str, Any], list[Any]]:
         """Hold a cross-slot order: (reservation or None, replayed, refusal reason, its meta,
         pol) as reserve.lua answers one order (pol: flat per distinct SKU, maybe empty); a
-        payment whose out_trade_no another order holds raises PAYMENT_CONFLICT."""
+        payment whose out_trade_no another order holds raises PAYMENT_CONFLICT. `actor`: who
+        reserves (the ORDER_RESERVED event's actor)."""
         k = order.keys
         if fingerprint != order.fingerprint:
             order = order._replace(fingerprint=fingerprint)
@@ -205,7 +208,9 @@ class CrossSlot:
             self._step("claimed")
         nonce = secrets.token_hex(8)
         parts = self.parts_of(order, nonce)
-        replies = await asyncio.gather(*(self._hold(p) for p in parts), return_exceptions=True)
+        replies = await asyncio.gather(
+            *(self._hold(p, actor) for p in parts), return_exceptions=True
+        )
         for r in replies:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
@@ -230,7 +235,7 @@ class CrossSlot:
             for s in distinct_skus(order.units):
                 flat_pol.extend(pol[s])
         if refusal is not None or failure is not None:
-            exists = await self._abort(k, held, always=payment is not None)
+            exists = await self._abort(k, held, actor, always=payment is not None)
             if payment is not None and not exists:
                 # refused, no order: its out_trade_no is free again, as on one node
                 await self._script(self.scripts.claim, (payment_key,), (k.order_id, "release"))
@@ -242,9 +247,9 @@ class CrossSlot:
         # the order's allocations: each part's, its unit indexes mapped to the order's
         alloc = [[h.part.idxs[a[0] - 1] + 1, a[1], a[2]] for h in held for a in h.alloc]
         try:
-            result = await self._finish(order, held, alloc, amount, payment)
+            result = await self._finish(order, held, alloc, amount, payment, actor)
         except DomainError:
-            await self._abort(k, held)
+            await self._abort(k, held, actor)
             raise
         kind = result[0]
         if kind == 1:
@@ -259,15 +264,15 @@ class CrossSlot:
             flat = result[1]
             rec = dict(zip(flat[::2], flat[1::2], strict=True))
             # parts this attempt made that the record does not list go back
-            await self._undo_unlisted(k, held, rec.get("parts") or "[]")
+            await self._undo_unlisted(k, held, rec.get("parts") or "[]", actor)
             return Reservation.from_record(rec), True, None, {}, flat_pol
         reason = result[1]
-        await self._abort(k, held)
+        await self._abort(k, held, actor)
         if reason == "ABORTED":
             raise DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": "aborted"})
         return None, False, reason, {"order_id": k.order_id}, flat_pol
 
-    def _parts_batcher(self, partition: int) -> Batcher[PartOrder, tuple[int, Any]]:
+    def _parts_batcher(self, partition: int) -> Batcher[tuple[PartOrder, str], tuple[int, Any]]:
         """The partition's batcher: concurrent orders' parts there share a reserve.lua call."""
         found = self._batchers.get(partition)
         if found is None:
@@ -276,7 +281,7 @@ class CrossSlot:
             self._batchers[partition] = found
         return found
 
-    async def _send_parts(self, items: Sequence[PartOrder]) -> list[tuple[int, Any]]:
+    async def _send_parts(self, items: Sequence[tuple[PartOrder, str]]) -> list[tuple[int, Any]]:
         keys, args = self._reserve_call(items)
         now, *entries = orjson.loads(await self._script(self.scripts.reserve, keys, args))
         return [(now, e) for e in entries]
@@ -295,12 +300,12 @@ class CrossSlot:
             )
 
     async def _hold(
-        self, part: _Part
+        self, part: _Part, actor: str
     ) -> tuple[_Held | None, list[Any], tuple[str, dict[str, Any]] | None]:
         batcher = self._parts_batcher(part.partition)
         try:
             now, entry = await batcher.submit(
-                part.order, self.settings.redis_socket_timeout_seconds
+                (part.order, actor), self.settings.redis_socket_timeout_seconds
             )
         except NotSent as exc:  # Redis stuck: refused unsent
             raise DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": "queued"}) from exc
@@ -327,6 +332,7 @@ class CrossSlot:
         alloc: list[list[Any]],
         amount: int,
         payment: PendingPayment | None,
+        actor: str,
     ) -> list[Any]:
         k = order.keys
         units = order.units
@@ -347,6 +353,7 @@ class CrossSlot:
             str(amount),
             payment.provider if payment is not None else "",
             payment.out_trade_no if payment is not None else "",
+            actor,
             *(h.nonce for h in held),
         ]
         result: list[Any] = orjson.loads(await self._script(self.scripts.finish, keys, args))
@@ -392,15 +399,18 @@ class CrossSlot:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     # -- giving parts back -----------------------------------------------------------------
-    async def _abort(self, k: OrderKeys, held: list[_Held], always: bool = False) -> bool:
-        """Abort the nonces of held parts at home, then give back those no record lists.
-        Returns whether the order's record exists (asked even with no parts when `always`)."""
+    async def _abort(
+        self, k: OrderKeys, held: list[_Held], actor: str, always: bool = False
+    ) -> bool:
+        """Abort the nonces of held parts at home, then give back those no record lists (as
+        `actor`). Returns whether the order's record exists (asked even with no parts when
+        `always`)."""
         if not held and not always:
             return False
         reply = await self._abort_nonces(k, sorted({h.nonce for h in held}))
         self._step("aborted")
         listed = reply[2] if reply[0] == 1 else "[]"
-        await self._undo_unlisted(k, held, listed)
+        await self._undo_unlisted(k, held, listed, actor)
         return bool(reply[0] == 1)
 
     async def _abort_nonces(self, k: OrderKeys, nonces: Sequence[str]) -> list[Any]:
@@ -411,24 +421,32 @@ class CrossSlot:
         )
         return reply
 
-    async def _undo_unlisted(self, k: OrderKeys, held: list[_Held], listed: str | bytes) -> None:
+    async def _undo_unlisted(
+        self, k: OrderKeys, held: list[_Held], listed: str | bytes, actor: str
+    ) -> None:
         keep = _listed(listed)
         todo = [h for h in held if (h.part.partition, h.nonce) not in keep and h.alloc]
         if todo:
             await asyncio.gather(
                 *(
                     self._part_op(
-                        h.part.partition, k.order_id, "undo", h.nonce, h.part.order.order.units
+                        h.part.partition,
+                        k.order_id,
+                        "undo",
+                        h.nonce,
+                        h.part.order.order.units,
+                        actor,
                     )
                     for h in todo
                 )
             )
 
     async def _part_op(
-        self, partition: int, order_id: str, op: str, arg: str, units: Sequence[Unit]
+        self, partition: int, order_id: str, op: str, arg: str, units: Sequence[Unit], actor: str
     ) -> dict[str, Any]:
-        """One transition.lua op ("part" or "undo") on the part of an order in a partition.
-        Its stock and SKU keys, and their texts, are what reserve_call built for the part."""
+        """One transition.lua op ("part" or "undo") on the part of an order in a partition, by
+        `actor` (transition.lua takes one per op; these two append no event). Its stock and
+        SKU keys, and their texts, are what reserve_call built for the part."""
         stock_keys = [u.stock_key for u in units]
         sku_keys = [self._sku_key(s) for s in distinct_skus(units)]
         raw, raw_skus = orjson.dumps(stock_keys), orjson.dumps(sku_keys)
@@ -448,6 +466,7 @@ class CrossSlot:
                 raw,
                 raw_skus,
                 arg,
+                actor,
             ]
             (entry,) = orjson.loads(await self._script(self.scripts.transition, keys, args))
             if entry[0] == 0 and entry[1] == "KEYS_CHANGED":
@@ -474,17 +493,18 @@ class CrossSlot:
         raise DomainError(Reason.INTERNAL, "a part kept changing under the call")
 
     # -- settling parts after the home record moved ---------------------------------------
-    async def settle(self, k: OrderKeys, rec: dict[str, Any] | None = None) -> None:
+    async def settle(self, k: OrderKeys, actor: str, rec: dict[str, Any] | None = None) -> None:
         """Make every part of an order follow its home record's final state (`rec`: the
         record as a transition just returned it, else read), then drop the order from its
-        settle index, after the answer (nothing to settle while HELD or gone)."""
+        settle index, after the answer (nothing to settle while HELD or gone). `actor`: who
+        moved the home record (or ACTOR_RECOVERY)."""
         if rec is None:
             raw = (await self.calls.hmget_many([k.order_key], ("st", "units", "parts")))[0]
             fields = ("st", "units", "parts")
             rec = {f: v.decode() for f, v in zip(fields, raw, strict=True) if v is not None}
         state, parts_raw = rec.get("st"), rec.get("parts")
         if parts_raw and state is not None and state != c.STATE_HELD:
-            await self._settle_parts(k, state, rec.get("units") or "[]", parts_raw)
+            await self._settle_parts(k, state, rec.get("units") or "[]", parts_raw, actor)
             self._step("settled")
         self._later([("ZREM", self.settle_index(k.partition), k.order_id)])
 
@@ -492,13 +512,18 @@ class CrossSlot:
         return [self.resolver.unit(s, sp, b) for s, sp, b in orjson.loads(units_raw)]
 
     async def _settle_parts(
-        self, k: OrderKeys, state: str, units_raw: bytes | str, parts_raw: bytes | str
+        self,
+        k: OrderKeys,
+        state: str,
+        units_raw: bytes | str,
+        parts_raw: bytes | str,
+        actor: str,
     ) -> None:
         units = self._units_of(units_raw)
         ops = []
         for p, _nonce in orjson.loads(parts_raw):
             part_units = [u for u in units if u.partition == p]
-            ops.append(self._part_op(int(p), k.order_id, "part", state, part_units))
+            ops.append(self._part_op(int(p), k.order_id, "part", state, part_units, actor))
         await asyncio.gather(*ops)
 
     # -- recovery --------------------------------------------------------------------------
@@ -521,7 +546,7 @@ class CrossSlot:
         for i, p in enumerate(parts_of):
             for raw in replies[2 * i]:
                 oid = raw.decode() if isinstance(raw, bytes) else str(raw)
-                await self.settle(self.resolver.order(oid))
+                await self.settle(self.resolver.order(oid), c.ACTOR_RECOVERY)
                 counts["settled"] += 1
             for raw in replies[2 * i + 1]:
                 oid = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -552,7 +577,7 @@ class CrossSlot:
             state = home[0].decode()
             listed = _listed(home[3] or b"[]")
         if state is None or (partition, nonce) not in listed:
-            await self._part_op(partition, order_id, "undo", nonce, part_units)
+            await self._part_op(partition, order_id, "undo", nonce, part_units, c.ACTOR_RECOVERY)
             return "undone"
         if state == c.STATE_HELD:
             score = str(int(home[4] or 0) + self.window_ms)
@@ -560,5 +585,5 @@ class CrossSlot:
                 [("ZADD", self.parts_index(partition), "XX", score, order_id)]
             )
             return "confirmed"
-        await self._part_op(partition, order_id, "part", state, part_units)
+        await self._part_op(partition, order_id, "part", state, part_units, c.ACTOR_RECOVERY)
         return "settled"

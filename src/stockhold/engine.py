@@ -58,6 +58,7 @@ class Transition(NamedTuple):
     op: str
     keys: OrderKeys
     arg: str
+    actor: str  # who causes it: the actor of its events (constants.ACTOR_*)
 
 
 class PaidOrder(NamedTuple):
@@ -71,6 +72,11 @@ class PaidOrder(NamedTuple):
     amount: int
     payment: PendingPayment | None
     fingerprint: str
+
+
+# An order as queued in the reserve batcher (and a part in a cross-slot partition's): the
+# order and who reserves it (the ORDER_RESERVED event's actor).
+Queued = tuple[ResolvedOrder | PaidOrder, str]
 
 
 class _PendingReserve(NamedTuple):
@@ -136,15 +142,13 @@ def _unpack(
     return item, item.fingerprint, 0, None
 
 
-def reserve_results(
-    orders: Sequence[ResolvedOrder | PaidOrder], reply: bytes | str
-) -> list[ReserveResult]:
+def reserve_results(orders: Sequence[Queued], reply: bytes | str) -> list[ReserveResult]:
     """Read reserve.lua's reply (one JSON text, see its header) for the orders of its call: a
     fresh hold is built from what the call sent plus the reply, a replay from the stored
     record."""
     now, *entries = orjson.loads(reply)
     out: list[ReserveResult] = []
-    for item, entry in zip(orders, entries, strict=True):
+    for (item, _actor), entry in zip(orders, entries, strict=True):
         kind, pol = entry[0], entry[1]
         if kind == 1:
             if isinstance(item, PaidOrder):
@@ -217,7 +221,7 @@ class Engine:
         # the calls inside it are coalesced again per partition (crossslot.py): more batches
         # may be in flight there, CLUSTER_INFLIGHT times the setting.
         inflight = settings.batch_max_inflight * (CLUSTER_INFLIGHT if settings.redis_cluster else 1)
-        self.reserves: Batcher[ResolvedOrder | PaidOrder, ReserveResult] = Batcher(
+        self.reserves: Batcher[Queued, ReserveResult] = Batcher(
             self._reserve_batch, settings.batch_max_orders, inflight
         )
         self.transitions: Batcher[Transition, dict[str, Any]] = Batcher(
@@ -288,6 +292,8 @@ class Engine:
         time_remaining: float | None = None,
         amount: int = 0,
         payment: PendingPayment | None = None,
+        *,
+        actor: str,
     ) -> tuple[Reservation, bool]:
         """Hold stock for every line of the order, all or nothing; idempotent by order id.
 
@@ -296,9 +302,9 @@ class Engine:
         seconds), whichever is sooner; past that it is shed unsent with RESERVE_TIMEOUT.
         Once sent, the script's true result is returned, whatever the wait. `amount` (minor
         units, 0: not given) and `payment` (mark it payment-pending) are stored with the hold
-        and are part of what a replay must match.
+        and are part of what a replay must match. `actor`: who reserves (the event's actor).
         """
-        pending = self._reserve_enqueue(order, time_remaining, amount, payment)
+        pending = self._reserve_enqueue(order, time_remaining, amount, payment, actor)
         try:
             await pending.entry.fut
         except BaseException:
@@ -313,6 +319,8 @@ class Engine:
         self,
         orders: Sequence[tuple[ResolvedOrder, int, PendingPayment | None]],
         time_remaining: float | None = None,
+        *,
+        actor: str,
     ) -> list[tuple[Reservation, bool] | DomainError]:
         """`reserve` for many orders at once (ReserveBatch): the same limits, results and
         errors, each order on its own, one result per order in order (a refusal as its
@@ -321,7 +329,7 @@ class Engine:
         Orders with the same order id are sent as they come: give repeated ids in a later
         call if the earlier one must decide first.
         """
-        pendings = [self._reserve_enqueue(o, time_remaining, a, p) for o, a, p in orders]
+        pendings = [self._reserve_enqueue(o, time_remaining, a, p, actor) for o, a, p in orders]
         # Futures, not coroutines: gather wraps none of them in a task.
         await asyncio.gather(*(p.entry.fut for p in pendings), return_exceptions=True)
         out: list[tuple[Reservation, bool] | DomainError] = []
@@ -341,6 +349,7 @@ class Engine:
         time_remaining: float | None,
         amount: int,
         payment: PendingPayment | None,
+        actor: str,
     ) -> _PendingReserve:
         item: ResolvedOrder | PaidOrder = order
         if amount or payment is not None:  # validated by the servicer, with the lines
@@ -355,7 +364,7 @@ class Engine:
         backend_limit = self.settings.redis_socket_timeout_seconds
         shed = limit < backend_limit
         contended = self.tracker.begin_units(units)
-        entry = self.reserves.enqueue(item, limit if shed else backend_limit)
+        entry = self.reserves.enqueue((item, actor), limit if shed else backend_limit)
         return _PendingReserve(entry, units, contended, threshold_ms, sku, hot, by_deadline, shed)
 
     def _reserve_finish(self, p: _PendingReserve) -> tuple[Reservation, bool]:
@@ -433,9 +442,7 @@ class Engine:
             key = self._sku_keys[sku] = self.resolver.sku_key(sku)
         return key
 
-    async def _reserve_batch(
-        self, orders: Sequence[ResolvedOrder | PaidOrder]
-    ) -> list[ReserveResult]:
+    async def _reserve_batch(self, orders: Sequence[Queued]) -> list[ReserveResult]:
         """One reserve.lua call for a batch of orders; one result per order. On Redis Cluster
         one call per partition of single-slot orders, and the cross-slot protocol for the
         others (crossslot.py), all at once."""
@@ -452,15 +459,13 @@ class Engine:
             return False
         return payment is None or self._payment_partition(*payment) == home
 
-    async def _reserve_batch_cluster(
-        self, orders: Sequence[ResolvedOrder | PaidOrder]
-    ) -> list[ReserveResult]:
+    async def _reserve_batch_cluster(self, orders: Sequence[Queued]) -> list[ReserveResult]:
         cross = self.cross
         assert cross is not None
         results: list[ReserveResult | None] = [None] * len(orders)
         groups: dict[int, list[int]] = {}
         spanning: list[int] = []
-        for i, item in enumerate(orders):
+        for i, (item, _actor) in enumerate(orders):
             if self._home_only(item):
                 groups.setdefault(_unpack(item)[0].keys.partition, []).append(i)
             else:
@@ -480,10 +485,11 @@ class Engine:
                 results[i] = r
 
         async def one(i: int) -> None:
-            order, fp, amount, payment = _unpack(orders[i])
+            item, actor = orders[i]
+            order, fp, amount, payment = _unpack(item)
             map_key = self.payment_map_key(*payment) if payment is not None else ""
             try:
-                r = await cross.reserve(order, fp, amount, payment, map_key)
+                r = await cross.reserve(order, fp, amount, payment, map_key, actor)
                 results[i] = ReserveResult(*r)
             except DomainError as err:
                 results[i] = refused(err)
@@ -494,13 +500,13 @@ class Engine:
         return [r for r in results if r is not None]
 
     def reserve_call(
-        self, orders: Sequence[ResolvedOrder | PaidOrder | PartOrder]
+        self, orders: Sequence[tuple[ResolvedOrder | PaidOrder | PartOrder, str]]
     ) -> tuple[list[str], list[bytes | str]]:
-        """KEYS and ARGV of one reserve.lua call for a batch of orders (its header says
-        what each field is); `reserve_results` reads the reply."""
+        """KEYS and ARGV of one reserve.lua call for a batch of (order, actor) pairs (its
+        header says what each field is); `reserve_results` reads the reply."""
         keys: list[str] = []
         args: list[bytes | str] = [self._config_id]
-        for item in orders:
+        for item, actor in orders:
             nonce = None
             if isinstance(item, PaidOrder):
                 order, fp, amount, payment = item.order, item.fingerprint, item.amount, item.payment
@@ -525,6 +531,7 @@ class Engine:
                 orjson.dumps(stock_keys),
                 orjson.dumps(sku_keys),
                 orjson.dumps([skus.index(u.sku) + 1 for u in units]),
+                actor,
             )
             if amount:
                 args.append(str(amount))
@@ -539,17 +546,21 @@ class Engine:
                 args += (_text(i + 1), wh, str(q))
         return keys, args
 
-    async def commit(self, order_id: str, payment_ref: str = "") -> Reservation:
+    async def commit(self, order_id: str, payment_ref: str = "", *, actor: str) -> Reservation:
         """HELD -> COMMITTED; a COMMITTED reservation is returned unchanged.
 
         At or past the deadline the hold is expired in the same call (stock back, one
-        ORDER_EXPIRED event) and the commit refused with RESERVATION_EXPIRED.
+        ORDER_EXPIRED event) and the commit refused with RESERVATION_EXPIRED. `actor`: who
+        commits (the actor of the events written, the expiry's too).
         """
-        return await self._transition("commit", self.resolver.order(order_id), payment_ref)
+        k = self.resolver.order(order_id)
+        return await self._transition(Transition("commit", k, payment_ref, actor))
 
-    async def release(self, order_id: str, reason: str = "") -> Reservation:
-        """HELD -> RELEASED (EXPIRED at or past the deadline); a finished release is unchanged."""
-        return await self._transition("release", self.resolver.order(order_id), reason)
+    async def release(self, order_id: str, reason: str = "", *, actor: str) -> Reservation:
+        """HELD -> RELEASED (EXPIRED at or past the deadline); a finished release is unchanged.
+        `actor`: who releases (the event's actor)."""
+        k = self.resolver.order(order_id)
+        return await self._transition(Transition("release", k, reason, actor))
 
     async def _submit(self, batcher: Batcher[Any, dict[str, Any]], item: Any) -> dict[str, Any]:
         """Submit to a batcher; a request stuck in its queue (Redis stuck) is refused unsent."""
@@ -558,16 +569,16 @@ class Engine:
         except NotSent as exc:
             raise DomainError(Reason.BACKEND_UNAVAILABLE, metadata={"cause": "queued"}) from exc
 
-    async def _transition(self, op: str, k: OrderKeys, arg: str) -> Reservation:
-        return Reservation.from_record((await self._transition_result(op, k, arg))["rec"])
+    async def _transition(self, t: Transition) -> Reservation:
+        return Reservation.from_record((await self._transition_result(t))["rec"])
 
-    async def _transition_result(self, op: str, k: OrderKeys, arg: str) -> dict[str, Any]:
+    async def _transition_result(self, t: Transition) -> dict[str, Any]:
         for _ in range(_KEYS_CHANGED_RETRIES):
-            result = await self._submit(self.transitions, Transition(op, k, arg))
+            result = await self._submit(self.transitions, t)
             if result.get("err") == "KEYS_CHANGED":
                 continue
             if result.get("err") == Reason.RESERVATION_NOT_FOUND:
-                result["meta"] = {"order_id": k.order_id}
+                result["meta"] = {"order_id": t.keys.order_id}
             _raise_for(result)
             return result
         raise DomainError(Reason.INTERNAL, "the reservation kept changing under the call")
@@ -592,7 +603,7 @@ class Engine:
         # Cross-slot orders that moved: their parts follow (from the record returned, or read
         # when the answer is a refusal, e.g. a commit refused after expiring the hold).
         moved = [
-            (items[i].keys, results[i].get("rec"))
+            (items[i].keys, results[i].get("rec"), items[i].actor)
             for i in live
             if stored[i][2]
             and (
@@ -601,7 +612,7 @@ class Engine:
             )
         ]
         if moved:
-            await asyncio.gather(*(self.cross.settle(k, rec) for k, rec in moved))
+            await asyncio.gather(*(self.cross.settle(k, a, rec) for k, rec, a in moved))
         return results
 
     async def _transition_call(
@@ -630,13 +641,14 @@ class Engine:
             # The texts KEYS were built from go along: the script checks them against the
             # record's by equality, without decoding.
             counts = bytes((len(stock_keys), len(sku_keys), len(extra)))
-            args += (t.op, k.order_id, counts, raw, raw_skus or b"", t.arg)
+            args += (t.op, k.order_id, counts, raw, raw_skus or b"", t.arg, t.actor)
         replies = orjson.loads(await self._call(self.scripts.transition, keys, args))
         for i, reply in zip(sent, replies, strict=True):
             results[i] = _transition_result(reply)
 
-    async def get_reservation(self, order_id: str) -> Reservation:
-        """The reservation as it stands; a HELD one at or past its deadline is expired first.
+    async def get_reservation(self, order_id: str, *, actor: str) -> Reservation:
+        """The reservation as it stands; a HELD one at or past its deadline is expired first,
+        by `actor` (the reader: the ORDER_EXPIRED event's actor).
 
         get.lua reads the record alone (one key) with Redis's clock. A HELD record whose
         deadline has passed is then expired for real, as the sweeper would (transition op
@@ -649,20 +661,21 @@ class Engine:
             raise DomainError(Reason.RESERVATION_NOT_FOUND, metadata={"order_id": order_id})
         rec = result["rec"]
         if rec["st"] == c.STATE_HELD and int(result["now"]) >= int(rec["dl"]):
-            rec = await self._expire_held(k)
+            rec = await self._expire_held(k, actor)
         elif result.get("settling") and self.cross is not None:
             # finished, but its parts may still count as reserved: they follow first
-            await self.cross.settle(k, rec)
+            await self.cross.settle(k, actor, rec)
         return Reservation.from_record(rec)
 
-    async def _expire_held(self, k: OrderKeys) -> dict[str, Any]:
+    async def _expire_held(self, k: OrderKeys, actor: str) -> dict[str, Any]:
         """Expire a HELD reservation found at or past its deadline, exactly as the sweeper
-        would (stock back, one ORDER_EXPIRED event, updated_at = its ts); the record after.
+        would (stock back, one ORDER_EXPIRED event by `actor`, updated_at = its ts); the record
+        after.
 
         transition.lua re-checks state and deadline in the call, so racing the sweeper or
         another reader writes one expiry at most; a record no longer HELD is returned as is.
         """
-        result = await self._transition_result("expire", k, "")
+        result = await self._transition_result(Transition("expire", k, "", actor))
         if result.get("stuck"):
             log.error("expiry refused", extra={"orders": [k.order_id]})
         rec: dict[str, Any] = result["rec"]
@@ -687,9 +700,10 @@ class Engine:
         return levels
 
     async def adjust(
-        self, adjustment_id: str, unit: Unit, warehouse: str, delta: int, reason: str
+        self, adjustment_id: str, unit: Unit, warehouse: str, delta: int, reason: str, *, actor: str
     ) -> tuple[StockLevel, bool]:
-        """Receipt (+) or shrinkage (-) of available stock; idempotent by adjustment id."""
+        """Receipt (+) or shrinkage (-) of available stock; idempotent by adjustment id.
+        `actor`: who adjusts (the event's actor; not part of what a replay must match)."""
         k = self.resolver.adjustment(adjustment_id)
         fp = hashlib.blake2b(
             "\x00".join((unit.unit_id, escape(warehouse), str(delta), reason)).encode(),
@@ -705,6 +719,7 @@ class Engine:
                 "unit": (unit.sku, unit.spec, unit.barcode),
                 "maxlen": self.settings.event_stream_maxlen,
                 "retention": self.settings.record_retention_seconds * 1000,
+                "actor": actor,
             }
         )
         keys = (k.record_key, k.events_key, unit.stock_key)
@@ -736,8 +751,9 @@ class Engine:
         return level, bool(result["replayed"])
 
     # -- expiry ------------------------------------------------------------------------------
-    async def expire_due(self, max_rounds: int = 20) -> int:
+    async def expire_due(self, max_rounds: int = 20, *, actor: str) -> int:
         """Expire every due hold in every partition; returns how many this call expired.
+        `actor`: who sweeps (the events' actor; the server's sweeper: ACTOR_SWEEPER).
 
         If a call fails after earlier ones expired holds, the sweep stops there and returns
         what it did (the failure is logged); a failure before anything expired is raised.
@@ -755,13 +771,16 @@ class Engine:
                 random.shuffle(due)
                 progressed = False
                 for p in due:
-                    keys, args = self.expire_call(p)
+                    keys, args = self.expire_call(p, actor)
                     result = orjson.loads(await self._call(self.scripts.expire, keys, args))
                     expired += int(result["expired"])
                     if self.cross is not None and result.get("settle"):
                         # cross-slot orders: their parts follow (recovery would, later)
                         await asyncio.gather(
-                            *(self.cross.settle(self.resolver.order(o)) for o in result["settle"])
+                            *(
+                                self.cross.settle(self.resolver.order(o), actor)
+                                for o in result["settle"]
+                            )
                         )
                     if result.get("stuck"):
                         log.error(
@@ -806,8 +825,8 @@ class Engine:
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         return [p for p, first in enumerate(replies[1:]) if first and first[0][1] <= now_ms]
 
-    def expire_call(self, partition: int) -> tuple[tuple[str, str], tuple[str, ...]]:
-        """KEYS and ARGV of one expire.lua call for a partition."""
+    def expire_call(self, partition: int, actor: str) -> tuple[tuple[str, str], tuple[str, ...]]:
+        """KEYS and ARGV of one expire.lua call for a partition, expiring as `actor`."""
         expiry_key = self.resolver.expiry_key(partition)
         # The partition's record key prefix: its tag (shared by every key of the partition)
         # followed by the order template of constants.py.
@@ -818,17 +837,21 @@ class Engine:
             str(self.settings.record_retention_seconds * 1000),
             str(self.settings.event_stream_maxlen),
             record_prefix,
+            actor,
         )
         return keys, args
 
-    async def extend(self, order_id: str, hold_seconds: int) -> tuple[Reservation, bool]:
+    async def extend(
+        self, order_id: str, hold_seconds: int, *, actor: str
+    ) -> tuple[Reservation, bool]:
         """HELD only: push the deadline out to Redis's now + hold_seconds, never in.
 
         The new deadline is max(current deadline, now + hold_seconds). Returns the reservation
         and whether the deadline moved: a move writes one ORDER_EXTENDED event, a call that
         moves nothing writes nothing (shortening a hold is what Release is for). A HELD
         reservation at or past its deadline is expired for real (as GetReservation does) and
-        refused with RESERVATION_EXPIRED, like an EXPIRED one.
+        refused with RESERVATION_EXPIRED, like an EXPIRED one. `actor`: who extends (the
+        actor of the event written, the expiry's too).
         """
         out: list[FieldViolation] = []
         k = self.resolver.order(order_id, out=out)
@@ -841,10 +864,11 @@ class Engine:
             str(hold_seconds),
             str(self.settings.max_hold_seconds),
             str(self.settings.event_stream_maxlen),
+            actor,
         )
         result = orjson.loads(await self._call(self.scripts.extend, keys, args))
         if result.get("due"):  # extend.lua has no stock keys: the expiry is transition.lua's
-            await self._expire_held(k)
+            await self._expire_held(k, actor)
         _raise_for(result)
         return Reservation.from_record(result["rec"]), bool(result["changed"])
 
@@ -871,13 +895,14 @@ class Engine:
         return self.resolver.partition_of(_payment_ident(provider, out_trade_no))
 
     async def report_payment(
-        self, order_id: str, report: PaymentReport
+        self, order_id: str, report: PaymentReport, *, actor: str
     ) -> tuple[Reservation, bool]:
         """A provider's result: PAID commits, FAILED/CLOSED release; one transition.lua call.
 
         Idempotent by (provider, transaction id): a report seen before gets the stored answer
         (replayed = True) and changes nothing. A PAID amount that differs from the order's is
         refused (PAYMENT_AMOUNT_MISMATCH) and flagged. See transition.lua's report_one.
+        `actor`: who reports (a caller, the poller or the webhook: the events' actor).
         """
         out = payment_report_violations(order_id, report)
         if out:
@@ -892,14 +917,16 @@ class Engine:
                 "paid_at": report.paid_at_ms or 0,
             }
         ).decode()
-        result = await self._transition_result("pay", k, arg)
+        result = await self._transition_result(Transition("pay", k, arg, actor))
         return Reservation.from_record(result["rec"]), bool(result.get("replayed"))
 
-    async def mark_payment_pending(self, order_id: str, payment: PendingPayment) -> Reservation:
+    async def mark_payment_pending(
+        self, order_id: str, payment: PendingPayment, *, actor: str
+    ) -> Reservation:
         """HELD only: poll `payment` on the configured schedule until it is decided.
 
         A HELD reservation at or past its deadline is expired for real (as GetReservation
-        does) and refused with RESERVATION_EXPIRED.
+        does) and refused with RESERVATION_EXPIRED. `actor`: who marks it (the events' actor).
         """
         out: list[FieldViolation] = []
         k = self.resolver.order(order_id, out=out)
@@ -923,11 +950,12 @@ class Engine:
                 "otn": payment.out_trade_no,
                 "maxlen": self.settings.event_stream_maxlen,
                 "pay": self._poll_schedule(),
+                "actor": actor,
             }
         )
         result = orjson.loads(await self._call(self.scripts.payment_mark, keys, (arg,)))
         if result.get("due"):  # payment_mark.lua has no stock keys: transition.lua expires
-            await self._expire_held(k)
+            await self._expire_held(k, actor)
         _raise_for(result)
         return Reservation.from_record(result["rec"])
 
@@ -939,8 +967,9 @@ class Engine:
             return out_trade_no
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
-    async def claim_polls(self, limit: int) -> list[PollClaim]:
-        """Claim at most `limit` due payment polls over every partition (payment_poll.lua).
+    async def claim_polls(self, limit: int, *, actor: str) -> list[PollClaim]:
+        """Claim at most `limit` due payment polls over every partition (payment_poll.lua),
+        as `actor` (the poller: the actor of the POLLS_EXHAUSTED flags written).
 
         Each claim is an atomic move of the order's poll entry to its next step on Redis's
         clock, so with every process polling each order is queried once per step.
@@ -960,6 +989,7 @@ class Engine:
                     "margin": margin,
                     "maxlen": self.settings.event_stream_maxlen,
                     "prefix": f"{self._tag(p)}{c.ORDER}:",
+                    "actor": actor,
                 }
             )
             keys = (self.polls_key(p), self.resolver.events_key(p))

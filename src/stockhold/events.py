@@ -30,7 +30,7 @@ from typing import Any, Final, TypeAlias
 import orjson
 
 from stockhold import constants as c
-from stockhold.errors import FieldViolation
+from stockhold.errors import FieldViolation, invalid
 from stockhold.resolver import KeyResolver, check_text
 from stockhold.store.calls import RedisClient, redis_errors
 
@@ -58,6 +58,7 @@ class StreamEvent:
     warehouses: tuple[str, ...]
     ts_ms: int
     data_json: str
+    actor: str  # who caused it (field "actor"; "" in entries written before actors existed)
 
     @property
     def id_text(self) -> str:
@@ -120,6 +121,7 @@ def parse_entry(partition: int, entry_id: bytes | str, fields: dict[bytes, bytes
         warehouses=_distinct(warehouses),
         ts_ms=ts_ms,
         data_json=data_json,
+        actor=_text(fields, "actor"),
     )
 
 
@@ -208,6 +210,37 @@ def decode_cursor(text: str, partitions: int) -> list[StreamId]:
     return positions
 
 
+def cursor_positions(
+    text: str, partitions: int, field: str, out: list[FieldViolation]
+) -> list[StreamId] | None:
+    """A request's cursor field: None for "" (from now), (0, 0) everywhere for "earliest",
+    else the decoded positions; a bad cursor is a violation appended to `out` (None)."""
+    if text == EARLIEST:
+        return [(0, 0)] * partitions
+    if not text:
+        return None
+    try:
+        return decode_cursor(text, partitions)
+    except ValueError as err:
+        out.append(FieldViolation(field, str(err)))
+        return None
+
+
+def check_not_ahead(positions: Sequence[StreamId], heads: Sequence[StreamId], field: str) -> None:
+    """Refuse (INVALID_ARGUMENT, nothing changed) positions past a stream's last entry."""
+    ahead = [p for p, (pos, head) in enumerate(zip(positions, heads, strict=True)) if pos > head]
+    if ahead:
+        raise invalid(
+            [
+                FieldViolation(
+                    field,
+                    f"ahead of partition {ahead[0]}'s stream: "
+                    "a cursor of another deployment, or of data this one lost",
+                )
+            ]
+        )
+
+
 # -- filters -------------------------------------------------------------------------------------
 
 
@@ -222,11 +255,15 @@ class EventFilter:
     def matches(self, e: StreamEvent) -> bool:
         """Whether the event passes: an event touching no warehouse (or no SKU) does not pass
         a warehouse (or SKU) filter."""
-        if self.types and e.type not in self.types:
+        return self.accepts(e.type, e.warehouses, e.skus)
+
+    def accepts(self, etype: str, warehouses: Sequence[str], skus: Sequence[str]) -> bool:
+        """`matches` for an event known by its type and what it touches (a POSTed body)."""
+        if self.types and etype not in self.types:
             return False
-        if self.warehouses and self.warehouses.isdisjoint(e.warehouses):
+        if self.warehouses and self.warehouses.isdisjoint(warehouses):
             return False
-        return not self.skus or not self.skus.isdisjoint(e.skus)
+        return not self.skus or not self.skus.isdisjoint(skus)
 
 
 def event_filter(

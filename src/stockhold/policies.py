@@ -158,9 +158,10 @@ class PolicyStore:
         self._refresh_after = ""  # the refresh pass's cursor over the SKU index
 
     async def set(
-        self, sku: str, fields: dict[str, int], reset: bool = False
+        self, sku: str, fields: dict[str, int], reset: bool = False, *, actor: str
     ) -> tuple[SkuPolicy, int]:
-        """Store the given fields of a SKU's policy (or reset it); (policy, Redis now ms)."""
+        """Store the given fields of a SKU's policy (or reset it) as `actor` (the event's
+        actor); (policy, Redis now ms)."""
         key = self.calls.resolver.sku_key(sku)
         partition = self.calls.resolver.partition_of(key.rsplit(":", 1)[-1])
         events = self.calls.resolver.events_key(partition)
@@ -172,6 +173,7 @@ class PolicyStore:
                 "set": fields,
                 "maxlen": self.settings.event_stream_maxlen,
                 "pol": self.window,
+                "actor": actor,
             }
         )
         result = orjson.loads(

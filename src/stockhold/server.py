@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from stockhold import metrics
-from stockhold.constants import SERVICE_NAME
+from stockhold.constants import ACTOR_SWEEPER, SERVICE_NAME
 from stockhold.contention_store import ContentionStore
 from stockhold.embedded import EmbeddedRedis
 from stockhold.engine import Engine, PartitionMismatch
@@ -305,7 +305,7 @@ class StockholdServer:
 
     async def _sweep(self) -> None:
         try:
-            n = await self.engine.expire_due()
+            n = await self.engine.expire_due(actor=ACTOR_SWEEPER)
         except DomainError as err:
             log.debug("sweep skipped: %s", err)
             return

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from stockhold import constants as c
 from stockhold.errors import DomainError
 from stockhold.model import PollClaim
 from stockhold.payments.provider import PaymentStatus, ProviderClient, ProviderError
@@ -60,7 +61,7 @@ class PaymentPoller:
         free = self.concurrency - len(self._inflight)
         if free <= 0:
             return 0
-        claims = await self.engine.claim_polls(free)
+        claims = await self.engine.claim_polls(free, actor=c.ACTOR_POLLER)
         for claim in claims:
             task = asyncio.create_task(self._poll(claim))
             self._inflight.add(task)
@@ -94,7 +95,7 @@ class PaymentPoller:
         if result is None or result.status is PaymentStatus.PENDING:
             return
         try:
-            await report_result(self.engine, result, claim.order_id)
+            await report_result(self.engine, result, c.ACTOR_POLLER, claim.order_id)
             self.reported += 1
         except DomainError as err:
             log.warning("polled payment refused", extra={**extra, "reason": str(err.reason)})

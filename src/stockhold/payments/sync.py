@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final
 
+from stockhold import constants as c
 from stockhold.errors import DomainError, Reason
 from stockhold.model import PaymentReport, Reservation
 from stockhold.payments.provider import PaymentResult, PaymentStatus, RetryLater
@@ -30,9 +31,10 @@ RETRYABLE: Final = frozenset(
 
 
 async def report_result(
-    engine: Engine, result: PaymentResult, order_id: str | None = None
+    engine: Engine, result: PaymentResult, actor: str, order_id: str | None = None
 ) -> tuple[Reservation, bool]:
-    """Apply a decided (PAID, FAILED, CLOSED) provider result; returns (reservation, replayed).
+    """Apply a decided (PAID, FAILED, CLOSED) provider result as `actor` (the channel:
+    ACTOR_POLLER or ACTOR_WEBHOOK, the events' actor); returns (reservation, replayed).
 
     Raises DomainError as ReportPayment does (e.g. PAYMENT_AMOUNT_MISMATCH).
     """
@@ -47,7 +49,7 @@ async def report_result(
         amount=result.amount,
         paid_at_ms=result.paid_at_ms,
     )
-    return await engine.report_payment(order_id, report)
+    return await engine.report_payment(order_id, report, actor=actor)
 
 
 def notification_handler(engine: Engine) -> OnResult:
@@ -62,7 +64,7 @@ def notification_handler(engine: Engine) -> OnResult:
         if result.status is PaymentStatus.PENDING:
             return
         try:
-            reservation, replayed = await report_result(engine, result)
+            reservation, replayed = await report_result(engine, result, c.ACTOR_WEBHOOK)
         except DomainError as err:
             if err.reason in RETRYABLE:
                 raise RetryLater(str(err)) from err

@@ -23,13 +23,6 @@ end
 -- "recovery", "reconcile": constants.ACTOR_*), in the entry's field 'actor'.
 local function emit(stream, maxlen, etype, id_field, id, now, data, actor)
   if type(data) ~= 'string' then data = cjson.encode(data) end
-  -- TRANSITIONAL (issue 12, actor): call sites not yet passing an actor write none; removed
-  -- once every script passes one.
-  if actor == nil then
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-      'type', etype, id_field, id, 'ts', now, 'data', data)
-    return
-  end
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
     'type', etype, id_field, id, 'ts', now, 'data', data, 'actor', actor)
 end

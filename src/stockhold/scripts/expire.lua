@@ -7,6 +7,7 @@
 -- ARGV[3] approximate maximum length of the event stream
 -- ARGV[4] the record key prefix of the partition ("<prefix>:{p<N>}:order:"); a record's key
 --         is this prefix + the order id with % : { } percent-encoded (as resolver.escape)
+-- ARGV[5] who expires them (the events' actor: "sweeper")
 -- Returns JSON: {"expired": n, "stale": n, "repaired": n, "stuck": [order id, ...], "full": 0|1,
 --                "settle": [order id, ...]}
 --   expired  HELD reservations at or past their deadline, now EXPIRED (one event each)
@@ -27,7 +28,7 @@
 
 local xk, ek = KEYS[1], KEYS[2]
 local n, retention, maxlen = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local record_prefix = ARGV[4]
+local record_prefix, actor = ARGV[4], ARGV[5]
 if not n or n < 1 or n > 500 or n % 1 ~= 0 then
   return redis.error_reply('expire.lua: N must be an integer within 1..500')
 end
@@ -78,7 +79,8 @@ for _, oid in ipairs(due) do
         redis.call('ZADD', settle_index(xk), now + CFG_RECOVER_MS, oid)
         settle[#settle + 1] = oid
       end
-      emit(ek, maxlen, 'ORDER_EXPIRED', 'order_id', oid, now, {allocations = alloc_payload(rec)})
+      emit(ek, maxlen, 'ORDER_EXPIRED', 'order_id', oid, now, {allocations = alloc_payload(rec)},
+        actor)
       expired = expired + 1
     end
   end

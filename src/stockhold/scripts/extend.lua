@@ -8,6 +8,7 @@
 -- ARGV[2] hold_seconds, an integer within 1..ARGV[3]
 -- ARGV[3] max_hold_seconds
 -- ARGV[4] approximate maximum length of the event stream
+-- ARGV[5] who extends it (the event's actor)
 -- Returns JSON: {"ok": 1, "changed": 0|1, "rec": record, "now": ms}  the reservation after
 --                                                                    the call
 --               {"err": REASON, "meta": {...}}   refused, nothing written
@@ -46,5 +47,5 @@ rec.dl = deadline
 redis.call('HSET', rk, 'dl', deadline)
 redis.call('ZADD', xk, deadline, oid)
 emit(ek, maxlen, 'ORDER_EXTENDED', 'order_id', oid, now,
-  {expires_at = deadline, previous_expires_at = previous, hold_seconds = hold})
+  {expires_at = deadline, previous_expires_at = previous, hold_seconds = hold}, ARGV[5])
 return cjson.encode({ok = 1, changed = 1, rec = rec, now = now})

@@ -12,7 +12,8 @@
 -- ARGV[8] the event's allocations (JSON [[sku, spec, barcode, warehouse, qty], ...])
 -- ARGV[9] amount (minor units, "0": none)   ARGV[10] provider ("": no payment)
 -- ARGV[11] out_trade_no (claimed before in its own slot: claim.lua)
--- ARGV[12..] the parts' nonces
+-- ARGV[12] who reserves (the event's actor)
+-- ARGV[13..] the parts' nonces
 -- Returns JSON: [1, now, deadline, first poll ms or 0]   written now
 --               [2, record]   replayed: the record exists with this fingerprint
 --               [0, REASON]   refused, nothing written: ORDER_CONFLICT (another fingerprint)
@@ -33,7 +34,7 @@ if existing then
   if existing ~= fp then return '[0,"ORDER_CONFLICT"]' end
   return cjson.encode({2, redis.call('HGETALL', rk)})
 end
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   if redis.call('SISMEMBER', ak, ARGV[i]) == 1 then return '[0,"ABORTED"]' end
 end
 local now, now_s = now_ms()
@@ -54,5 +55,5 @@ if ARGV[10] ~= '' then
   first = start_polling(rk, KEYS[5], nil, oid, ARGV[10], ARGV[11], now, dl, CFG_PAY())
   data.payment = {provider = ARGV[10], out_trade_no = ARGV[11], next_poll_at = first}
 end
-emit(ek, CFG_MAXLEN, 'ORDER_RESERVED', 'order_id', oid, now_s, data)
+emit(ek, CFG_MAXLEN, 'ORDER_RESERVED', 'order_id', oid, now_s, data, ARGV[12])
 return cjson.encode({1, now, dl, first})

@@ -5,7 +5,8 @@
 -- KEYS[3] the event stream of the order's partition
 -- KEYS[4] the out_trade_no -> order id map key of the payment
 -- ARGV[1] JSON: {"oid": order id, "prov": provider, "otn": out_trade_no, "maxlen": int,
---                "pay": {"steps": [ms, ...], "margin": ms, "ttl": ms}}
+--                "pay": {"steps": [ms, ...], "margin": ms, "ttl": ms},
+--                "actor": who marks it (the event's actor)}
 -- Returns JSON: {"ok": 1, "changed": 0|1, "rec": record, "now": ms}
 --               {"err": REASON, "meta": {...}}   refused, nothing written
 --               {"err": "RESERVATION_EXPIRED", "due": 1}  refused, nothing written: a HELD
@@ -38,5 +39,5 @@ end
 -- Everything checked: write.
 local first = start_polling(rk, pk, mk, a.oid, a.prov, a.otn, now, dl, a.pay)
 emit(ek, a.maxlen, 'PAYMENT_PENDING', 'order_id', a.oid, now,
-  {provider = a.prov, out_trade_no = a.otn, next_poll_at = first})
+  {provider = a.prov, out_trade_no = a.otn, next_poll_at = first}, a.actor)
 return cjson.encode({ok = 1, changed = 1, rec = hash_table(redis.call('HGETALL', rk)), now = now})

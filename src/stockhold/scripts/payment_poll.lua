@@ -5,7 +5,8 @@
 -- ARGV[1] N, the most index entries to claim (1..500)
 -- ARGV[2] JSON: {"steps": [ms, ...] (the wait before each poll), "margin": ms, "maxlen": int,
 --                "prefix": the partition's record key prefix ("<prefix>:{p<N>}:order:"); a
---                record's key is this prefix + the order id percent-encoded (key_escape)}
+--                record's key is this prefix + the order id percent-encoded (key_escape),
+--                "actor": who polls (the PAYMENT_FLAGGED events' actor, "poller")}
 -- Returns JSON: {"claims": [[order id, provider, out_trade_no, poll number, final 0|1], ...],
 --                "flagged": n, "stale": n, "full": 0|1}
 --
@@ -62,7 +63,7 @@ for i = 1, #due, 2 do
       redis.call('HSET', rk, 'pex', 1, 'pflag', 'POLLS_EXHAUSTED')
       emit(ek, a.maxlen, 'PAYMENT_FLAGGED', 'order_id', oid, now,
         {flag = 'POLLS_EXHAUSTED', reason = 'POLLS_EXHAUSTED', polls = k,
-         payment = {provider = f[4], out_trade_no = f[5]}})
+         payment = {provider = f[4], out_trade_no = f[5]}}, a.actor)
       ex = true
       flagged = flagged + 1
     end

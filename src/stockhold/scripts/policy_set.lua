@@ -4,7 +4,8 @@
 -- KEYS[3] the event stream of the SKU's partition
 -- ARGV[1] JSON: {"sku": str, "reset": bool, "set": {field: value, ...} (only fields given:
 --          to, hold, maxq as integers, hot, pin as 0|1), "maxlen": int,
---          "pol": {"thr": units, "bms": bucket ms, "nb": buckets}}
+--          "pol": {"thr": units, "bms": bucket ms, "nb": buckets},
+--          "actor": who sets it (the event's actor)}
 -- Returns JSON {"state": sku_state, "now": ms}. Validation happens before the call (servicer);
 -- the script only writes. Sales buckets are kept across a reset: they are facts, not policy.
 
@@ -35,5 +36,5 @@ end
 local st = sku_state(key, now, a.pol)
 emit(events, a.maxlen, 'SKU_POLICY_CHANGED', 'sku', a.sku, now,
   {reset = a.reset and true or false, reserve_timeout_ms = st.to, hold_seconds = st.hold,
-   max_line_quantity = st.maxq, hot = st.hot_flag, pinned = st.pin})
+   max_line_quantity = st.maxq, hot = st.hot_flag, pinned = st.pin}, a.actor)
 return cjson.encode({state = st, now = now})

@@ -15,6 +15,7 @@
 --     4 alone: a part, see below),
 --   keys, skeys, usk: the record's fields as JSON text (stock keys, SKU keys, SKU index 1..m
 --     of each unit), stored as they come,
+--   actor: who reserves (the ORDER_RESERVED event's actor; a part writes no event),
 --   amt (minor units; flag 1 only), provider, out_trade_no (flag 2 only), nonce (flag 4 only),
 --   n units: each its sku, spec and barcode as JSON strings, comma-separated, without the
 --     brackets of an array (it is spliced into the record's "units" and the event's
@@ -206,7 +207,7 @@ local function reserve_one(b, g, f, n, m, l, flags, part)
     end
   end
   local amt_s, prov, otn, pk, mk = '0', '', '', nil, nil
-  if flags % 2 == 1 then amt_s = ARGV[b + 8] end
+  if flags % 2 == 1 then amt_s = ARGV[b + 9] end
   if flags == 2 or flags == 3 then
     prov, otn = ARGV[f - 1], ARGV[f]
     pk, mk = KEYS[first_sku + m], KEYS[first_sku + m + 1]
@@ -238,7 +239,7 @@ local function reserve_one(b, g, f, n, m, l, flags, part)
   if part then
     call('HSET', rk, 'st', 'H', 'oid', oid, 'fp', fp, 'cr', now_s, 'dl', dl_s,
       'hold', hold_s, 'keys', ARGV[b + 5], 'units', units .. ']]', 'alloc', alloc,
-      'skeys', ARGV[b + 6], 'usk', ARGV[b + 7], 'nc', ARGV[b + 8])
+      'skeys', ARGV[b + 6], 'usk', ARGV[b + 7], 'nc', ARGV[b + 9])
     call('ZADD', KEYS[g + 2], format('%d', now + CFG_RECOVER_MS), oid)
     return '[1,[' .. pol .. '],' .. dl_s .. ',' .. alloc .. ',0]'
   elseif amt_s ~= '0' then
@@ -258,7 +259,8 @@ local function reserve_one(b, g, f, n, m, l, flags, part)
     data = data .. ',"payment":{"provider":' .. json_str(prov) .. ',"out_trade_no":'
       .. json_str(otn) .. ',"next_poll_at":' .. first_s .. '}'
   end
-  emit(KEYS[g + 3], CFG_MAXLEN, 'ORDER_RESERVED', 'order_id', oid, now_s, data .. '}')
+  emit(KEYS[g + 3], CFG_MAXLEN, 'ORDER_RESERVED', 'order_id', oid, now_s, data .. '}',
+    ARGV[b + 8])
   return '[1,[' .. pol .. '],' .. dl_s .. ',' .. alloc .. ',' .. first_s .. ']'
 end
 
@@ -268,7 +270,7 @@ while b < #ARGV do
   local n, m, l, flags = string.byte(ARGV[b + 4], 1, 4)
   -- the optional fields: amount (flag 1), provider and out_trade_no (flag 2)
   local pay, part = flags == 2 or flags == 3, flags == 4
-  local f = b + 7 + flags % 2 + (pay and 2 or 0) + (part and 1 or 0)
+  local f = b + 8 + flags % 2 + (pay and 2 or 0) + (part and 1 or 0)
   results[#results + 1] = reserve_one(b, g, f, n, m, l, flags, part)
   g = g + 3 + n + m + (pay and 2 or 0)
   b = f + n + 3 * l

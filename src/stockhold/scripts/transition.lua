@@ -10,12 +10,13 @@
 --   [g+4+n+m .. g+3+n+m+x] extra keys of the op (x = 0 but for "pay": the poll index of the
 --                          order's partition)
 -- ARGV[1] the configuration id the call was built for (CONFIG_ID, see stockhold.scripts).
--- Then per order, 6 plain fields: op ("commit" | "release" | "pay" | "expire" | "part" |
+-- Then per order, 7 plain fields: op ("commit" | "release" | "pay" | "expire" | "part" |
 --   "undo"), order id,
 --   counts (3 bytes: n, m, x), the record's "keys" and "skeys" texts the caller built KEYS
 --   from ("" for a record without skeys), arg (payment_ref (commit) | reason (release) | JSON
 --   of the payment report (pay, see report_one) | "" (expire) | the state the order's home
---   record reached, C, R or E (part) | the attempt's nonce (undo)).
+--   record reached, C, R or E (part) | the attempt's nonce (undo)), actor (who causes it: the
+--   actor of every event the order's op appends; "part" and "undo" append none).
 -- Redis Cluster, orders whose keys span slots (docs/cluster.md): the home record has a
 -- "parts" field and no stock keys; its transitions change the record, the expiry index and
 -- the events as for any order, and queue the order in the partition's settle index (at now +
@@ -49,6 +50,9 @@ if ARGV[1] ~= CONFIG_ID then
 end
 
 local now, now_s = now_ms()
+-- The actor of the order being handled (its 7th field), set before each; every event of
+-- that order carries it.
+local actor
 
 local function count_sold(rec, units, alloc, first_sku, m)
   if m == 0 then return end
@@ -130,7 +134,7 @@ local function apply(rec, flat, rk, xk, ek, first_stock, to, extra_field, extra,
   if more then
     for k, v in pairs(more) do data[k] = v end
   end
-  emit(ek, CFG_MAXLEN, etype, 'order_id', rec.oid, now_s, data)
+  emit(ek, CFG_MAXLEN, etype, 'order_id', rec.oid, now_s, data, actor)
   return {ok = 1, changed = 1, flat = flat}
 end
 
@@ -183,7 +187,7 @@ local function report_one(arg, rec, flat, rk, xk, ek, first_stock, first_sku, m,
   local function flagged(flag, reason, extra)
     local data = {flag = flag, reason = reason, payment = info}
     for k, v in pairs(extra or {}) do data[k] = v end
-    emit(ek, maxlen, 'PAYMENT_FLAGGED', 'order_id', oid, now, data)
+    emit(ek, maxlen, 'PAYMENT_FLAGGED', 'order_id', oid, now, data, actor)
   end
   if p.status == 'PAID' then
     if amt > 0 and p.amount ~= amt then
@@ -236,7 +240,7 @@ local function report_one(arg, rec, flat, rk, xk, ek, first_stock, first_sku, m,
       data.flag = 'REFUND'
       fields = with(paid, 'pflag', 'REFUND')
     end
-    emit(ek, maxlen, 'PAYMENT_AFTER_EXPIRY', 'order_id', oid, now, data)
+    emit(ek, maxlen, 'PAYMENT_AFTER_EXPIRY', 'order_id', oid, now, data, actor)
     return settle({ok = 1}, fields)
   end
   -- FAILED / CLOSED
@@ -314,6 +318,7 @@ local results = {}
 local b, g = 1, 0
 while b < #ARGV do
   local n, m, x = string.byte(ARGV[b + 3], 1, 3)
+  actor = ARGV[b + 7]
   local r = transition_one(b, g, n, m)
   if r.err then
     results[#results + 1] = '[0,"' .. r.err .. '",' .. (r.meta and cjson.encode(r.meta) or 'null')
@@ -333,6 +338,6 @@ while b < #ARGV do
       .. FLAG[r.replayed or 0] .. ',' .. FLAG[r.stuck or 0] .. ',' .. FLAG[settling] .. ']'
   end
   g = g + 3 + n + m + x
-  b = b + 6
+  b = b + 7
 end
 return '[' .. table.concat(results, ',') .. ']'
