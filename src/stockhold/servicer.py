@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote
 
 import grpc
@@ -23,14 +22,24 @@ from stockhold import counts
 from stockhold.contention import KeyReport, sku_hints
 from stockhold.contention_store import ContentionStore
 from stockhold.engine import Engine, check_payment, payment_report_violations
-from stockhold.errors import DomainError, FieldViolation, Reason, invalid, to_rpc_status, under
+from stockhold.errors import (
+    DomainError,
+    FieldViolation,
+    Reason,
+    invalid,
+    log_refusal,
+    rich_errors,
+    to_rpc_status,
+    under,
+)
 from stockhold.events import (
     EARLIEST,
     EventFilter,
     EventReader,
     StreamEvent,
     StreamId,
-    decode_cursor,
+    check_not_ahead,
+    cursor_positions,
     encode_cursor,
     event_filter,
 )
@@ -43,57 +52,6 @@ from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
-
-
-def rich_errors(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Answer a DomainError with google.rpc.Status (ErrorInfo, BadRequest) and its code."""
-
-    @functools.wraps(fn)
-    async def wrapper(
-        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
-    ) -> Resp:
-        try:
-            return await fn(self, request, context)
-        except DomainError as err:
-            log_refusal(fn.__name__, err)
-            await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
-            raise AssertionError("abort_with_status returned") from err  # pragma: no cover
-
-    return wrapper
-
-
-def log_refusal(method: str, err: DomainError) -> None:
-    """One warning per refusal that is not part of normal business (see _QUIET)."""
-    if err.reason not in _QUIET:
-        log.warning("%s refused: %s", method, err, extra={"meta": err.metadata})
-
-
-# Refusals that are part of normal business: not worth a log line each.
-_QUIET = frozenset(
-    {
-        Reason.INSUFFICIENT_STOCK,
-        Reason.INVALID_ARGUMENT,
-        Reason.RESERVATION_NOT_FOUND,
-        Reason.ORDER_CONFLICT,
-        Reason.ADJUSTMENT_CONFLICT,
-        Reason.COUNT_CONFLICT,
-        Reason.RESERVATION_EXPIRED,
-        Reason.RESERVATION_RELEASED,
-        Reason.RESERVATION_COMMITTED,
-        # shedding is the policy working as meant; counted in metrics and contention stats
-        Reason.RESERVE_TIMEOUT,
-        # flow control of a stream that sends faster than its answers come back
-        Reason.STREAM_BACKPRESSURE,
-        # Redis unreachable: the health loop logs the outage once and its end once, not a
-        # line per refused call (overload, cause "queued", is counted in metrics)
-        Reason.BACKEND_UNAVAILABLE,
-    }
-)
-
 
 def timestamp(ms: int) -> Timestamp:
     """Milliseconds since the epoch -> protobuf Timestamp."""
@@ -207,6 +165,16 @@ def _raise_if(out: list[FieldViolation]) -> None:
         raise invalid(out)
 
 
+def actor_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """Who is calling: the actor recorded on every event the call writes (Event.actor).
+
+    Every RPC that writes asks here, once. There is no authentication yet, so every caller is
+    ACTOR_ANONYMOUS; issue 13 (authentication) makes this return the caller's authenticated
+    identity instead, and nothing else changes.
+    """
+    return c.ACTOR_ANONYMOUS
+
+
 class InventoryServicer(pb_grpc.InventoryServicer):
     """stockhold.v1.Inventory over an Engine."""
 
@@ -233,21 +201,24 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReserveResponse:
         """Hold stock for an order, all or nothing."""
-        return await self.reserve_order(request, context.time_remaining())
+        return await self.reserve_order(request, context.time_remaining(), actor_of(context))
 
     async def reserve_order(
-        self, request: pb.ReserveRequest, time_remaining: float | None
+        self, request: pb.ReserveRequest, time_remaining: float | None, actor: str
     ) -> pb.ReserveResponse:
         """One order, as every call shape reserves it: validate, reserve, build the answer.
 
         Reserve and each ReserveStream message come through here, and ReserveBatch through
         the same `resolve_request` and engine path (`Engine.reserve_many`), so they share
         validation, idempotency, thresholds (`time_remaining`: seconds left of the call's
-        deadline) and errors, and their orders share the engine's script calls.
-        Raises DomainError; BadRequest paths are relative to the ReserveRequest.
+        deadline) and errors, and their orders share the engine's script calls. `actor`: the
+        caller (actor_of). Raises DomainError; BadRequest paths are relative to the
+        ReserveRequest.
         """
         order, amount, pending = self.resolve_request(request)
-        reservation, replayed = await self.engine.reserve(order, time_remaining, amount, pending)
+        reservation, replayed = await self.engine.reserve(
+            order, time_remaining, amount, pending, actor=actor
+        )
         return pb.ReserveResponse(reservation=reservation_pb(reservation), replayed=replayed)
 
     def resolve_request(
@@ -281,11 +252,12 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         request: pb.ReserveRequest,
         time_remaining: float | None,
         prefix: str,
+        actor: str,
     ) -> pb.ReserveResponse | status_pb2.Status:
         """`reserve_order` with a refusal returned as the google.rpc.Status a unary Reserve
         would carry (field paths under `prefix`), for a stream's messages."""
         try:
-            return await self.reserve_order(request, time_remaining)
+            return await self.reserve_order(request, time_remaining, actor)
         except DomainError as err:
             log_refusal(method, err)
             return to_rpc_status(under(err, prefix))
@@ -309,7 +281,7 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         if not 1 <= n <= c.MAX_BATCH_ORDERS:
             bound = f"must hold 1..{c.MAX_BATCH_ORDERS} orders (got {n})"
             raise invalid([FieldViolation("orders", bound)])
-        remaining = context.time_remaining()
+        remaining, actor = context.time_remaining(), actor_of(context)
         answers: list[pb.ReserveBatchResult | None] = [None] * n
         todo = list(range(n))
         # Rounds: each round holds the first occurrence of every order id still to do, all
@@ -332,7 +304,7 @@ class InventoryServicer(pb_grpc.InventoryServicer):
                 except DomainError as err:
                     answers[i] = _batch_refusal(err, i)
             if resolved:
-                results = await self.engine.reserve_many(resolved, remaining)
+                results = await self.engine.reserve_many(resolved, remaining, actor=actor)
                 for i, r in zip(sent, results, strict=True):
                     if isinstance(r, DomainError):
                         answers[i] = _batch_refusal(r, i)
@@ -361,7 +333,9 @@ class InventoryServicer(pb_grpc.InventoryServicer):
     ) -> pb.CommitResponse:
         """HELD -> COMMITTED."""
         self._check_order_and_note(request.order_id, "payment_ref", request.payment_ref)
-        reservation = await self.engine.commit(request.order_id, request.payment_ref)
+        reservation = await self.engine.commit(
+            request.order_id, request.payment_ref, actor=actor_of(context)
+        )
         return pb.CommitResponse(reservation=reservation_pb(reservation))
 
     @rich_errors
@@ -370,16 +344,19 @@ class InventoryServicer(pb_grpc.InventoryServicer):
     ) -> pb.ReleaseResponse:
         """HELD -> RELEASED."""
         self._check_order_and_note(request.order_id, "reason", request.reason)
-        reservation = await self.engine.release(request.order_id, request.reason)
+        reservation = await self.engine.release(
+            request.order_id, request.reason, actor=actor_of(context)
+        )
         return pb.ReleaseResponse(reservation=reservation_pb(reservation))
 
     @rich_errors
     async def GetReservation(
         self, request: pb.GetReservationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Reservation:
-        """The reservation as it stands."""
+        """The reservation as it stands (a due hold is expired first, by the caller)."""
         self.resolver.order(request.order_id)
-        return reservation_pb(await self.engine.get_reservation(request.order_id))
+        found = await self.engine.get_reservation(request.order_id, actor=actor_of(context))
+        return reservation_pb(found)
 
     @rich_errors
     async def GetAvailability(
@@ -411,7 +388,12 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         check_text(request.reason, "reason", 0, c.MAX_REASON, out, normalise=False)
         _raise_if(out)
         level, replayed = await self.engine.adjust(
-            request.adjustment_id, unit, warehouse, request.delta, request.reason
+            request.adjustment_id,
+            unit,
+            warehouse,
+            request.delta,
+            request.reason,
+            actor=actor_of(context),
         )
         return pb.AdjustStockResponse(level=level_pb(level), replayed=replayed)
 
@@ -431,7 +413,7 @@ class InventoryServicer(pb_grpc.InventoryServicer):
             request.on_hand,
             request.counted_at,
         )
-        done = await counts.set_on_hand(self.engine.calls, count, c.ACTOR_ANONYMOUS)
+        done = await counts.set_on_hand(self.engine.calls, count, actor_of(context))
         return pb.SetOnHandResponse(
             level=level_pb(done.level),
             replayed=done.replayed,
@@ -465,7 +447,9 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         elif not request.reset and not fields:
             out.append(FieldViolation("sku", "nothing to change: set a field, or reset"))
         _raise_if(out)
-        policy, _ = await self.engine.policies.set(sku, fields, reset=request.reset)
+        policy, _ = await self.engine.policies.set(
+            sku, fields, reset=request.reset, actor=actor_of(context)
+        )
         return self._policy_pb(policy)
 
     def _policy_max(self, bound: int) -> int:
@@ -568,7 +552,9 @@ class InventoryServicer(pb_grpc.InventoryServicer):
     ) -> pb.ExtendReservationResponse:
         """HELD only: the deadline becomes max(itself, Redis's now + hold_seconds), never
         closer; `extended` says whether it moved (the engine validates)."""
-        reservation, extended = await self.engine.extend(request.order_id, request.hold_seconds)
+        reservation, extended = await self.engine.extend(
+            request.order_id, request.hold_seconds, actor=actor_of(context)
+        )
         return pb.ExtendReservationResponse(
             reservation=reservation_pb(reservation), extended=extended
         )
@@ -598,7 +584,9 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         _raise_if(out)
         if paid_at_ms is not None:
             report = dataclasses.replace(report, paid_at_ms=paid_at_ms)
-        reservation, replayed = await self.engine.report_payment(request.order_id, report)
+        reservation, replayed = await self.engine.report_payment(
+            request.order_id, report, actor=actor_of(context)
+        )
         return pb.ReportPaymentResponse(reservation=reservation_pb(reservation), replayed=replayed)
 
     @rich_errors
@@ -611,7 +599,9 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         pending = PendingPayment(request.payment.provider, request.payment.out_trade_no)
         check_payment(pending, "payment", out)
         _raise_if(out)
-        reservation = await self.engine.mark_payment_pending(request.order_id, pending)
+        reservation = await self.engine.mark_payment_pending(
+            request.order_id, pending, actor=actor_of(context)
+        )
         return pb.MarkPaymentPendingResponse(reservation=reservation_pb(reservation))
 
     # -- events (issue 12) -----------------------------------------------------------------
@@ -659,30 +649,10 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         """Validate the request: the start positions and the filter; DomainError if bad."""
         out: list[FieldViolation] = []
         wanted = event_filter(request.types, request.warehouses, request.skus, out)
-        positions: list[StreamId] | None = None
-        if request.cursor == EARLIEST:
-            positions = [(0, 0)] * self.settings.partitions
-        elif request.cursor:
-            try:
-                positions = decode_cursor(request.cursor, self.settings.partitions)
-            except ValueError as err:
-                out.append(FieldViolation("cursor", str(err)))
+        positions = cursor_positions(request.cursor, self.settings.partitions, "cursor", out)
         _raise_if(out)
         if positions is not None and request.cursor != EARLIEST:
-            heads = await reader.heads()
-            ahead = [
-                p for p, (pos, head) in enumerate(zip(positions, heads, strict=True)) if pos > head
-            ]
-            if ahead:
-                raise invalid(
-                    [
-                        FieldViolation(
-                            "cursor",
-                            f"ahead of partition {ahead[0]}'s stream: "
-                            "a cursor of another deployment, or of data this one lost",
-                        )
-                    ]
-                )
+            check_not_ahead(positions, await reader.heads(), "cursor")
         if positions is None:
             positions = await reader.heads()
         return positions, wanted
@@ -706,6 +676,7 @@ def event_pb(e: StreamEvent, cursor: str) -> pb.Event:
         data_json=e.data_json,
         partition=e.partition,
         cursor=cursor,
+        actor=e.actor,
     )
 
 
@@ -737,6 +708,7 @@ class _ReserveStream:
     def __init__(self, servicer: InventoryServicer, context: grpc.aio.ServicerContext[Any, Any]):
         self.servicer = servicer
         self.context = context
+        self.actor = actor_of(context)  # the caller of every message's reserve
         self.limit = servicer.settings.stream_max_outstanding
         self.answers: deque[pb.ReserveStreamResponse] = deque()
         self.reserving: set[asyncio.Task[None]] = set()  # to cancel them with the call
@@ -799,7 +771,7 @@ class _ReserveStream:
         else:
             # answer_order turns every failure but a cancel into this message's answer.
             result = await self.servicer.answer_order(
-                "ReserveStream", msg.request, self.context.time_remaining(), "request."
+                "ReserveStream", msg.request, self.context.time_remaining(), "request.", self.actor
             )
         self.outstanding -= 1
         self._answer(msg.correlation_id, result)
