@@ -7,14 +7,17 @@ field violations for malformed requests) through `to_rpc_status`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from stockhold.constants import ERROR_DOMAIN
 
@@ -164,3 +167,60 @@ def to_rpc_status(err: DomainError) -> status_pb2.Status:
         packed.Pack(bad)
         details.append(packed)
     return status_pb2.Status(code=code, message=err.message, details=details)
+
+
+# -- the servicers' side: a refusal answered as a rich status ------------------------------------
+
+# Refusal lines keep the servicer's logger name (what operators filter on).
+_refusals = logging.getLogger("stockhold.servicer")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def rich_errors(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Answer a DomainError with google.rpc.Status (ErrorInfo, BadRequest) and its code."""
+
+    @functools.wraps(fn)
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except DomainError as err:
+            log_refusal(fn.__name__, err)
+            await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
+            raise AssertionError("abort_with_status returned") from err  # pragma: no cover
+
+    return wrapper
+
+
+def log_refusal(method: str, err: DomainError) -> None:
+    """One warning per refusal that is not part of normal business (see _QUIET)."""
+    if err.reason not in _QUIET:
+        _refusals.warning("%s refused: %s", method, err, extra={"meta": err.metadata})
+
+
+# Refusals that are part of normal business: not worth a log line each.
+_QUIET = frozenset(
+    {
+        Reason.INSUFFICIENT_STOCK,
+        Reason.INVALID_ARGUMENT,
+        Reason.RESERVATION_NOT_FOUND,
+        Reason.SUBSCRIPTION_NOT_FOUND,
+        Reason.ORDER_CONFLICT,
+        Reason.ADJUSTMENT_CONFLICT,
+        Reason.COUNT_CONFLICT,
+        Reason.RESERVATION_EXPIRED,
+        Reason.RESERVATION_RELEASED,
+        Reason.RESERVATION_COMMITTED,
+        # shedding is the policy working as meant; counted in metrics and contention stats
+        Reason.RESERVE_TIMEOUT,
+        # flow control of a stream that sends faster than its answers come back
+        Reason.STREAM_BACKPRESSURE,
+        # Redis unreachable: the health loop logs the outage once and its end once, not a
+        # line per refused call (overload, cause "queued", is counted in metrics)
+        Reason.BACKEND_UNAVAILABLE,
+    }
+)
