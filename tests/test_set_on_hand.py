@@ -195,6 +195,8 @@ async def test_an_older_count_is_refused_as_stale_and_changes_nothing(
         ({"counted_at": "2026-12-02T10:00:00"}, {"counted_at"}),  # naive: no offset
         ({"counted_at": ""}, {"counted_at"}),
         ({"counted_at": "yesterday"}, {"counted_at"}),
+        ({"counted_at": "3000-01-01T00:00:00Z"}, {"counted_at"}),
+        ({"counted_at": "1969-12-31T23:59:59Z"}, {"counted_at"}),
         ({"count_id": ""}, {"count_id"}),
         ({"count_id": "x" * 129}, {"count_id"}),
         ({"unit": unit("")}, {"unit.sku"}),

@@ -32,6 +32,10 @@ from stockhold.timeparse import format_rfc3339, parse_rfc3339
 
 log = logging.getLogger(__name__)
 
+# counted_at must fall in [1970, 3000): a count dated centuries ahead (a WMS clock gone wrong)
+# would make every later count stale, and the scripts' JSON keeps integers exact below 10^14.
+_COUNTED_AT_MAX_MS = 32503680000000  # 3000-01-01T00:00:00Z
+
 
 @dataclass(frozen=True, slots=True)
 class Count:
@@ -90,6 +94,9 @@ def check_count(
             at_ms = parse_rfc3339(counted_at, "counted_at")
         except DomainError as err:
             out += err.violations
+        else:
+            if not 0 <= at_ms < _COUNTED_AT_MAX_MS:
+                out.append(FieldViolation("counted_at", "must be within 1970..2999"))
     if out:
         raise invalid(out)
     return Count(count_id, unit, wh, on_hand, at_ms)
