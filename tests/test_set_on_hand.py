@@ -104,7 +104,7 @@ async def test_count_sets_available_to_on_hand_minus_reserved_with_holds_present
     stored = stockhold.redis.client().hgetall(stock_key)
     assert stored[f"{c.FIELD_COUNTED}wh-east".encode()] == str(parse_rfc3339(T1)).encode()
     (event,) = counted_events(stockhold, "TEE")
-    assert event["adjustment_id"] == "cnt-1"
+    assert (event["adjustment_id"], event["actor"]) == ("cnt-1", c.ACTOR_ANONYMOUS)
     assert json.loads(event["data"]) == {
         "sku": "TEE",
         "spec": "",
@@ -337,6 +337,12 @@ async def test_stock_count_through_the_cli(stockhold: Running, stub: pb_grpc.Inv
     code, out, err = await stockhold_cli(stockhold, *argv)
     assert code == 0, err
     assert json.loads(out)["replayed"] is True
+    tail = ["events", "tail", "--from", "earliest", "--type", "STOCK_COUNTED"]
+    code, out, err = await stockhold_cli(stockhold, *tail, "--warehouse", "wh-east", "--count", "1")
+    assert code == 0, err
+    (event,) = [json.loads(x) for x in out.splitlines()]
+    assert (event["type"], event["adjustment_id"]) == ("STOCK_COUNTED", "cli-1")
+    assert (event["data"]["on_hand"], event["data"]["previous_on_hand"]) == (4, 10)
     naive = [*argv[:-1], "2026-12-02T10:00:00"]
     naive[argv.index("cli-1")] = "cli-2"
     code, out, err = await stockhold_cli(stockhold, *naive)
