@@ -9,8 +9,14 @@ What is exported (see docs/operations.md, "Metrics"):
   was sent (`record_shed`, called by the engine);
 * `stockhold_oversold_counts_total`: cycle counts (SetOnHand, not replays) that found fewer
   units than are reserved (`record_oversold_count`, called by stockhold.counts);
+* `stockhold_event_stream_fill_ratio{partition}`, `stockhold_subscription_events_lost_total
+  {subscription}`, `stockhold_deliveries_total{subscription,outcome}`: the event streams'
+  fill against the hard cap and webhook deliveries (issue 12, stockhold.delivery);
 * `stockhold_contention_*{key,sku}`: gauges of the top keys of the server's own
   `GetContentionStats`, asked over gRPC at scrape time (`ContentionCollector`).
+* `stockhold_subscription_*{subscription}`: each subscription's backlog, oldest age, failed
+  count, delivery rate, WMS response times, status, slow-consumer flag and lost events, from
+  the server's own `GetSubscriptionLag` at scrape time (`SubscriptionLagCollector`).
 
 Importing this module is cheap and safe in any process: it imports neither prometheus_client
 nor anything that opens a file or a socket. Metric objects exist only once `enable()` has run
@@ -149,6 +155,91 @@ def record_oversold_count() -> None:
         state.oversold_counts.inc()
     except Exception:  # a metric must never fail a request
         log.warning("oversold counter failed", exc_info=True)
+
+
+# -- delivery to subscriptions (issue 12, stockhold.delivery) ------------------------------------
+
+# Outcomes of stockhold_deliveries_total: a POST the WMS took, one it did not (each failed
+# attempt), an event given up on (FLOW: to the failed set), an event the filter passed over.
+DELIVERY_OUTCOMES: Final = ("delivered", "error", "failed", "skipped")
+
+
+class _DeliveryMetrics:
+    """The deliverer's and the trimmer's metric objects (created on first use once enabled)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.fill: Gauge = Gauge(
+            "stockhold_event_stream_fill_ratio",
+            "Entries in a partition's event stream over the hard cap (event_stream_maxlen)",
+            ("partition",),
+            multiprocess_mode="max",
+        )
+        self.lost: Counter = Counter(
+            "stockhold_subscription_events_lost_total",
+            "Events the hard cap trimmed before a subscription received them",
+            ("subscription",),
+        )
+        self.deliveries: Counter = Counter(
+            "stockhold_deliveries_total",
+            "Webhook deliveries by outcome: delivered, error (one failed attempt), failed "
+            "(given up: the failed set), skipped (not matching the filter)",
+            ("subscription", "outcome"),
+        )
+        self.by_outcome: dict[tuple[str, str], Any] = {}
+
+
+_delivery: _DeliveryMetrics | None = None
+
+
+def _delivery_metrics() -> _DeliveryMetrics | None:
+    global _delivery
+    if _state is None:
+        return None
+    if _delivery is None:
+        with _enable_lock:
+            if _delivery is None:
+                _delivery = _DeliveryMetrics()
+    return _delivery
+
+
+def record_delivery(subscription: str, outcome: str, n: int = 1) -> None:
+    """Count `n` deliveries of one outcome (DELIVERY_OUTCOMES); never raises."""
+    state = _delivery_metrics()
+    if state is None or n <= 0:
+        return
+    try:
+        child = state.by_outcome.get((subscription, outcome))
+        if child is None:
+            child = state.by_outcome[(subscription, outcome)] = state.deliveries.labels(
+                subscription=subscription, outcome=outcome
+            )
+        child.inc(n)
+    except Exception:  # a metric must never fail a delivery
+        log.warning("delivery counter failed", exc_info=True)
+
+
+def record_events_lost(subscription: str, n: int) -> None:
+    """Count events the hard cap dropped before a subscription got them; never raises."""
+    state = _delivery_metrics()
+    if state is None or n <= 0:
+        return
+    try:
+        state.lost.labels(subscription=subscription).inc(n)
+    except Exception:
+        log.warning("lost-events counter failed", exc_info=True)
+
+
+def set_stream_fill(partition: int, ratio: float) -> None:
+    """Set a partition's event stream fill ratio (length / hard cap); never raises."""
+    state = _delivery_metrics()
+    if state is None:
+        return
+    try:
+        state.fill.labels(partition=str(partition)).set(ratio)
+    except Exception:
+        log.warning("stream fill gauge failed", exc_info=True)
 
 
 # -- RPC latency --------------------------------------------------------------------------------
@@ -364,6 +455,85 @@ class ContentionCollector:
         yield from (p99, mean, requests, contended, timeouts, insufficient, flagged)
 
 
+# -- subscription lag (issue 12, docs/events.md "Lag and alerts") -------------------------------
+
+LAG_CACHE_SECONDS: Final = 1.0
+_LAG_STATUS_VALUE: Final = {1: 0, 2: 1, 3: 2}  # LagStatus HEALTHY, WARN, ALERT -> 0, 1, 2
+
+
+class SubscriptionLagCollector:
+    """At scrape time, asks the server's GetSubscriptionLag (over the contention collector's
+    channel) and exports each subscription's figures as gauges labelled `subscription`. The
+    answer is kept LAG_CACHE_SECONDS, so scrapes close together cost one call. When the call
+    fails the gauges are left out and `stockhold_subscription_lag_up` is 0."""
+
+    def __init__(self, server: ContentionCollector) -> None:
+        self.server = server
+        self._cached: tuple[float, Any] | None = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> list[Metric]:
+        """Nothing: registering the collector must not call the server."""
+        return []
+
+    def _reply(self) -> Any:
+        from stockhold.v1 import inventory_pb2 as pb
+
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < LAG_CACHE_SECONDS:
+                return self._cached[1]
+            reply = self.server._stub().GetSubscriptionLag(
+                pb.GetSubscriptionLagRequest(), timeout=self.server.timeout
+            )
+            self._cached = (now, reply)
+            return reply
+
+    def collect(self) -> Iterator[Metric]:
+        """The gauges, from one (cached) GetSubscriptionLag call."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily(
+            "stockhold_subscription_lag_up",
+            "1 when the scrape's GetSubscriptionLag call answered, else 0",
+        )
+        try:
+            reply = self._reply()
+        except Exception as err:  # never break the scrape
+            log.debug("subscription lag scrape failed: %s", err)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+
+        def family(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(
+                f"stockhold_subscription_{name}", doc, labels=("subscription", *labels)
+            )
+
+        backlog = family("backlog", "Events not yet acknowledged, over every partition")
+        oldest = family("oldest_age_seconds", "Age of the oldest unacknowledged event")
+        failed = family("failed", "Events in the failed set (ReplayFailed delivers them)")
+        rate = family("delivery_rate", "Events acknowledged per second, recent")
+        wms = family("wms_response_ms", "The WMS's response time, recent", "quantile")
+        status = family("status", "0 healthy, 1 warn, 2 alert (by backlog)")
+        slow = family("slow_consumer", "1 when the WMS's p99 is above slow_consumer_ms")
+        lost = family("lost", "Events the stream's hard cap dropped before delivery")
+        for s in reply.subscriptions:
+            name = (s.name,)
+            backlog.add_metric(name, s.backlog)
+            oldest.add_metric(name, s.oldest_age_ms / 1000)
+            failed.add_metric(name, s.failed)
+            rate.add_metric(name, s.rate_per_second)
+            wms.add_metric((s.name, "0.5"), s.wms_p50_ms)
+            wms.add_metric((s.name, "0.99"), s.wms_p99_ms)
+            status.add_metric(name, _LAG_STATUS_VALUE.get(s.status, 0))
+            slow.add_metric(name, 1 if s.slow_consumer else 0)
+            lost.add_metric(name, s.lost)
+        yield from (backlog, oldest, failed, rate, wms, status, slow, lost)
+
+
 # -- the /metrics endpoint ------------------------------------------------------------------------
 
 
@@ -398,6 +568,7 @@ def process_registry(contention: ContentionCollector) -> CollectorRegistry:
     else:
         registry.register(_Union(REGISTRY))
     registry.register(contention)
+    registry.register(SubscriptionLagCollector(contention))
     return registry
 
 
@@ -408,6 +579,7 @@ def supervisor_registry(path: str, contention: ContentionCollector) -> Collector
     registry = CollectorRegistry()
     _multiprocess().MultiProcessCollector(registry, path=path)
     registry.register(contention)
+    registry.register(SubscriptionLagCollector(contention))
     return registry
 
 
@@ -473,6 +645,7 @@ __all__ = [
     "MetricsEndpoint",
     "MetricsInterceptor",
     "ProcessMetrics",
+    "SubscriptionLagCollector",
     "enable",
     "local_target",
     "mark_process_dead",

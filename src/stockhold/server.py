@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from stockhold import metrics
 from stockhold.constants import ACTOR_SWEEPER, SERVICE_NAME
 from stockhold.contention_store import ContentionStore
+from stockhold.delivery.deliverer import Deliverer
+from stockhold.delivery.subscriptions import SubscriptionStore
 from stockhold.embedded import EmbeddedRedis
 from stockhold.engine import Engine, PartitionMismatch
 from stockhold.errors import DomainError
@@ -159,6 +161,11 @@ class StockholdServer:
         )
         self.contention = ContentionStore(self.engine)
         self.servicer = InventoryServicer(self.engine, settings, self.contention)
+        # Pushes events to the subscriptions' webhooks (issue 12): started with the server.
+        self.deliverer: Deliverer | None = None
+        if settings.delivery_enabled:
+            calls = self.engine.calls
+            self.deliverer = Deliverer(calls, SubscriptionStore(calls), settings)
         inventory_pb2_grpc.add_InventoryServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         services = (
@@ -221,6 +228,8 @@ class StockholdServer:
             )
         if self.settings.payment_webhook_listen:
             await self._start_webhook()
+        if self.deliverer is not None:
+            self.deliverer.start()
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -241,6 +250,8 @@ class StockholdServer:
             self._webhook = None
         if self.poller is not None:
             await self.poller.close()
+        if self.deliverer is not None:  # acknowledges what it delivered, releases its leases
+            await self.deliverer.stop()
         self.servicer.close_watches()  # endless streams: they end now, not at the grace's end
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         # The last calls' figures still count for the deployment (until they go stale).

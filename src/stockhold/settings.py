@@ -87,6 +87,24 @@ class Settings:
     # and the most entries it reads from one partition's stream per read.
     watch_poll_interval_seconds: float = 0.1
     watch_batch_size: int = 200
+    # Delivery to subscriptions (issue 12, docs/events.md "Pushing to a WMS"): every server
+    # process runs a deliverer (off: none here); a lease per (subscription, partition) lasts
+    # delivery_lease_seconds (renewed every third of it); an idle partition is read again
+    # after the poll interval; at most delivery_batch entries per read. Retention: events
+    # every group has acknowledged are trimmed once older than event_retention_seconds,
+    # checked every event_trim_interval_seconds (event_stream_maxlen stays the hard cap).
+    delivery_enabled: bool = True
+    delivery_lease_seconds: float = 5.0
+    delivery_poll_interval_seconds: float = 0.05
+    delivery_batch: int = 100
+    event_retention_seconds: int = 7 * DAY
+    event_trim_interval_seconds: float = 10.0
+    # Subscription lag (issue 12, docs/events.md "Lag and alerts"): a backlog below
+    # lag_warn_events is HEALTHY, at lag_alert_events or more ALERT, WARN between; a WMS whose
+    # p99 response time is above slow_consumer_ms is flagged SLOW_CONSUMER.
+    lag_warn_events: int = 50
+    lag_alert_events: int = 150
+    slow_consumer_ms: int = 800
     # A SKU is hot (automatically, unless its policy is pinned) while more than this many
     # units were committed over the trailing window, counted by the scripts on Redis's clock.
     hot_threshold_units: int = 500
@@ -148,6 +166,12 @@ class Settings:
                 "default_hold_seconds",
                 self.default_hold_seconds,
                 f"at most max_hold_seconds ({self.max_hold_seconds})",
+            )
+        if self.lag_warn_events >= self.lag_alert_events:
+            raise ConfigError(
+                "lag_warn_events",
+                self.lag_warn_events,
+                f"below lag_alert_events ({self.lag_alert_events})",
             )
         slots = round(self.contention_window_seconds / self.contention_slot_seconds)
         if slots < 1 or not math.isclose(
@@ -459,6 +483,17 @@ _RULES: Final[Mapping[str, Rule]] = {
     "shutdown_grace_seconds": _NOT_NEGATIVE,
     "watch_poll_interval_seconds": _POSITIVE,
     "watch_batch_size": _within(1, 10_000),
+    "delivery_lease_seconds": (
+        lambda v: math.isfinite(v) and 0.3 <= v <= 600,
+        "a number of seconds within 0.3..600",
+    ),
+    "delivery_poll_interval_seconds": _POSITIVE,
+    "delivery_batch": _within(1, 10_000),
+    "event_retention_seconds": _at_least(1),
+    "event_trim_interval_seconds": _POSITIVE,
+    "lag_warn_events": _at_least(1),
+    "lag_alert_events": _at_least(2),
+    "slow_consumer_ms": _within(1, 3_600_000),
     "reserve_timeout_ms": _within(1, 60_000),
     "hot_reserve_timeout_ms": _within(1, 60_000),
     "hot_threshold_units": _at_least(0),

@@ -42,6 +42,11 @@ OPERATIONS = (
     "claim",
     "count",
     "group",
+    # delivery (issue 12, stockhold.delivery): leases, reads, FLOW failures, retention
+    "lease",
+    "consume",
+    "fail",
+    "trim",
 )
 
 
@@ -216,3 +221,7 @@ class Scripts:
         self.claim: AsyncScript = register("claim")
         self.count: AsyncScript = register("count")
         self.group: AsyncScript = register("group")
+        self.lease: AsyncScript = register("lease")
+        self.consume: AsyncScript = register("consume")
+        self.fail: AsyncScript = register("fail")
+        self.trim: AsyncScript = register("trim")
