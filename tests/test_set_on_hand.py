@@ -22,8 +22,10 @@ from stockhold_fixtures import (
     Running,
     add_stock,
     expect_error,
+    is_cluster,
     line,
     snapshot,
+    spans_slots,
     unit,
     wait_settled,
 )
@@ -265,12 +267,19 @@ async def test_oversold_count_is_stored_negative_flagged_and_recovers(
     assert (await stub.SetOnHand(count("cnt-1", "TEE", "wh-east", 3))).replayed
     assert oversold_total() == total + 1
 
-    # Reserve refuses, with available reported as is.
+    # Reserve refuses, with available reported as is (order ids in several partitions: on a
+    # cluster some orders span slots), and an order letting stockhold allocate finds nothing.
+    ids = [f"o-x{n}" for n in range(6)]
+    assert any(spans_slots(stockhold, o, "TEE") for o in ids) == is_cluster(stockhold.redis)
+    for oid in ids:
+        request = pb.ReserveRequest(order_id=oid, lines=[line("TEE", 1, "wh-east")])
+        err = await expect_error(stub.Reserve(request))
+        assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_STOCK")
+        assert err.metadata["available"] == "-3"
     err = await expect_error(
-        stub.Reserve(pb.ReserveRequest(order_id="o-3", lines=[line("TEE", 1, "wh-east")]))
+        stub.Reserve(pb.ReserveRequest(order_id="o-auto", lines=[line("TEE", 1)]))
     )
-    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_STOCK")
-    assert err.metadata["available"] == "-3"
+    assert (err.reason, err.metadata["available"]) == ("INSUFFICIENT_STOCK", "0")
     # Shrinkage making it more negative is refused; a receipt is taken (still oversold).
     err = await expect_error(add_stock(stub, "TEE", "wh-east", -1))
     assert err.reason == "INSUFFICIENT_STOCK"
