@@ -571,6 +571,7 @@ def _commands(sub: Any) -> None:
 
     _reserve_many_commands(client)
     _events_commands(sub, client)
+    _subscription_commands(sub, client)
     _stock_commands(sub, client)
 
 
@@ -784,6 +785,157 @@ def _events_commands(sub: Any, client: Callable[..., argparse.ArgumentParser]) -
     p.add_argument("--count", type=_positive(int), help="stop after N events")
     # No deadline unless asked: a tail runs until interrupted (a --timeout ends it, status 0).
     p.set_defaults(run=_events_tail, timeout=None)
+
+    p = client("lag", "how far each subscription is behind (GetSubscriptionLag)", esub)
+    p.add_argument("name", nargs="?", default="", help="one subscription (default: every one)")
+    p.add_argument(
+        "--watch",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="redraw every SECONDS until Ctrl-C, like `stockhold top`",
+    )
+    p.add_argument("--json", action="store_true", help="the response as JSON, once")
+    p.set_defaults(run=_events_lag)
+
+
+def _events_lag(args: argparse.Namespace) -> int:
+    if args.json:
+        request = pb.GetSubscriptionLagRequest(name=args.name)
+        return _client_call(args, lambda s: s.GetSubscriptionLag(request, timeout=args.timeout))
+    return top.run_lag(args.address, args.name, args.watch, args.timeout)
+
+
+# -- WMS subscriptions (issue 12, docs/events.md "Subscriptions") ------------------------------
+def subscription_create_request(args: argparse.Namespace) -> pb.CreateSubscriptionRequest:
+    """The CreateSubscription request of `subscriptions create` (the secret read from
+    --secret-file, its trailing newline dropped; none: the server makes one)."""
+    secret = ""
+    if args.secret_file:
+        with open(args.secret_file, encoding="utf-8") as f:
+            secret = f.read().rstrip("\r\n")
+    return pb.CreateSubscriptionRequest(
+        subscription=pb.Subscription(
+            name=args.name,
+            url=args.url,
+            warehouses=args.warehouses,
+            types=args.types,
+            skus=args.skus,
+            timeout_ms=args.timeout_ms,
+            retry=pb.RetryPolicy(
+                max_attempts=args.max_attempts,
+                initial_backoff_ms=args.initial_backoff_ms,
+                max_backoff_ms=args.max_backoff_ms,
+            ),
+            on_failure=pb.OnFailure.Value((args.on_failure or "ON_FAILURE_UNSPECIFIED").upper()),
+        ),
+        secret=secret,
+        start_cursor=args.start,
+    )
+
+
+def _filter_args(p: argparse.ArgumentParser, what: str) -> None:
+    for flag, dest, which in (
+        ("--type", "types", "of this type, e.g. ORDER_RESERVED"),
+        ("--warehouse", "warehouses", "touching this warehouse"),
+        ("--sku", "skus", "touching this SKU"),
+    ):
+        p.add_argument(
+            flag,
+            dest=dest,
+            action="append",
+            default=[],
+            metavar=flag[2].upper(),
+            help=f"only {what} {which} (repeatable: any of them)",
+        )
+
+
+def _subscription_commands(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> None:
+    """`subscriptions create|list|get|delete|replay-failed|replay-from` (docs/events.md)."""
+    subs = sub.add_parser("subscriptions", help="push events to a WMS webhook")
+    ssub = subs.add_subparsers(dest="subscriptions_command", required=True)
+    p = client("create", "create a subscription (the same definition again: no change)", ssub)
+    p.add_argument("name", help="[A-Za-z0-9._-]{1,64}")
+    p.add_argument("--url", required=True, help="the http(s) webhook")
+    _filter_args(p, "events")
+    p.add_argument("--timeout-ms", type=int, default=0, help="per POST (0: default 5000)")
+    p.add_argument("--max-attempts", type=int, default=0, help="POSTs per event (0: default 8)")
+    p.add_argument("--initial-backoff-ms", type=int, default=0, help="0: default 200")
+    p.add_argument("--max-backoff-ms", type=int, default=0, help="0: default 30000")
+    p.add_argument(
+        "--on-failure",
+        choices=("flow", "wait", "FLOW", "WAIT"),
+        help="after the last attempt: flow (failed set, the next events go on; the default) "
+        "or wait (retry the event until the WMS takes it)",
+    )
+    p.add_argument(
+        "--secret-file",
+        help="file holding the HMAC secret (>= 16 bytes); none: the server makes one and "
+        "prints it once",
+    )
+    p.add_argument(
+        "--from",
+        dest="start",
+        default="",
+        metavar="CURSOR",
+        help='where delivery starts: an event\'s cursor, "earliest"; default: from now',
+    )
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a, lambda s: s.CreateSubscription(subscription_create_request(a), timeout=a.timeout)
+        )
+    )
+
+    p = client("list", "every subscription", ssub)
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a, lambda s: s.ListSubscriptions(pb.ListSubscriptionsRequest(), timeout=a.timeout)
+        )
+    )
+    for name, what, call in (
+        ("get", "show a subscription", "GetSubscription"),
+        ("delete", "delete a subscription, its groups and its failed set", "DeleteSubscription"),
+    ):
+        p = client(name, what, ssub)
+        p.add_argument("name")
+        request = getattr(pb, f"{call}Request")
+        p.set_defaults(
+            run=lambda a, c=call, r=request: _client_call(
+                a, lambda s: getattr(s, c)(r(name=a.name), timeout=a.timeout)
+            )
+        )
+
+    p = client("replay-failed", "deliver the failed events again, oldest first", ssub)
+    p.add_argument("name")
+    _filter_args(p, "failed events")
+    p.add_argument("--max", type=int, default=0, help="at most N events (0: every one)")
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.ReplayFailed(
+                pb.ReplayFailedRequest(
+                    name=a.name,
+                    types=a.types,
+                    warehouses=a.warehouses,
+                    skus=a.skus,
+                    max_events=a.max,
+                ),
+                timeout=a.timeout,
+            ),
+        ),
+        timeout=60.0,
+    )
+
+    p = client("replay-from", "deliver every event after a cursor again", ssub)
+    p.add_argument("name")
+    p.add_argument("cursor", help='an event\'s cursor, or "earliest"')
+    p.set_defaults(
+        run=lambda a: _client_call(
+            a,
+            lambda s: s.ReplayFrom(
+                pb.ReplayFromRequest(name=a.name, cursor=a.cursor), timeout=a.timeout
+            ),
+        )
+    )
 
 
 def _stock_commands(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> None:

@@ -21,6 +21,8 @@ from stockhold import constants as c
 from stockhold import counts
 from stockhold.contention import KeyReport, sku_hints
 from stockhold.contention_store import ContentionStore
+from stockhold.delivery.rpc import SubscriptionRpc
+from stockhold.delivery.subscriptions import SubscriptionStore
 from stockhold.engine import Engine, check_payment, payment_report_violations
 from stockhold.errors import (
     DomainError,
@@ -175,7 +177,7 @@ def actor_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return c.ACTOR_ANONYMOUS
 
 
-class InventoryServicer(pb_grpc.InventoryServicer):
+class InventoryServicer(SubscriptionRpc, pb_grpc.InventoryServicer):
     """stockhold.v1.Inventory over an Engine."""
 
     def __init__(
@@ -185,6 +187,7 @@ class InventoryServicer(pb_grpc.InventoryServicer):
         self.settings = settings
         self.resolver = engine.resolver
         self.contention = contention
+        self.subscriptions = SubscriptionStore(engine.calls)  # the SubscriptionRpc methods
         # WatchEvents calls running now; set when the server shuts down (they end UNAVAILABLE).
         self.watches = 0
         self._closing = asyncio.Event()

@@ -1,4 +1,5 @@
-"""`stockhold top`: a live, refreshing terminal view of GetContentionStats, like `top`.
+"""`stockhold top`: a live, refreshing terminal view of GetContentionStats, like `top`; and
+its sibling `stockhold events lag` (GetSubscriptionLag, `render_lag`, `run_lag`).
 
 `render` turns one response into a frame (pure, for tests); `run` polls the server and
 redraws: in place (ANSI home + clear) on a terminal, frames separated by a blank line
@@ -11,7 +12,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Final, TextIO
 
@@ -184,14 +185,19 @@ def render(resp: pb.GetContentionStatsResponse, width: int) -> str:
     return "\n".join(lines)
 
 
-def render_error(err: grpc.RpcError | str, width: int, retry_s: float | None = None) -> str:
+def render_error(
+    err: grpc.RpcError | str,
+    width: int,
+    retry_s: float | None = None,
+    title: str = "stockhold top",
+) -> str:
     """A frame for a failed call: a header line (with the retry interval, if any), the error."""
     if isinstance(err, str):
         message = err
     else:
         details = (err.details() or "").strip().splitlines()
         message = f"{err.code().name}: {details[0] if details else ''}".rstrip(": ")
-    head = f"stockhold top  {_stamp(None)}"
+    head = f"{title}  {_stamp(None)}"
     if retry_s is not None:
         head += f"  retrying every {retry_s:g} s"
     return "\n".join((_cut(head, width), _cut(f"error: {message}", width)))
@@ -211,9 +217,32 @@ def run(
 
     Returns 0 when the last frame had data or on Ctrl-C, 1 when the last call failed.
     """
+    request = stats_request(top_n, window_s, since_start)
+    return refresh(
+        address,
+        lambda stub, width: render(stub.GetContentionStats(request, timeout=timeout), width),
+        interval,
+        iterations,
+        out,
+    )
+
+
+def refresh(
+    address: str,
+    frame_of: Callable[[pb_grpc.InventoryStub, int], str],
+    interval: float = 2.0,
+    iterations: int | None = None,
+    out: TextIO | None = None,
+    title: str = "stockhold top",
+) -> int:
+    """The refreshing loop of `top` and its sibling views: `frame_of(stub, width)` makes one
+    frame (a failed call becomes an error frame, and polling goes on), drawn in place on a
+    terminal, separated by a blank line otherwise, until `iterations` frames (None: Ctrl-C).
+
+    Returns 0 when the last frame had data or on Ctrl-C, 1 when the last call failed.
+    """
     stream = sys.stdout if out is None else out
     tty = stream.isatty()
-    request = stats_request(top_n, window_s, since_start)
     ok = True
     drawn = 0
     # Ctrl-C sets a flag the loop checks between calls and during the pause, instead of a
@@ -232,10 +261,10 @@ def run(
                 size = shutil.get_terminal_size((120, 40))
                 more = iterations is None or drawn + 1 < iterations
                 try:
-                    reply = stub.GetContentionStats(request, timeout=timeout)
-                    frame, ok = render(reply, size.columns), True
+                    frame, ok = frame_of(stub, size.columns), True
                 except grpc.RpcError as err:
-                    frame, ok = render_error(err, size.columns, interval if more else None), False
+                    retry = interval if more else None
+                    frame, ok = render_error(err, size.columns, retry, title), False
                 if stop.is_set():
                     break
                 if tty:
@@ -253,4 +282,91 @@ def run(
     return 0 if ok or stop.is_set() else 1
 
 
-__all__ = ["header", "render", "render_error", "run", "stats_request"]
+# -- `stockhold events lag`: the subscriptions' lag (issue 12, docs/events.md) -------------------
+
+_LAG_STATUS: Final = {1: "HEALTHY", 2: "WARN", 3: "ALERT"}
+_LAG_COLUMNS: Final = ("PART", "BACKLOG", "OLDEST", "FAILED", "RATE/S", "P50", "P99", "STATUS")
+
+
+def _age(ms: int) -> str:
+    if ms < 1000:
+        return f"{ms}ms"
+    s = ms / 1000
+    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}m" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+def render_lag(resp: pb.GetSubscriptionLagResponse, width: int) -> str:
+    """One frame of `stockhold events lag`: per subscription a summary line and a table of
+    its partitions that are behind (backlog, failed or lost events); times in ms."""
+    width = max(width, 20)
+    head = (
+        f"stockhold events lag  {_stamp(None)}  healthy < {resp.warn_events}"
+        f"  alert >= {resp.alert_events}  slow p99 > {resp.slow_consumer_ms} ms"
+    )
+    lines = [_cut(head, width)]
+    if not resp.subscriptions:
+        lines += ["", "  (no subscriptions)"]
+    for s in resp.subscriptions:
+        flags = _LAG_STATUS.get(s.status, "?") + (" SLOW_CONSUMER" if s.slow_consumer else "")
+        lost = f"  LOST {s.lost}" if s.lost else ""
+        summary = (
+            f"{s.name}  {flags}  backlog {s.backlog}  oldest {_age(s.oldest_age_ms)}"
+            f"  failed {s.failed}  rate {s.rate_per_second:.1f}/s"
+            f"  p50 {_ms(s.wms_p50_ms)}  p99 {_ms(s.wms_p99_ms)}{lost}"
+        )
+        lines += ["", _cut(summary, width)]
+        behind = [p for p in s.partitions if p.backlog or p.failed or p.lost]
+        if not behind:
+            lines.append("  (no partition behind)")
+            continue
+        rows = [(*_LAG_COLUMNS, "OWNER")]
+        rows += [
+            (
+                str(p.partition),
+                str(p.backlog),
+                _age(p.oldest_age_ms),
+                str(p.failed),
+                f"{p.rate_per_second:.1f}",
+                _ms(p.wms_p50_ms),
+                _ms(p.wms_p99_ms),
+                _LAG_STATUS.get(p.status, "?"),
+                p.owner or "-",
+            )
+            for p in behind
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(_LAG_COLUMNS))]
+        for r in rows:
+            cells = [v.rjust(w) for v, w in zip(r, widths, strict=False)]
+            lines.append(_cut("  " + " ".join(cells) + " " + r[-1], width))
+    return "\n".join(lines)
+
+
+def run_lag(
+    address: str,
+    name: str = "",
+    interval: float | None = None,
+    timeout: float = 5.0,
+    out: TextIO | None = None,
+) -> int:
+    """`stockhold events lag`: one frame, or a frame every `interval` seconds until Ctrl-C."""
+    request = pb.GetSubscriptionLagRequest(name=name)
+    return refresh(
+        address,
+        lambda stub, width: render_lag(stub.GetSubscriptionLag(request, timeout=timeout), width),
+        interval or 2.0,
+        None if interval else 1,
+        out,
+        "stockhold events lag",
+    )
+
+
+__all__ = [
+    "header",
+    "refresh",
+    "render",
+    "render_error",
+    "render_lag",
+    "run",
+    "run_lag",
+    "stats_request",
+]
