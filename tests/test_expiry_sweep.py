@@ -402,10 +402,11 @@ async def test_expiry_event_has_the_shape_of_the_other_transition_events(
     deadlines = await hold_many(engine, ["o-1"], units, 1)
     await wait_past(admin, deadlines["o-1"])
 
-    assert await engine.expire_due(actor="test") == 1
+    assert await engine.expire_due(actor=c.ACTOR_SWEEPER) == 1
 
     (e,) = [e for e in all_events(admin) if e["type"] == c.EVENT_EXPIRED]
-    assert set(e) == {"type", "order_id", "ts", "data"}
+    assert set(e) == {"type", "order_id", "ts", "data", "actor"}
+    assert e["actor"] == c.ACTOR_SWEEPER
     assert e["order_id"] == "o-1" and int(e["ts"]) >= deadlines["o-1"]
     assert e["data"] == {"allocations": [["tee", "red", "123", "w1", 1]]}
 
