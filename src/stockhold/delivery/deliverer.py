@@ -41,7 +41,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import aiohttp
 import orjson
 
 from stockhold import constants as c
@@ -118,6 +117,7 @@ class _Partition:
     stats: _Stats = field(default_factory=_Stats)
     acks: list[str] = field(default_factory=list)
     lost: bool = False  # the lease is gone: stop at once
+    conn: wire.Connection | None = None  # keep-alive, to the subscription's URL
 
 
 class _Lost(Exception):
@@ -139,7 +139,6 @@ class Deliverer:
         self.trimmer = Trimmer(calls, store)
         self.subs: dict[str, StoredSubscription] = {}
         self.parts: dict[tuple[str, int], _Partition] = {}
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._over = 0  # consecutive rounds above the fair share
         self._warned: dict[str, float] = {}
@@ -160,15 +159,13 @@ class Deliverer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        await asyncio.gather(*(self._drop(p, release=True) for p in list(self.parts.values())))
+        parts = list(self.parts.values())
+        await asyncio.gather(*(self._drop(p, release=True) for p in parts))
         with contextlib.suppress(DomainError):
-            await self._write_stats()
+            await self._write_stats(parts)  # the last second's figures
             await self.calls.call_script(
                 self.calls.scripts.lease, [self.registry], ["unregister", self.owner]
             )
-        for session in self._sessions.values():
-            await session.close()
-        self._sessions.clear()
 
     async def _every(self, seconds: float, step: Any) -> None:
         while True:
@@ -206,9 +203,6 @@ class Deliverer:
         for part in list(self.parts.values()):
             if part.name not in self.subs:
                 await self._drop(part, release=False)
-        for name in list(self._sessions):
-            if name not in self.subs:
-                await self._sessions.pop(name).close()
         await self._renew()
         pairs = [(n, p) for n in sorted(self.subs) for p in range(self.store.partitions)]
         share = math.ceil(len(pairs) / max(live, 1)) if pairs else 0
@@ -282,15 +276,6 @@ class Deliverer:
 
     # -- one partition ----------------------------------------------------------------------
 
-    def _session(self, name: str) -> aiohttp.ClientSession:
-        session = self._sessions.get(name)
-        if session is None or session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=max(self.store.partitions, 10), limit_per_host=0, keepalive_timeout=30
-            )
-            session = self._sessions[name] = aiohttp.ClientSession(connector=connector)
-        return session
-
     async def _consume(self, part: _Partition, op: str, position: str, count: int) -> list[Any]:
         """consume.lua with the acknowledgements gathered so far (kept if the call fails)."""
         acks, part.acks = part.acks, []
@@ -343,6 +328,9 @@ class Deliverer:
                 with contextlib.suppress(DomainError, _Lost, TimeoutError):
                     await asyncio.wait_for(self._flush(part), timeout=2.0)
             raise
+        finally:
+            if part.conn is not None:
+                part.conn.close()
 
     async def _stream(self, part: _Partition) -> None:
         position = "0"  # our own pending entries first, then new ones (">")
@@ -412,11 +400,15 @@ class Deliverer:
         """POST one event until the WMS takes it, or (FLOW) it goes to the failed set."""
         key = wire.event_key(e)
         body = wire.event_body(e)
-        session = self._session(part.name)
         attempt = 0
         while True:
             attempt += 1
-            result = await wire.post(session, stored, key, body)
+            conn = part.conn
+            if conn is None or conn.url != stored.sub.url:
+                if conn is not None:
+                    conn.close()
+                conn = part.conn = wire.Connection(stored.sub.url)
+            result = await conn.post(stored, key, body)
             part.stats.attempt(result.seconds)
             if result.ok:
                 part.acks.append(entry_id)
@@ -501,8 +493,8 @@ class Deliverer:
 
     # -- statistics -------------------------------------------------------------------------
 
-    async def _write_stats(self) -> None:
-        parts = list(self.parts.values())
+    async def _write_stats(self, parts: Sequence[_Partition] | None = None) -> None:
+        parts = list(self.parts.values()) if parts is None else parts
         if not parts:
             return
         now_ms = await self.calls.redis_time_ms()
