@@ -30,7 +30,7 @@ SRC = HERE.parent / "src"
 SKUS = 300
 
 DRIVE = """
-import asyncio, sys
+import asyncio, inspect, sys
 import uvloop
 from stockhold.engine import Engine
 from stockhold.settings import Settings
@@ -51,17 +51,19 @@ async def main(url, n, lines, tag):
 
     async def one(o):
         async with sem:
-            await e.reserve(o, actor="bench")
+            await e.reserve(o, **ACTOR)
 
     await asyncio.gather(*(one(o) for o in orders))
     await e.close()
 
 SKUS = int(sys.argv[5])
+# trees from before events carried an actor (issue 12) take none
+ACTOR = {"actor": "bench"} if "actor" in inspect.signature(Engine.reserve).parameters else {}
 uvloop.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
 """
 
 STOCK = """
-import asyncio, sys
+import asyncio, inspect, sys
 from stockhold.engine import Engine
 from stockhold.settings import Settings
 
@@ -69,9 +71,10 @@ async def main(url, skus):
     e = Engine.connect(url, Settings(redis_url=url, partitions=64))
     for i in range(skus):
         unit = e.resolver.unit(f"sku{i}", "", "")
-        await e.adjust(f"a{i}", unit, "east", 10**8, "", actor="bench")
+        await e.adjust(f"a{i}", unit, "east", 10**8, "", **ACTOR)
     await e.close()
 
+ACTOR = {"actor": "bench"} if "actor" in inspect.signature(Engine.adjust).parameters else {}
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 """
 
