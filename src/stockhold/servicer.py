@@ -55,6 +55,7 @@ from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+
 def timestamp(ms: int) -> Timestamp:
     """Milliseconds since the epoch -> protobuf Timestamp."""
     return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
