@@ -89,6 +89,14 @@ CROSS_SLOT_ARGS ?=
 bench-cross-slot: install
 	$(BIN)/python bench/cross_slot_cost.py $(CROSS_SLOT_ARGS)
 
+# Event delivery (issue 12): 2,000 Reserve/s offered for 30 s to a stockhold serve whose
+# subscription pushes every event to a local fake WMS; backlog, end-to-end delay, every event
+# checked at the WMS (bench/README.md). DELIVERY_BENCH_ARGS='--rate 500 --seconds 10'
+DELIVERY_BENCH_ARGS ?=
+.PHONY: bench-delivery
+bench-delivery: install
+	$(BIN)/python bench/delivery_bench.py $(DELIVERY_BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check src tests scripts bench loadtest
 	$(BIN)/ruff format --check src tests scripts bench loadtest

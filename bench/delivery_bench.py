@@ -102,7 +102,7 @@ def ms(v: float | None) -> float | None:
 # -- the fake WMS, in a process of its own ----------------------------------------------------
 async def wms_main(port: int) -> list[list[Any]]:
     """Serve tests/fake_wms.FakeWMS on `port` until SIGTERM, then return what it received:
-    [key, type, order_id, arrival time.time(), status, signature ok] per POST."""
+    [key, type, order_id, arrival time.time(), status, signature ok, event ts_ms] per POST."""
     wms = await FakeWMS(SECRET, port).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -116,9 +116,10 @@ async def wms_main(port: int) -> list[list[Any]]:
         try:
             e = r.event
             etype, order_id = str(e.get("type", "")), str(e.get("order_id", ""))
-        except orjson.JSONDecodeError:
-            etype = order_id = "?"
-        rows.append([r.key, etype, order_id, r.at + offset, r.status, r.signature_ok])
+            ts_ms = int(e.get("ts_ms") or 0)
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            etype, order_id, ts_ms = "?", "?", 0
+        rows.append([r.key, etype, order_id, r.at + offset, r.status, r.signature_ok, ts_ms])
     return rows
 
 
@@ -226,7 +227,12 @@ def lag(stub: pb_grpc.InventoryStub) -> pb.SubscriptionLag:
 
 
 def sample(stub: pb_grpc.InventoryStub, t0: float, phase: str) -> dict[str, Any]:
-    s = lag(stub)
+    """One GetSubscriptionLag reading (an error is recorded as such, and the run goes on)."""
+    try:
+        s = lag(stub)
+    except grpc.RpcError as err:
+        code = err.code().name if isinstance(err, grpc.Call) else "?"
+        return {"t": round(time.monotonic() - t0, 3), "phase": phase, "error": code}
     return {
         "t": round(time.monotonic() - t0, 3),
         "phase": phase,
@@ -245,8 +251,9 @@ def wait_drained(stub: pb_grpc.InventoryStub, seconds: float) -> float | None:
     """Seconds until the subscription's backlog is 0 (None: not within `seconds`)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
-        if lag(stub).backlog == 0:
-            return time.monotonic() - t0
+        with contextlib.suppress(grpc.RpcError):
+            if lag(stub).backlog == 0:
+                return time.monotonic() - t0
         time.sleep(0.1)
     return None
 
@@ -365,7 +372,7 @@ def run_bench(run: Run) -> dict[str, Any]:
     while time.monotonic() - drain_t0 < a.drain_timeout:
         s = sample(stub, t0, "drain")
         run.samples.append(s)
-        if s["backlog"] == 0 and not any(d.alive() for d in run.drivers):
+        if s.get("backlog") == 0 and not any(d.alive() for d in run.drivers):
             drain_s = round(time.monotonic() - drain_t0, 2)
             break
         time.sleep(a.sample)
@@ -374,8 +381,12 @@ def run_bench(run: Run) -> dict[str, Any]:
             d.proc.wait(CALL_TIMEOUT_S + 10)
         if d.proc.returncode != 0:
             run.problems.append(f"{d.name} exited with {d.proc.returncode}; see {d.log}")
-    final_lag = lag(stub)
+    final = sample(stub, t0, "end")
     channel.close()
+    slowlog = [
+        {"ms": round(x["duration"] / 1000, 1), "command": lb_text(x["command"])[:120]}
+        for x in run.red.client.slowlog_get(32)
+    ]
     # the WMS hands over what it received
     run.wms.stop()
     received = orjson.loads(wms_out.read_bytes()) if wms_out.exists() else []
@@ -386,9 +397,21 @@ def run_bench(run: Run) -> dict[str, Any]:
     result = analyse(a, drv, received, streams, run.samples)
     result["cpu"] = cpu_between(c0, c1)
     result["drain_after_window_s"] = drain_s
-    result["final_backlog"] = final_lag.backlog
-    result["final_failed"] = final_lag.failed
+    result["final_lag"] = final
+    result["redis_slowlog"] = slowlog  # the slowest calls (>10 ms), if any
+    result["server_log_warnings"] = warnings(run.srv.child.log)
     return result
+
+
+def warnings(log: Path, limit: int = 20) -> list[str]:
+    """The server's WARNING lines (first `limit`, and how many of each message)."""
+    seen: Counter[str] = Counter()
+    with contextlib.suppress(OSError), log.open(errors="replace") as f:
+        for line in f:
+            if '"level":"WARNING"' in line or '"level":"ERROR"' in line:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    seen[str(orjson.loads(line).get("msg", ""))[:100]] += 1
+    return [f"{n} x {m}" for m, n in seen.most_common(limit)]
 
 
 def stream_keys(red: lb.PrivateRedis, partitions: int) -> set[str]:
@@ -437,10 +460,13 @@ def analyse(
             reserved_at[r[2]] = r[3]
     ok_orders = [o for o in orders if o[1] == "OK"]
     delays = [reserved_at[o[0]] - o[2] for o in ok_orders if o[0] in reserved_at]
+    # from the event's own time (Redis TIME in the Reserve's script: same host, same clock)
+    # to its arrival: independent of how late the drivers saw their answers
+    from_event = [r[3] - r[6] / 1000 for r in ok_2xx if r[1] == EVENT_RESERVED and r[6]]
     missing_orders = [o[0] for o in ok_orders if o[0] not in reserved_at]
     missing_events = sorted(streams - set(taken))
     unknown = sorted(set(taken) - streams)
-    load = [s for s in samples if s["phase"] == "load"]
+    load = [s for s in samples if s["phase"] == "load" and "error" not in s]
     backlogs = [float(s["backlog"]) for s in load]
     checks = {
         "every_stream_event_delivered": not missing_events,
@@ -465,6 +491,9 @@ def analyse(
         },
         "lag": {
             "samples_in_window": len(load),
+            "failed_samples": Counter(
+                s["error"] for s in samples if s["phase"] == "load" and "error" in s
+            ),
             "backlog_max": max(backlogs, default=None),
             "backlog_p99": pct(backlogs, 0.99),
             "backlog_p50": pct(backlogs, 0.5),
@@ -479,6 +508,12 @@ def analyse(
             "p99": ms(pct(delays, 0.99)),
             "max": ms(max(delays, default=None)),
             "min": ms(min(delays, default=None)),
+        },
+        "event_ts_to_wms_ms": {
+            "events": len(from_event),
+            "p50": ms(pct(from_event, 0.5)),
+            "p99": ms(pct(from_event, 0.99)),
+            "max": ms(max(from_event, default=None)),
         },
         "delivery": {
             "stream_events": len(streams),
@@ -515,6 +550,11 @@ def print_report(r: dict[str, Any]) -> None:
         f"end-to-end (Reserve answer -> WMS got ORDER_RESERVED), {e['orders']} orders: "
         f"p50 {e['p50']} ms, p99 {e['p99']} ms, max {e['max']} ms (min {e['min']} ms)"
     )
+    f = r["event_ts_to_wms_ms"]
+    print(
+        f"event ts (Redis time of the Reserve) -> WMS, {f['events']} events: p50 {f['p50']} ms, "
+        f"p99 {f['p99']} ms, max {f['max']} ms"
+    )
     print(
         f"delivery: {d['stream_events']} stream events, {d['posts_2xx']} POSTs taken, "
         f"{d['distinct_events_taken']} distinct, duplicates {d['duplicates']}, missing "
@@ -526,6 +566,13 @@ def print_report(r: dict[str, Any]) -> None:
         f"WMS {c['wms_pct']}, drivers {c['drivers_pct']}; machine {c['machine_busy_pct']} of "
         f"{100 * (os.cpu_count() or 1)}, other {c['other_pct']}"
     )
+    if g["failed_samples"]:
+        print(f"GetSubscriptionLag samples that failed: {dict(g['failed_samples'])}")
+    if r["redis_slowlog"]:
+        slow = max(r["redis_slowlog"], key=lambda x: x["ms"])
+        print(f"Redis slowlog: {len(r['redis_slowlog'])} calls > 10 ms, slowest {slow}")
+    for line in r["server_log_warnings"]:
+        print(f"server log: {line}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -609,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = run.srv.child.stop()
             if rc not in (0, None):
                 run.problems.append(f"stockhold exited with {rc} on SIGTERM")
-            run.problems += [f"server log: {x}" for x in run.srv.child.log_problems()[:20]]
+            run.problems += [f"server log: {x}" for x in run.srv.child.log_problems()[:5]]
         if run.wms is not None:
             run.wms.stop(5)
         if run.red is not None:
