@@ -191,7 +191,14 @@ class Deliverer:
         return bool(int(reply))
 
     async def _round(self) -> None:
-        """Register, refresh the subscriptions, renew what we hold, take or give back leases."""
+        """Refresh the subscriptions, register, renew what we hold, take or give back leases.
+        With no subscription nothing is written (not even the registry)."""
+        self.subs = {s.sub.name: s for s in await self.store.all()}
+        for part in list(self.parts.values()):
+            if part.name not in self.subs:
+                await self._drop(part, release=False)
+        if not self.subs:
+            return
         live = int(
             await self.calls.call_script(
                 self.calls.scripts.lease,
@@ -199,10 +206,6 @@ class Deliverer:
                 ["register", self.owner, str(self.lease_ms * 2)],
             )
         )
-        self.subs = {s.sub.name: s for s in await self.store.all()}
-        for part in list(self.parts.values()):
-            if part.name not in self.subs:
-                await self._drop(part, release=False)
         await self._renew()
         pairs = [(n, p) for n in sorted(self.subs) for p in range(self.store.partitions)]
         share = math.ceil(len(pairs) / max(live, 1)) if pairs else 0
