@@ -451,3 +451,63 @@ async def test_kill_9_mid_batch_the_next_owner_misses_nothing(
     duplicates = {k for k, n in Counter(got).items() if n > 1}
     assert duplicates <= pending  # only what was read but not acknowledged at the kill
     assert _per_partition(_first_seen(got)) == _per_partition(wanted)  # in order
+
+
+async def test_connection_reads_every_response_framing_and_reconnects() -> None:
+    """wire.Connection (the deliverer's HTTP/1.1 client): Content-Length, chunked, a body to
+    the end of the connection, `Connection: close`, a kept-alive connection the server closed
+    (sent again once on a new one), a refused connection (an error, no exception)."""
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.0 201 Created\r\n\r\nbody to the end",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n",
+    ]
+    seen: list[bytes] = []
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(h.split(b":")[1])
+                    for h in head.split(b"\r\n")
+                    if h.lower().startswith(b"content-length:")
+                )
+                seen.append(head + await reader.readexactly(length))
+                answer = answers.pop(0)
+                writer.write(answer)
+                await writer.drain()
+                if b"close" in answer or b"HTTP/1.0" in answer or len(answers) == 1:
+                    break  # and before the last one: close a kept-alive connection unasked
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    from stockhold.delivery import wire
+    from stockhold.delivery.subscriptions import StoredSubscription
+
+    stored = StoredSubscription(_sub("c", f"http://127.0.0.1:{port}/in?x=1"), SECRET, 0)
+    conn = wire.Connection(stored.sub.url)
+    try:
+        got = []
+        for i in range(6):
+            got.append(await conn.post(stored, f"0:{i}-0", b'{"n":%d}' % i))
+            await asyncio.sleep(0.05)  # the unasked close has reached the client
+    finally:
+        conn.close()
+        server.close()
+        await server.wait_closed()
+    assert [r.status for r in got] == [200, 204, 500, 201, 200, 202]
+    assert [r.ok for r in got] == [True, True, False, True, True, True]
+    assert got[2].error == "HTTP 500"
+    assert connections == 4  # new ones after the close, the HTTP/1.0 answer, the unasked close
+    assert all(h.startswith(b"POST /in?x=1 HTTP/1.1\r\n") for h in seen)
+    assert b"X-Stockhold-Signature: sha256=" in seen[0] and seen[0].endswith(b'{"n":0}')
+    refused = await wire.Connection(f"http://127.0.0.1:{free_port()}/").post(stored, "k", b"{}")
+    assert not refused.ok and refused.status == 0 and refused.error
