@@ -209,16 +209,30 @@ def child_python(name: str, args: list[str], workdir: Path) -> lb.Child:
     return lb.Child(name, cmd, workdir / f"{name}.log", env=lb.clean_env())
 
 
-def start_wms(workdir: Path) -> tuple[lb.Child, int, Path]:
+def start_wms(workdir: Path, name: str = "wms") -> tuple[lb.Child, int, Path]:
+    """The fake WMS in a process of its own: (its child, port, the file it writes on SIGTERM)."""
     port = lb.free_port()
-    out = workdir / "wms-received.json"
-    child = child_python("wms", ["--wms-child", "--port", str(port), "--out", str(out)], workdir)
+    out = workdir / f"{name}-received.json"
+    child = child_python(name, ["--wms-child", "--port", str(port), "--out", str(out)], workdir)
     deadline = time.monotonic() + 30
     while lb.listeners(port) < 1:
         if not child.alive() or time.monotonic() > deadline:
             raise lb.Abort(f"the fake WMS did not start; see {child.log}")
         time.sleep(0.05)
     return child, port, out
+
+
+def subscribe(stub: pb_grpc.InventoryStub, wms_port: int) -> None:
+    """CreateSubscription: every warehouse and type, from now, to the fake WMS."""
+    stub.CreateSubscription(
+        pb.CreateSubscriptionRequest(
+            subscription=pb.Subscription(
+                name=SUBSCRIPTION, url=f"http://127.0.0.1:{wms_port}/hook", timeout_ms=5000
+            ),
+            secret=SECRET,
+        ),
+        timeout=10,
+    )
 
 
 def lag(stub: pb_grpc.InventoryStub) -> pb.SubscriptionLag:
@@ -326,15 +340,7 @@ def run_bench(run: Run) -> dict[str, Any]:
     print(f"stockhold serve --workers {a.workers} on {target} (pid {run.srv.child.pid}); {env}")
     channel = grpc.insecure_channel(target)
     stub = pb_grpc.InventoryStub(channel)
-    stub.CreateSubscription(
-        pb.CreateSubscriptionRequest(
-            subscription=pb.Subscription(
-                name=SUBSCRIPTION, url=f"http://127.0.0.1:{wms_port}/hook", timeout_ms=5000
-            ),
-            secret=SECRET,
-        ),
-        timeout=10,
-    )
+    subscribe(stub, wms_port)
     t = time.monotonic()
     asyncio.run(load_stock(target, a.units))
     drained = wait_drained(stub, 120)
@@ -436,6 +442,23 @@ def lb_text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
+def compare(received: list[list[Any]], streams: set[str]) -> dict[str, Any]:
+    """What the WMS took (2xx) against every event key in the streams."""
+    taken = Counter(r[0] for r in received if 200 <= r[4] < 300)
+    missing = sorted(streams - set(taken))
+    return {
+        "stream_events": len(streams),
+        "posts": len(received),
+        "posts_2xx": sum(taken.values()),
+        "distinct_events_taken": len(taken),
+        "duplicates": sum(n - 1 for n in taken.values() if n > 1),
+        "bad_signatures": sum(1 for r in received if not r[5]),
+        "missing_events": len(missing),
+        "missing_events_sample": missing[:10],
+        "unknown_events": len(set(taken) - streams),
+    }
+
+
 def analyse(
     a: argparse.Namespace,
     drivers: list[dict[str, Any]],
@@ -451,9 +474,7 @@ def analyse(
     last = max((d["last_sent"] for d in drivers), default=0.0)
     span = max(1e-9, last - first)
     ok_2xx = [r for r in received if 200 <= r[4] < 300]
-    taken = Counter(r[0] for r in ok_2xx)
-    duplicates = sum(n - 1 for n in taken.values() if n > 1)
-    bad_sig = sum(1 for r in received if not r[5])
+    delivery = compare(received, streams)
     reserved_at: dict[str, float] = {}
     for r in ok_2xx:
         if r[1] == EVENT_RESERVED and r[2] not in reserved_at:
@@ -464,15 +485,13 @@ def analyse(
     # to its arrival: independent of how late the drivers saw their answers
     from_event = [r[3] - r[6] / 1000 for r in ok_2xx if r[1] == EVENT_RESERVED and r[6]]
     missing_orders = [o[0] for o in ok_orders if o[0] not in reserved_at]
-    missing_events = sorted(streams - set(taken))
-    unknown = sorted(set(taken) - streams)
     load = [s for s in samples if s["phase"] == "load" and "error" not in s]
     backlogs = [float(s["backlog"]) for s in load]
     checks = {
-        "every_stream_event_delivered": not missing_events,
+        "every_stream_event_delivered": delivery["missing_events"] == 0,
         "every_ok_order_has_its_event": not missing_orders,
-        "signatures_ok": bad_sig == 0,
-        "no_unknown_events": not unknown,
+        "signatures_ok": delivery["bad_signatures"] == 0,
+        "no_unknown_events": delivery["unknown_events"] == 0,
     }
     return {
         "offered": {
@@ -516,17 +535,9 @@ def analyse(
             "max": ms(max(from_event, default=None)),
         },
         "delivery": {
-            "stream_events": len(streams),
-            "posts": len(received),
-            "posts_2xx": len(ok_2xx),
-            "distinct_events_taken": len(taken),
-            "duplicates": duplicates,
-            "bad_signatures": bad_sig,
-            "missing_events": len(missing_events),
-            "missing_events_sample": missing_events[:10],
+            **delivery,
             "ok_orders_without_event": len(missing_orders),
             "ok_orders_without_event_sample": missing_orders[:10],
-            "unknown_events": len(unknown),
         },
         "checks": checks,
     }

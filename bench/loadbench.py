@@ -74,6 +74,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from stockhold.constants import DEFAULT_PARTITIONS
 from stockhold.resolver import KeyResolver
 from stockhold.v1 import inventory_pb2 as pb
 
@@ -343,6 +344,13 @@ def wants_cluster(variant: Variant | None) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def wants_delivery(variant: Variant | None) -> bool:
+    """Whether a --variant's server delivers events (its STOCKHOLD_DELIVERY_ENABLED true): it
+    then gets a fake WMS and a subscription of every event (see Delivery)."""
+    value = variant.env.get("STOCKHOLD_DELIVERY_ENABLED", "") if variant else ""
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 class PrivateCluster:
     """A local Redis Cluster of CLUSTER_MASTERS masters without replicas, for a --variant
     whose environment sets STOCKHOLD_REDIS_CLUSTER: bench/cluster_capacity.py's start-up
@@ -451,15 +459,21 @@ class Snapshot:
     gen: float
     busy: float
     idle: dict[int, float] | None = None  # the other servers of a --variant group, idle
+    wms: float | None = None  # the fake WMS of a server that delivers events (--delivery)
 
 
 def snapshot(
-    server_root: int, redis_pids: Sequence[int], gen_pid: int, idle_roots: Sequence[int] = ()
+    server_root: int,
+    redis_pids: Sequence[int],
+    gen_pid: int,
+    idle_roots: Sequence[int] = (),
+    wms_pids: Sequence[int] = (),
 ) -> Snapshot:
     """CPU counters of the server tree, Redis, the generator and the machine, now.
 
     `idle_roots`: processes (with their trees) that run but are not under test, the other
     servers of a --variant group and their redis-servers: their CPU is reported apart.
+    `wms_pids`: the fake WMS the server under test delivers its events to (reported apart).
     """
     children = _children()
     idle = None
@@ -472,6 +486,7 @@ def snapshot(
         gen=proc_cpu_s(gen_pid),
         busy=machine_cpu_s()[0],
         idle=idle,
+        wms=sum(proc_cpu_s(p) for p in wms_pids) if wms_pids else None,
     )
 
 
@@ -487,6 +502,7 @@ def cpu_between(a: Snapshot, b: Snapshot) -> dict[str, Any]:
         idle_s = sum(
             max(0.0, b.idle.get(p, 0.0) - a.idle.get(p, 0.0)) for p in a.idle.keys() | b.idle
         )
+    wms_s = b.wms - a.wms if a.wms is not None and b.wms is not None else 0.0
     out = {
         "wall_s": round(wall, 4),
         "server_pct": round(100 * server / wall, 1),
@@ -495,8 +511,12 @@ def cpu_between(a: Snapshot, b: Snapshot) -> dict[str, Any]:
         "gen_proc_pct": round(100 * gen_s / wall, 1),
         "machine_busy_pct": round(100 * busy / wall, 1),
         # Busy CPU that is none of ours: other users of the machine (or the kernel).
-        "other_pct": round(100 * max(0.0, busy - server - redis_s - gen_s - idle_s) / wall, 1),
+        "other_pct": round(
+            100 * max(0.0, busy - server - redis_s - gen_s - idle_s - wms_s) / wall, 1
+        ),
     }
+    if a.wms is not None:
+        out["wms_pct"] = round(100 * wms_s / wall, 1)
     if a.idle is not None:
         # The idle servers of a --variant group (and their redis-servers): ours, not "other".
         out["idle_servers_pct"] = round(100 * idle_s / wall, 1)
@@ -660,6 +680,7 @@ def run_loadgen(
     during: Callable[[], None] | None = None,
     extra: Sequence[str] = (),
     idle: Sequence[int] = (),
+    wms: Sequence[int] = (),
 ) -> GenRun:
     """Run the generator to its end (it stops by itself; killed if it overruns).
 
@@ -667,6 +688,7 @@ def run_loadgen(
     called right after the window starts (e.g. to start a profiler). `extra`: more generator
     arguments (--batch, --stream --streams S). `idle`: root pids of processes running beside
     the one under test (the other servers of a --variant group), their CPU reported apart.
+    `wms`: the fake WMS the server under test delivers to (--delivery), reported apart.
     """
     cmd = [
         str(LOADGEN),
@@ -708,14 +730,14 @@ def run_loadgen(
         for line in proc.stderr:  # ends when the generator exits (or is killed)
             if "loadgen: window-start" in line:
                 if watch:
-                    marks["start"] = snapshot(watch[0], watch[1], proc.pid, idle)
+                    marks["start"] = snapshot(watch[0], watch[1], proc.pid, idle, wms)
                     port = int(target.rsplit(":", 1)[1])
                     conns = connections_by_pid(proc_tree(watch[0]), port)
                 if during:
                     during()
             elif "loadgen: window-end" in line:
                 if watch:
-                    marks["end"] = snapshot(watch[0], watch[1], proc.pid, idle)
+                    marks["end"] = snapshot(watch[0], watch[1], proc.pid, idle, wms)
             elif len(other) < 50:
                 other.append(line.rstrip())
         text = proc.stdout.read()
@@ -789,11 +811,13 @@ def start_server(
     red: PrivateRedis | PrivateCluster,
     workdir: Path,
     variant: Variant | None = None,
+    base_env: dict[str, str] | None = None,
 ) -> ServerUnderTest:
     """Start stockhold or the naive server and wait until every worker listens and serves.
 
     A `variant` (stockhold only) is named stockhold-<workers>w+<variant name> and gets its
-    variables on top of the clean environment.
+    variables on top of the clean environment; the main server (no variant) gets `base_env`
+    (--delivery: STOCKHOLD_DELIVERY_ENABLED=false).
     """
     port = free_port()
     listen = f"127.0.0.1:{port}"
@@ -805,7 +829,7 @@ def start_server(
     else:
         cmd = [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--workers", str(workers)]
         cmd += ["--listen", listen, "--redis-url", red.url]
-    env = clean_env() | (variant.env if variant else {})
+    env = clean_env() | (variant.env if variant else base_env or {})
     child = Child(name, cmd, workdir / f"{name}.log", env=env)
     deadline = time.monotonic() + 45
     while listeners(port) < workers:
@@ -830,6 +854,84 @@ def start_server(
         if serving == 0:
             time.sleep(0.1)
     return ServerUnderTest(name, kind, workers, child, listen, red, variant)
+
+
+# -- delivery on (--delivery) -----------------------------------------------------------------
+DRAIN_S = 30.0  # after a point, at most this long for the delivering server's backlog to drain
+
+
+class Delivery:
+    """A server that delivers events (a --variant with STOCKHOLD_DELIVERY_ENABLED true, e.g.
+    --delivery's): a fake WMS in a process of its own (bench/delivery_bench.py's, around
+    tests/fake_wms.py) and a subscription of every event of the server, created through the
+    API once its stock is loaded. Its Redis is its own, so only its own events are delivered.
+    During each of its points the subscription's backlog is sampled every 0.5 s, and the next
+    point waits (at most DRAIN_S) for it to drain."""
+
+    def __init__(self, srv: ServerUnderTest, workdir: Path) -> None:
+        import delivery_bench  # bench/: the fake WMS process and the subscription
+
+        self.db = delivery_bench
+        self.srv = srv
+        try:
+            self.wms, self.port, self.out = delivery_bench.start_wms(workdir, f"wms-{srv.name}")
+        except Exception as exc:  # its own copy of Abort
+            raise Abort(str(exc)) from exc
+        self.channel = grpc.insecure_channel(srv.target)
+        self.stub = delivery_bench.pb_grpc.InventoryStub(self.channel)
+        env = srv.variant.env if srv.variant else {}
+        self.partitions = int(env.get("STOCKHOLD_PARTITIONS", DEFAULT_PARTITIONS))
+        # the subscription starts from now: the stock load's events are not for it
+        self.before = delivery_bench.stream_keys(srv.redis, self.partitions)
+        delivery_bench.subscribe(self.stub, self.port)
+        self._samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self) -> None:
+        """Sample the backlog every 0.5 s until done()."""
+        self._samples, self._stop = [], threading.Event()
+        t0 = time.monotonic()
+
+        def loop() -> None:
+            while not self._stop.wait(0.5):
+                self._samples.append(self.db.sample(self.stub, t0, "row"))
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def done(self) -> dict[str, Any]:
+        """Stop sampling; wait for the backlog to drain; what the point's samples showed."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        ok = [x for x in self._samples if "error" not in x]
+        backlogs = [int(x["backlog"]) for x in ok]
+        drained = self.db.wait_drained(self.stub, DRAIN_S)
+        return {
+            "samples": len(ok),
+            "failed_samples": len(self._samples) - len(ok),
+            "backlog_max": max(backlogs, default=None),
+            "backlog_last": backlogs[-1] if backlogs else None,
+            "statuses": sorted({str(x["status"]) for x in ok}),
+            "wms_p99_ms_max": max((float(x["wms_p99_ms"]) for x in ok), default=None),
+            "drained_after_s": None if drained is None else round(drained, 2),
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """Drain, stop the WMS, compare what it took with every event in the server's streams."""
+        drained = self.db.wait_drained(self.stub, 60)
+        final = self.db.sample(self.stub, time.monotonic(), "end")
+        self.channel.close()
+        self.wms.stop()
+        received = json.loads(self.out.read_bytes()) if self.out.exists() else []
+        streams = self.db.stream_keys(self.srv.redis, self.partitions) - self.before
+        return {
+            "server": self.srv.name,
+            **self.db.compare(received, streams),
+            "drained_at_end": drained is not None,
+            "final": final,
+        }
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -900,6 +1002,14 @@ class Bench:
     group: list[ServerUnderTest] = field(default_factory=list)  # servers running side by side
     turns: int = 0  # points measured on a group so far (which order the next one goes in)
     width: int = 13  # of the table's server column
+    base_env: dict[str, str] = field(default_factory=dict)  # the main server's (--delivery)
+    deliveries: dict[str, Delivery] = field(default_factory=dict)  # by server name
+    delivered: list[dict[str, Any]] = field(default_factory=list)  # Delivery.finish() of each
+
+    def wms_pids(self, srv: ServerUnderTest) -> list[int]:
+        """The fake WMS of a server that delivers events (none otherwise)."""
+        d = self.deliveries.get(srv.name)
+        return [d.wms.pid] if d else []
 
     def wanted(self, row: str) -> bool:
         """Whether --rows (when given) asks for this row."""
@@ -1032,6 +1142,9 @@ class Bench:
         a = self.args
         path = self.workdir / f"{srv.name}-{row}-c{concurrency}.bin"
         n = write_requests(path, bodies)
+        delivery = self.deliveries.get(srv.name)
+        if delivery:
+            delivery.watch()
         run = run_loadgen(
             srv.target,
             method,
@@ -1044,7 +1157,13 @@ class Bench:
             mode=mode,
             watch=(srv.child.pid, srv.redis.pids),
             extra=extra,
-            idle=[p for s in self.group if s is not srv for p in (s.child.pid, *s.redis.pids)],
+            idle=[
+                p
+                for s in self.group
+                if s is not srv
+                for p in (s.child.pid, *s.redis.pids, *self.wms_pids(s))
+            ],
+            wms=self.wms_pids(srv),
         )
         path.unlink()
         g = run.out
@@ -1107,6 +1226,8 @@ class Bench:
         if srv.variant:
             rec["variant"] = srv.variant.name
             rec["variant_env"] = srv.variant.env
+        if delivery:
+            rec["delivery"] = delivery.done()
         return rec
 
     # -- stock ---------------------------------------------------------------------------------
@@ -1209,7 +1330,7 @@ class Bench:
                 else:
                     red = PrivateRedis(self.workdir / f"redis-{v.name}")
                     own_redis.append(red)
-                srv = start_server("stockhold", workers, red, self.workdir, v)
+                srv = start_server("stockhold", workers, red, self.workdir, v, self.base_env)
                 group.append(Member(srv))
                 if v is None:
                     print(f"\n== {srv.name}: {srv.target}, pid {srv.child.pid}")
@@ -1220,6 +1341,9 @@ class Bench:
                         f"{red.describe()}"
                     )
                 self.load_stockhold_stock(srv)
+                if wants_delivery(v):
+                    d = self.deliveries[srv.name] = Delivery(srv, self.workdir)
+                    print(f"  delivery: fake WMS on port {d.port}, subscription of every event")
             self.group = [m.srv for m in group]
             total_stock = UNITS * UNIT_STOCK + HOT_STOCK
             if self.wanted("baseline"):
@@ -1272,10 +1396,30 @@ class Bench:
                 self.run_commits([m for m in group if m.passed], [*keys, hot_key])
         finally:
             self.group = []
+            for d in list(self.deliveries.values()):
+                try:
+                    self.finish_delivery(d)
+                except Exception as exc:
+                    self.problems.append(f"{d.srv.name} delivery check: {exc}")
+            self.deliveries.clear()
             for m in group:
                 self.stop_server(m.srv)
             for red in own_redis:
                 red.stop()
+
+    def finish_delivery(self, d: Delivery) -> None:
+        """The events a delivering server's WMS took, checked against its streams."""
+        got = d.finish()
+        self.delivered.append(got)
+        self.check(
+            f"{d.srv.name} delivery: every event taken by the WMS",
+            got["stream_events"],
+            0,
+            got["distinct_events_taken"] - got["unknown_events"],
+            "event keys in every partition's stream == distinct keys the fake WMS answered 2xx",
+            source="fake WMS",
+        )
+        print(f"  delivery: {got['posts_2xx']} POSTs taken, duplicates {got['duplicates']}")
 
     def check_reserves(self, m: Member, keys: list[str], hot_key: str, total_stock: int) -> None:
         """The reserve rows' checks of one server, against its own Redis."""
@@ -2070,6 +2214,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cluster:STOCKHOLD_REDIS_CLUSTER=1; Redis CPU: the masters' sum)",
     )
     p.add_argument(
+        "--delivery",
+        action="store_true",
+        help="the Reserve path with event delivery on and off side by side: the main server "
+        "runs with STOCKHOLD_DELIVERY_ENABLED=false, and a variant 'delivery' "
+        "(STOCKHOLD_DELIVERY_ENABLED=true, its own Redis) pushes every event to a fake WMS "
+        "(bench/delivery_bench.py's) through a subscription; any --variant setting "
+        "STOCKHOLD_DELIVERY_ENABLED true gets a WMS and a subscription too",
+    )
+    p.add_argument(
         "--budget",
         type=float,
         default=450.0,
@@ -2129,6 +2282,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
         if off:
             p.error(f"--rows {','.join(off)}: not measured with --shapes {','.join(a.shapes)}")
+    a.base_env = {}
+    if a.delivery:
+        a.variant.append("delivery:STOCKHOLD_DELIVERY_ENABLED=true")
+        a.base_env = {"STOCKHOLD_DELIVERY_ENABLED": "false"}
     variants = []
     for spec in a.variant:
         try:
@@ -2145,6 +2302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         rows += [f"reserve-{x}" for x in ("stream", "batch") if x in a.shapes]
         points = len(a.levels) * sum(1 for r in rows if a.rows is None or r in a.rows)
         a.budget += len(variants) * (points * (a.warmup + a.duration + 2.5) + 30)
+        a.budget += sum(points * 10 + 60 for v in variants if wants_delivery(v))  # drains
     return a
 
 
@@ -2200,6 +2358,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"redis-server {red.version} on port {red.port} (pid {red.child.pid})")
         bench = Bench(a, stamp, workdir, red, random.Random(a.seed))
         bench.variants = [parse_variant(v) for v in a.variant]
+        bench.base_env = a.base_env
         main_name = f"stockhold-{a.workers}w"
         bench.width = max([13] + [len(f"{main_name}+{v.name}") for v in bench.variants])
         if bench.variants:
@@ -2252,6 +2411,23 @@ def main(argv: list[str] | None = None) -> int:
             "order": "each point (row, level) on every server back to back, order alternating",
             "points": points,
         }
+    for d in bench.delivered:
+        print(
+            f"\nevents delivered by {d['server']}: {d['stream_events']} in its streams, "
+            f"{d['distinct_events_taken']} taken by the WMS ({d['posts_2xx']} POSTs, "
+            f"duplicates {d['duplicates']}, missing {d['missing_events']})"
+        )
+    delivery_rows = [r for r in rows if "delivery" in r]
+    if delivery_rows:
+        print("backlog of the delivering server per point (samples every 0.5 s):")
+        for r in delivery_rows:
+            x = r["delivery"]
+            print(
+                f"  {r['row']:<14} c={r['concurrency']:<4} max {x['backlog_max']}, last "
+                f"{x['backlog_last']}, {x['statuses']}, WMS p99 up to {x['wms_p99_ms_max']} ms, "
+                f"drained {x['drained_after_s']} s after the window; WMS CPU "
+                f"{(r['cpu'] or {}).get('wms_pct')}% of a core"
+            )
     print("\ntargets:")
     for t in targets:
         c = "" if t["concurrency"] is None else f" (c={t['concurrency']})"
@@ -2297,6 +2473,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if comparison is not None:
         doc["variants"] = comparison
+    if bench.delivered:
+        doc["delivery"] = bench.delivered
     out_json.write_text(json.dumps(doc, indent=1, default=str))
     print(f"\nJSON: {out_json}")
     if rows and write_chart(rows, a.levels, out_png):
