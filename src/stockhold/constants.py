@@ -79,6 +79,8 @@ SUB_FAILED_EVENTS: Final = "failedev"
 SUB_STATS: Final = "dstat"
 # zset: deliverer owner id -> expiry ms (stockhold.delivery.deliverer: the fair share)
 META_DELIVERERS: Final = "{meta}:deliverers"
+# pub/sub channel: partitions that just got events (stockhold.delivery.wake)
+META_EVENTS_HINT: Final = "{meta}:events-hint"
 
 # SKU policy hash fields (sales buckets are "b:<bucket index>").
 POLICY_TIMEOUT: Final = "to"
@@ -120,7 +122,7 @@ EVENT_REPAIRED: Final = "STOCK_REPAIRED"
 EVENT_COUNTED: Final = "STOCK_COUNTED"
 # Who caused an event (its stream field "actor", Event.actor): the caller's identity for an
 # RPC (servicer.actor_of), or the background job that wrote it.
-ACTOR_ANONYMOUS: Final = "anonymous"  # a caller with no known identity (no auth yet)
+ACTOR_ANONYMOUS: Final = "anonymous"  # a caller of a server without an auth file
 ACTOR_SWEEPER: Final = "sweeper"  # expiry sweeps (server.py)
 ACTOR_POLLER: Final = "poller"  # payment polling (payments/poller.py)
 ACTOR_WEBHOOK: Final = "webhook"  # payment notifications (payments/webhook.py)

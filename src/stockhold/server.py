@@ -15,11 +15,12 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from stockhold import metrics
+from stockhold import auth, metrics
 from stockhold.constants import ACTOR_SWEEPER, SERVICE_NAME
 from stockhold.contention_store import ContentionStore
 from stockhold.delivery.deliverer import Deliverer
 from stockhold.delivery.subscriptions import SubscriptionStore
+from stockhold.delivery.wake import HintPublisher
 from stockhold.embedded import EmbeddedRedis
 from stockhold.engine import Engine, PartitionMismatch
 from stockhold.errors import DomainError
@@ -124,6 +125,18 @@ def check_payments(settings: Settings) -> None:
     asyncio.run(load())
 
 
+def limit_options(settings: Settings) -> list[tuple[str, int]]:
+    """grpc server options of the per-connection limits (docs/security.md "Limits")."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.keepalive_min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+    ]
+
+
 class StockholdServer:
     """One server process: the gRPC server, its engine and its background tasks."""
 
@@ -148,32 +161,48 @@ class StockholdServer:
         # that limit above our own admission limit, so overload is an explicit
         # RESOURCE_EXHAUSTED from maximum_concurrent_rpcs instead.
         pending = settings.max_concurrent_rpcs * 2
+        # Who may call (docs/security.md): the auth file (checked here: AuthFileError, or
+        # ConfigError for a non-loopback address without one), and this process's own token
+        # for its metrics collectors' calls.
+        self.internal_token = auth.internal_token()
+        self.auth = auth.AuthInterceptor(
+            auth.check_auth_settings(settings), settings.reflection, self.internal_token
+        )
+        interceptors = metrics.server_interceptors(settings)
+        if settings.auth_file or settings.reflection == "loopback":
+            interceptors.append(self.auth)  # inside the timer: refusals are timed too
         self.server = grpc.aio.server(
             options=[
                 ("grpc.server.max_pending_requests", pending),
                 ("grpc.server.max_pending_requests_hard_limit", pending * 2),
-                ("grpc.max_concurrent_streams", 10_000),
+                *limit_options(settings),
                 # Several worker processes share one port (serve --workers N).
                 ("grpc.so_reuseport", 1),
             ],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-            interceptors=metrics.server_interceptors(settings),
+            interceptors=interceptors,
         )
         self.contention = ContentionStore(self.engine)
         self.servicer = InventoryServicer(self.engine, settings, self.contention)
         # Pushes events to the subscriptions' webhooks (issue 12): started with the server.
         self.deliverer: Deliverer | None = None
+        calls = self.engine.calls
         if settings.delivery_enabled:
-            calls = self.engine.calls
             self.deliverer = Deliverer(calls, SubscriptionStore(calls), settings)
+        # While a subscription exists, this process's event writes wake the deliverers
+        # (delivery/wake.py), whether or not it delivers itself.
+        self.hints = HintPublisher(
+            calls, SubscriptionStore(calls), settings.delivery_lease_seconds / 3
+        )
         inventory_pb2_grpc.add_InventoryServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        services = (
-            inventory_pb2.DESCRIPTOR.services_by_name["Inventory"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        )
-        reflection.enable_server_reflection(services, self.server)
+        if settings.reflection != "off":
+            services = (
+                inventory_pb2.DESCRIPTOR.services_by_name["Inventory"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
+            reflection.enable_server_reflection(services, self.server)
         self.port = 0
         self.metrics: metrics.ProcessMetrics | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -197,7 +226,9 @@ class StockholdServer:
         if self.port == 0:
             raise _bind_error("--listen", self.settings.listen, OSError("grpc bound no port"))
         try:
-            self.metrics = metrics.start_process_metrics(self.settings, self.port)
+            self.metrics = metrics.start_process_metrics(
+                self.settings, self.port, self.internal_token
+            )
         except OSError as err:
             raise BindError(str(err)) from None
         await self._set_serving(False)
@@ -228,6 +259,7 @@ class StockholdServer:
             )
         if self.settings.payment_webhook_listen:
             await self._start_webhook()
+        self.hints.start()
         if self.deliverer is not None:
             self.deliverer.start()
         return self.port
@@ -252,6 +284,7 @@ class StockholdServer:
             await self.poller.close()
         if self.deliverer is not None:  # acknowledges what it delivered, releases its leases
             await self.deliverer.stop()
+        await self.hints.stop()
         self.servicer.close_watches()  # endless streams: they end now, not at the grace's end
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         # The last calls' figures still count for the deployment (until they go stale).
@@ -260,6 +293,11 @@ class StockholdServer:
         await self.payments.aclose()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.close)
+
+    def reload(self) -> None:
+        """SIGHUP: read again what may change without a restart; what cannot be read is
+        logged (ERROR) and the previous one stays in force. The auth file."""
+        self.auth.reload()
 
     async def _set_serving(self, ok: bool) -> None:
         if ok == self._serving:
@@ -394,6 +432,8 @@ async def serve(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, server.reload)
+        auth.warn_unauthenticated(settings)
         try:
             port = await server.start()
         except BaseException:

@@ -12,10 +12,11 @@ import ipaddress
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 from urllib.parse import parse_qs, urlsplit
 
 from stockhold.constants import DEFAULT_KEY_PREFIX, DEFAULT_PARTITIONS
@@ -66,14 +67,48 @@ class Settings:
     # acknowledgements (0: no WAIT); fewer within the timeout is BACKEND_UNAVAILABLE.
     redis_wait_replicas: int = 0
     redis_wait_timeout_ms: int = 200
+    # The Redis password (of the URL's user, or of `default`) from a file only its owner can
+    # read, instead of the URL (docs/security.md "Redis"); "": the URL's password, if any.
+    # The embedded Redis sets it itself (its own random requirepass).
+    redis_password_file: str = ""
     # Cross-slot orders left half done by a dead process are finished or undone within this.
     recovery_window_seconds: float = 5.0
     # Explicit admission limit: beyond it calls get RESOURCE_EXHAUSTED, never a bare CANCELLED.
     max_concurrent_rpcs: int = 20_000
+    # Who may call (issue 13, docs/security.md): the auth file (TOML: token hashes, client
+    # certificate identities, roles, rate limits; "": none, loopback listen addresses only,
+    # unless allow_unauthenticated), and reflection: "loopback" (loopback callers and admin),
+    # "on" (anyone), "off" (not served).
+    auth_file: str = ""
+    allow_unauthenticated: bool = False
+    reflection: str = "loopback"
+    # Limits per connection (docs/security.md "Limits"): the largest message either way, the
+    # concurrent streams (HTTP/2 MAX_CONCURRENT_STREAMS), and keepalive enforcement: a client
+    # pinging more often than every min_ping_interval without data gets a strike, and after
+    # max_ping_strikes its connection is closed (GOAWAY); pings without a call under way count
+    # too unless keepalive_permit_without_calls.
+    max_message_bytes: int = 1024 * 1024
+    max_streams_per_connection: int = 100
+    keepalive_min_ping_interval_ms: int = 10_000
+    keepalive_max_ping_strikes: int = 2
+    keepalive_permit_without_calls: bool = False
     # Prometheus /metrics (see metrics.py): port 0 is off; top-N keys of contention gauges.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     metrics_contention_top_n: int = 20
+    # TLS (issue 13, docs/security.md "TLS"): the gRPC listener's certificate chain and key,
+    # PEM files, both or neither (neither: plaintext); a client CA makes client certificates
+    # required (mTLS). The metrics and payment-webhook listeners use the gRPC pair unless
+    # given their own; a client CA is never inherited. SIGHUP re-reads every one of them.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    metrics_tls_cert: str = ""
+    metrics_tls_key: str = ""
+    metrics_tls_client_ca: str = ""
+    payment_webhook_tls_cert: str = ""
+    payment_webhook_tls_key: str = ""
+    payment_webhook_tls_client_ca: str = ""
     shutdown_grace_seconds: float = 10.0
     # Per-SKU reserve timeout thresholds (issue 4): how long a Reserve may wait in this
     # process's queue before it is shed with RESERVE_TIMEOUT, unsent. A SKU's policy may set
@@ -90,12 +125,13 @@ class Settings:
     # Delivery to subscriptions (issue 12, docs/events.md "Pushing to a WMS"): every server
     # process runs a deliverer (off: none here); a lease per (subscription, partition) lasts
     # delivery_lease_seconds (renewed every third of it); an idle partition is read again
-    # after the poll interval; at most delivery_batch entries per read. Retention: events
+    # when a hint says it got events (delivery/wake.py), else after the poll interval (the
+    # fallback); at most delivery_batch entries per read. Retention: events
     # every group has acknowledged are trimmed once older than event_retention_seconds,
     # checked every event_trim_interval_seconds (event_stream_maxlen stays the hard cap).
     delivery_enabled: bool = True
     delivery_lease_seconds: float = 5.0
-    delivery_poll_interval_seconds: float = 0.05
+    delivery_poll_interval_seconds: float = 0.5
     delivery_batch: int = 100
     event_retention_seconds: int = 7 * DAY
     event_trim_interval_seconds: float = 10.0
@@ -194,6 +230,8 @@ class Settings:
                 f"below redis_socket_timeout_seconds "
                 f"({self.redis_socket_timeout_seconds * 1000:g} ms)",
             )
+        for listener in _TLS_LISTENERS:
+            self._check_tls(listener)
         if (
             self.redis_cluster
             and self.redis_url is not None
@@ -204,6 +242,39 @@ class Settings:
                 self.redis_url,
                 "a redis:// or rediss:// URL with db 0 (a cluster node: redis_cluster is on)",
             )
+
+    def _check_tls(self, listener: str) -> None:
+        """A listener's certificate and key: both or neither (or both inherited from the gRPC
+        listener), the key readable by its owner only; a client CA only with a certificate."""
+        prefix = f"{listener}_" if listener else ""
+        cert, key = getattr(self, f"{prefix}tls_cert"), getattr(self, f"{prefix}tls_key")
+        if bool(cert) != bool(key):
+            missing, given = ("tls_key", "tls_cert") if cert else ("tls_cert", "tls_key")
+            raise ConfigError(
+                f"{prefix}{missing}", "", f"set together with {prefix}{given} (both or neither)"
+            )
+        if key:
+            problem = private_file_problem(key)
+            if problem:
+                raise ConfigError(f"{prefix}tls_key", key, problem)
+        if getattr(self, f"{prefix}tls_client_ca") and self.tls_files(listener) is None:
+            raise ConfigError(
+                f"{prefix}tls_client_ca",
+                getattr(self, f"{prefix}tls_client_ca"),
+                f"empty, or set with {prefix}tls_cert and {prefix}tls_key (no TLS, no mTLS)",
+            )
+
+    def tls_files(self, listener: str = "") -> TlsFiles | None:
+        """The TLS files of a listener ("": gRPC, "metrics", "payment_webhook"); None when it
+        serves plaintext. Metrics and the webhook take the gRPC certificate and key unless
+        they have their own; their client CA is only their own."""
+        prefix = f"{listener}_" if listener else ""
+        cert, key = getattr(self, f"{prefix}tls_cert"), getattr(self, f"{prefix}tls_key")
+        if not (cert or key) and listener:
+            cert, key = self.tls_cert, self.tls_key
+        if not (cert and key):
+            return None
+        return TlsFiles(cert, key, getattr(self, f"{prefix}tls_client_ca"))
 
     @property
     def sales_buckets(self) -> tuple[int, int]:
@@ -309,6 +380,33 @@ _KINDS: Final[Mapping[type, tuple[Callable[[str], Any], str]]] = {
 }
 
 
+class TlsFiles(NamedTuple):
+    """One listener's TLS files: certificate chain and key (PEM), and the CA its clients'
+    certificates must chain to ("": client certificates are not asked for)."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
+
+
+# The listeners that can serve TLS, as the prefix of their settings ("": gRPC).
+_TLS_LISTENERS: Final = ("", "metrics", "payment_webhook")
+
+
+def private_file_problem(path: str) -> str | None:
+    """Why `path` cannot hold a secret (a private key, a password): it cannot be read, or
+    its group or others may access it (the mode is named); None when it is fine."""
+    try:
+        with open(path, "rb"):
+            pass
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as err:
+        return f"a readable file ({err.strerror})"
+    if mode & 0o077:
+        return f"a file only its owner can access (its mode is {mode:04o}; chmod 600 {path})"
+    return None
+
+
 # -- what each setting accepts ------------------------------------------------------------------
 class ConfigError(ValueError):
     """A setting stockhold cannot run with. str() is the one line an operator sees: the
@@ -361,7 +459,17 @@ def mask_url(url: str) -> str:
     return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 
-_REDIS_URL: Final = "a redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss://... or unix:///PATH URL"
+_REDIS_URL: Final = (
+    "a redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss://...[?ssl_ca_certs=PATH&ssl_certfile="
+    "PATH&ssl_keyfile=PATH&ssl_cert_reqs=required|optional|none&ssl_check_hostname=true|false] "
+    "or unix:///PATH URL"
+)
+_REDIS_TLS_PARAMS: Final = frozenset(
+    {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
+)
+_REDIS_CERT_REQS: Final = ("required", "optional", "none")
+# The words both clients read alike (redis-py's to_bool takes any other word as true).
+_REDIS_BOOL: Final = ("true", "false", "yes", "no", "1", "0")
 
 
 def _redis_url_ok(url: str) -> bool:
@@ -370,7 +478,17 @@ def _redis_url_ok(url: str) -> bool:
         port_ok = parts.port is None or parts.port > 0  # .port raises for a bad port
     except ValueError:
         return False
-    if not all(v.isdigit() for v in parse_qs(parts.query).get("db", [])):
+    query = parse_qs(parts.query)
+    if not all(v.isdigit() for v in query.get("db", [])):
+        return False
+    # Both clients (redis-py and the hot client) understand exactly these; TLS ones on
+    # rediss:// only.
+    tls = set(query) & _REDIS_TLS_PARAMS
+    if set(query) - _REDIS_TLS_PARAMS - {"db"} or (tls and parts.scheme != "rediss"):
+        return False
+    if not all(v.lower() in _REDIS_CERT_REQS for v in query.get("ssl_cert_reqs", [])):
+        return False
+    if not all(v.lower() in _REDIS_BOOL for v in query.get("ssl_check_hostname", [])):
         return False
     if parts.scheme in ("redis", "rediss"):
         db = parts.path.lstrip("/")
@@ -408,6 +526,10 @@ def _cluster_url_ok(url: str) -> bool:
     parts = urlsplit(url)
     dbs = [parts.path.lstrip("/") or "0", *parse_qs(parts.query).get("db", [])]
     return parts.scheme in ("redis", "rediss") and all(int(db) == 0 for db in dbs)
+
+
+def _readable_or_empty(path: str) -> bool:
+    return path == "" or (os.path.isfile(path) and os.access(path, os.R_OK))
 
 
 def _listen_ok(listen: str) -> bool:
@@ -477,9 +599,19 @@ _RULES: Final[Mapping[str, Rule]] = {
     "redis_wait_timeout_ms": _within(1, 60_000),
     "recovery_window_seconds": _POSITIVE,
     "max_concurrent_rpcs": _at_least(1),
+    "reflection": (lambda v: v in ("loopback", "on", "off"), "loopback, on or off"),
+    "max_message_bytes": _within(1024, 2**31 - 1),
+    "max_streams_per_connection": _within(1, 2**31 - 1),
+    "keepalive_min_ping_interval_ms": _within(0, 86_400_000),
+    "keepalive_max_ping_strikes": _within(0, 1000),
     "metrics_port": _PORT,
     "metrics_host": (_host_ok, "a host name or IP address"),
     "metrics_contention_top_n": _at_least(1),
+    **{
+        f"{prefix}tls_{part}": (_readable_or_empty, f"a readable PEM file (empty: {empty})")
+        for prefix in ("", "metrics_", "payment_webhook_")
+        for part, empty in (("cert", "no TLS"), ("key", "no TLS"), ("client_ca", "no mTLS"))
+    },
     "shutdown_grace_seconds": _NOT_NEGATIVE,
     "watch_poll_interval_seconds": _POSITIVE,
     "watch_batch_size": _within(1, 10_000),
@@ -541,6 +673,20 @@ def check_deployment(settings: Settings) -> None:
             "(the embedded Redis is standalone only)",
             flag="--redis-cluster",
         )
+    if settings.redis_password_file and settings.redis_url is None:
+        raise ConfigError(
+            "redis_password_file",
+            settings.redis_password_file,
+            "unset without --redis-url (the embedded Redis makes its own password)",
+            flag="--redis-password-file",
+        )
+    if settings.redis_password_file and urlsplit(settings.redis_url or "").password is not None:
+        raise ConfigError(
+            "redis_password_file",
+            settings.redis_password_file,
+            "unset when --redis-url holds a password (give it in one place)",
+            flag="--redis-password-file",
+        )
 
 
 def worker_count(raw: str | None, settings: Settings) -> int:
@@ -568,8 +714,10 @@ def worker_count(raw: str | None, settings: Settings) -> int:
 __all__ = [
     "ConfigError",
     "Settings",
+    "TlsFiles",
     "check_deployment",
     "mask_url",
+    "private_file_problem",
     "split_listen",
     "worker_count",
 ]

@@ -37,7 +37,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -48,6 +48,7 @@ from stockhold import metrics
 from stockhold.delivery import wire
 from stockhold.delivery.subscriptions import GROUP_PREFIX, StoredSubscription, SubscriptionStore
 from stockhold.delivery.trim import Trimmer
+from stockhold.delivery.wake import HintListener
 from stockhold.errors import DomainError
 from stockhold.events import StreamEvent, parse_entry
 from stockhold.settings import Settings
@@ -62,6 +63,7 @@ LATENCY_SAMPLES: Final = 1000
 JITTER: Final = 0.1
 WARN_EVERY: Final = 10.0  # seconds between WMS failure warnings of one subscription
 CLAIM_ROUNDS: Final = 10_000
+RETRY_PAUSE: Final = 0.5  # s: a partition's pause after a Redis failure
 
 
 def owner_id() -> str:
@@ -118,6 +120,7 @@ class _Partition:
     acks: list[str] = field(default_factory=list)
     lost: bool = False  # the lease is gone: stop at once
     conn: wire.Connection | None = None  # keep-alive, to the subscription's URL
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # set by a hint (wake.py)
 
 
 class _Lost(Exception):
@@ -142,6 +145,7 @@ class Deliverer:
         self._tasks: list[asyncio.Task[None]] = []
         self._over = 0  # consecutive rounds above the fair share
         self._warned: dict[str, float] = {}
+        self.hints = HintListener(calls, self._wake, lambda: bool(self.parts))
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -150,6 +154,7 @@ class Deliverer:
             asyncio.create_task(self._every(self.lease_ms / 3000, self._round)),
             asyncio.create_task(self._every(STATS_INTERVAL, self._write_stats)),
             asyncio.create_task(self._every(self.settings.event_trim_interval_seconds, self._trim)),
+            asyncio.create_task(self.hints.run()),
         ]
 
     async def stop(self) -> None:
@@ -317,7 +322,7 @@ class Deliverer:
                     raise
                 except Exception:
                     log.exception("delivery failed", extra={"subscription": part.name})
-                await asyncio.sleep(max(self.poll * 10, 0.5))
+                await asyncio.sleep(RETRY_PAUSE)
         except _Lost:
             part.lost = True
             if self.parts.get((part.name, part.partition)) is part:
@@ -338,16 +343,33 @@ class Deliverer:
     async def _stream(self, part: _Partition) -> None:
         position = "0"  # our own pending entries first, then new ones (">")
         while not part.lost:
+            part.wake.clear()  # a hint from now on is for what this read may not see
             reply = await self._consume(part, "read", position, self.batch)
             entries: Sequence[Any] = reply[1]
             if not entries:
                 if position == ">":
-                    await asyncio.sleep(self.poll)
+                    await self._idle(part)
                 position = ">"
                 continue
             await self._batch(part, entries)
             if position != ">":
                 position = _text(entries[-1][0])
+
+    async def _idle(self, part: _Partition) -> None:
+        """Wait for a hint naming the partition, at most the poll interval (the fallback)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.poll):
+                await part.wake.wait()
+
+    def _wake(self, partitions: Iterable[int]) -> None:
+        """The hint listener's callback: wake the owned partitions named."""
+        parts = self.parts
+        names = self.subs.keys()
+        for p in partitions:
+            for name in names:
+                part = parts.get((name, p))
+                if part is not None:
+                    part.wake.set()
 
     async def _claim(self, part: _Partition) -> None:
         """Move the group's pending entries of this partition to us (XAUTOCLAIM)."""

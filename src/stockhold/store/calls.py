@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, TypeAlias, TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -51,6 +51,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from stockhold.errors import DomainError, Reason
 from stockhold.resolver import KeyResolver
 from stockhold.scripts import Scripts
+from stockhold.secretfile import redis_kwargs
 from stockhold.settings import Settings
 from stockhold.store.cluster import (
     MAX_REDIRECTS,
@@ -90,6 +91,7 @@ def make_client(url: str, settings: Settings) -> Redis:
     """
     pool = BlockingConnectionPool.from_url(
         url,
+        **redis_kwargs(settings),
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_pool_timeout_seconds,
         socket_connect_timeout=settings.redis_connect_timeout_seconds,
@@ -128,6 +130,7 @@ def make_cluster_client(url: str, settings: Settings) -> RedisCluster:
     """
     return _RedisCluster.from_url(
         url,
+        **redis_kwargs(settings),
         max_connections=settings.redis_max_connections,
         socket_connect_timeout=settings.redis_connect_timeout_seconds,
         socket_timeout=settings.redis_socket_timeout_seconds,
@@ -193,6 +196,9 @@ class ScriptCalls:
         self.scripts = Scripts(cast(Redis, client), settings)
         self.wait_replicas = settings.redis_wait_replicas
         self._hot_cluster = isinstance(hot, ClusterHotClient)
+        # Called with (script, keys) after each script call Redis answered, when set
+        # (stockhold.delivery.wake.HintPublisher: only while a subscription exists).
+        self.on_script: Callable[[Any, Sequence[str]], None] | None = None
         # The hot client's view of each registered script (same source, same SHA), with its
         # WAIT unless it only reads.
         self._defs: dict[int, ScriptDef] = {
@@ -221,10 +227,14 @@ class ScriptCalls:
         or fails BACKEND_UNAVAILABLE (cause "replication")."""
         with redis_errors():
             if self.hot is not None:
-                return await self.hot.evalsha(self._def(script), keys, args)
-            if self.wait_replicas:
-                return await self._script_wait(script, keys, args)
-            return await script(keys=keys, args=args)
+                reply = await self.hot.evalsha(self._def(script), keys, args)
+            elif self.wait_replicas:
+                reply = await self._script_wait(script, keys, args)
+            else:
+                reply = await script(keys=keys, args=args)
+        if self.on_script is not None:  # events hints (delivery/wake.py), while subscribed
+            self.on_script(script, keys)
+        return reply
 
     async def _script_wait(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """redis-py without the hot client: EVALSHA then WAIT on one connection."""
