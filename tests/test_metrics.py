@@ -196,7 +196,9 @@ def test_contention_collector_exports_at_most_top_n_keys() -> None:
     class Answering(metrics.ContentionCollector):
         def _stub(self) -> Any:
             class Stub:
-                def GetContentionStats(self, request: Any, timeout: float) -> Any:
+                def GetContentionStats(
+                    self, request: Any, timeout: float, metadata: Any = None
+                ) -> Any:
                     assert request.top_n == 3
                     return reply
 

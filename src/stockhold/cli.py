@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from stockhold import top
+from stockhold.client import add_client_args, client_channel, connector
 from stockhold.constants import SERVICE_NAME
 from stockhold.settings import ConfigError, Settings, check_deployment, worker_count
 from stockhold.v1 import inventory_pb2 as pb
@@ -33,6 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from stockhold import logs
+    from stockhold.auth import check_auth_settings
+    from stockhold.secretfile import check_secret_files
     from stockhold.server import BindError, check_listen, check_payments, serve
     from stockhold.supervisor import WORKER_CANNOT_START, Supervisor
 
@@ -44,6 +47,8 @@ def _serve(args: argparse.Namespace) -> int:
         check_deployment(settings)
         workers = worker_count(args.workers, settings)
         check_payments(settings)
+        check_secret_files(settings)
+        check_auth_settings(settings)
         check_listen(settings)
         logs.configure(settings.log_level)
         if workers > 1:
@@ -107,9 +112,23 @@ _WORKER_FLAGS: tuple[tuple[str, str, str], ...] = (
         "recovery_window_seconds",
         "half-done cross-slot orders are finished or undone within this (default 5)",
     ),
+    # Who may call (docs/security.md).
+    (
+        "--auth-file",
+        "auth_file",
+        "TOML file of callers (token hashes, client certificates) and their roles; reloaded "
+        "on SIGHUP (env STOCKHOLD_AUTH_FILE)",
+    ),
+    (
+        "--allow-unauthenticated",
+        "allow_unauthenticated",
+        "serve a non-loopback address without an auth file (logged as a WARNING)",
+    ),
+    ("--reflection", "reflection", "loopback (default: loopback callers and admin), on, off"),
+    ("--max-message-bytes", "max_message_bytes", "largest message either way (default 1 MiB)"),
 )
 # Serve flags without a value (the setting is then "1").
-_SWITCHES: Final = frozenset({"--redis-cluster"})
+_SWITCHES: Final = frozenset({"--redis-cluster", "--allow-unauthenticated"})
 
 # Serve flags a supervisor keeps to itself: with --workers N it alone serves /metrics (the
 # workers record into its multiprocess directory), so none of these go to the workers.
@@ -128,6 +147,12 @@ _SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
         "redis_url",
         "redis://, rediss:// or unix:// URL (env STOCKHOLD_REDIS_URL); none: embedded redis-server",
     ),
+    (
+        "--redis-password-file",
+        "redis_password_file",
+        "file (mode 0600) holding the Redis password, instead of the URL "
+        "(env STOCKHOLD_REDIS_PASSWORD_FILE)",
+    ),
     *_WORKER_FLAGS,
     *_METRICS_FLAGS,
 )
@@ -141,7 +166,11 @@ _KEY_PREFIX_FLAG = (
 
 # `migrate-layout` takes the serve flags that find the data, plus the key prefix.
 _MIGRATE_FLAGS: tuple[tuple[str, str, str], ...] = (
-    *(f for f in _SERVE_FLAGS if f[0] in ("--redis-url", "--data-dir", "--partitions")),
+    *(
+        f
+        for f in _SERVE_FLAGS
+        if f[0] in ("--redis-url", "--redis-password-file", "--data-dir", "--partitions")
+    ),
     _KEY_PREFIX_FLAG,
     ("--redis-cluster", "redis_cluster", "refused: a Redis Cluster never held layout-1 data"),
 )
@@ -205,7 +234,7 @@ def _pending(text: str) -> pb.PaymentPending:
 
 
 def _client_call(args: argparse.Namespace, call: Callable[[pb_grpc.InventoryStub], Message]) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    with client_channel(args) as channel:
         try:
             reply = call(pb_grpc.InventoryStub(channel))
         except grpc.RpcError as err:
@@ -235,7 +264,7 @@ def _print_error(err: grpc.RpcError) -> None:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    with client_channel(args) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(
@@ -311,6 +340,7 @@ def _top(args: argparse.Namespace) -> int:
         since_start=args.since_start,
         iterations=1 if args.once else args.iterations,
         timeout=args.timeout,
+        connect=connector(args),
     )
 
 
@@ -323,6 +353,7 @@ def _commands(sub: Any) -> None:
             help="server address (env STOCKHOLD_ADDRESS, default %(default)s)",
         )
         p.add_argument("--timeout", type=float, default=5.0, help="call deadline in seconds")
+        add_client_args(p)
         return p
 
     def unit_args(p: argparse.ArgumentParser) -> None:
@@ -638,7 +669,7 @@ def _status_dict(status: status_pb2.Status) -> dict[str, Any]:
 def _reserve_batch(args: argparse.Namespace) -> int:
     orders = _read_orders(args.file)
     ok = True
-    with grpc.insecure_channel(args.address) as channel:
+    with client_channel(args) as channel:
         stub = pb_grpc.InventoryStub(channel)
         for start in range(0, len(orders), args.batch_size):
             chunk = orders[start : start + args.batch_size]
@@ -669,7 +700,7 @@ def _reserve_stream(args: argparse.Namespace) -> int:
 
     ok = True
     answered = 0
-    with grpc.insecure_channel(args.address) as channel:
+    with client_channel(args) as channel:
         stub = pb_grpc.InventoryStub(channel)
         try:
             for answer in stub.ReserveStream(messages(), timeout=args.timeout):
@@ -734,7 +765,7 @@ def _events_tail(args: argparse.Namespace) -> int:
     )
     seen = 0
     last = args.cursor
-    with grpc.insecure_channel(args.address) as channel:
+    with client_channel(args) as channel:
         call = pb_grpc.InventoryStub(channel).WatchEvents(request, timeout=args.timeout)
         try:
             for event in call:
@@ -802,7 +833,7 @@ def _events_lag(args: argparse.Namespace) -> int:
     if args.json:
         request = pb.GetSubscriptionLagRequest(name=args.name)
         return _client_call(args, lambda s: s.GetSubscriptionLag(request, timeout=args.timeout))
-    return top.run_lag(args.address, args.name, args.watch, args.timeout)
+    return top.run_lag(args.address, args.name, args.watch, args.timeout, connect=connector(args))
 
 
 # -- WMS subscriptions (issue 12, docs/events.md "Subscriptions") ------------------------------
@@ -971,7 +1002,11 @@ def _stock_commands(sub: Any, client: Callable[..., argparse.ArgumentParser]) ->
 
 # `snapshot` / `reconcile` find the data as `migrate-layout` does, plus the cluster switch.
 _RECONCILE_FLAGS: tuple[tuple[str, str, str], ...] = (
-    *(f for f in _SERVE_FLAGS if f[0] in ("--redis-url", "--partitions")),
+    *(
+        f
+        for f in _SERVE_FLAGS
+        if f[0] in ("--redis-url", "--redis-password-file", "--partitions")
+    ),
     _KEY_PREFIX_FLAG,
     ("--redis-cluster", "redis_cluster", "the URL is a node of a Redis Cluster"),
 )
@@ -1026,6 +1061,48 @@ def _reconcile_commands(sub: Any) -> None:
         q.set_defaults(run=_reconcile)
 
 
+# -- `stockhold auth` (issue 13, docs/security.md "Tokens") --------------------------------------
+def _hash_token(args: argparse.Namespace) -> int:
+    """Print the auth-file entry of a token read from stdin (or of a new one, with --new:
+    the token itself goes to stderr, once)."""
+    from stockhold.auth import ROLE_METHODS, hash_token, new_token
+
+    unknown = [r for r in args.roles.split(",") if r not in ROLE_METHODS]
+    if unknown:
+        print(
+            f"error: unknown role {unknown[0]!r} (roles: {', '.join(ROLE_METHODS)})",
+            file=sys.stderr,
+        )
+        return 2
+    if args.new:
+        token = new_token()
+        print(f"token (give it to the caller; it is not stored): {token}", file=sys.stderr)
+    else:
+        token = sys.stdin.readline().strip()
+        if not token:
+            print("error: no token on stdin (or pass --new)", file=sys.stderr)
+            return 2
+    name = json.dumps(args.name)
+    roles = json.dumps(args.roles.split(","))
+    print(f'[[token]]\nname = {name}\nhash = "{hash_token(token)}"\nroles = {roles}')
+    return 0
+
+
+def _auth_commands(sub: Any) -> None:
+    p = sub.add_parser("auth", help="callers and tokens (docs/security.md)")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    q = verbs.add_parser(
+        "hash-token",
+        help="print the auth-file entry of a token (read from stdin, or a new one)",
+        description="Read a token from stdin (or make one with --new, printed on stderr) and "
+        "print its [[token]] entry for the auth file: only the hash is stored.",
+    )
+    q.add_argument("--new", action="store_true", help="make a new random token")
+    q.add_argument("--name", default="caller", help="the caller's name (the events' actor)")
+    q.add_argument("--roles", default="checkout", help="comma-separated roles")
+    q.set_defaults(run=_hash_token)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     top = argparse.ArgumentParser(prog="stockhold", description=__doc__)
@@ -1066,6 +1143,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report what it would move; no write")
     p.set_defaults(run=_migrate_layout)
     _reconcile_commands(sub)
+    _auth_commands(sub)
     _commands(sub)
     return top
 

@@ -42,6 +42,9 @@ class Reason(StrEnum):
     SUBSCRIPTION_NOT_FOUND = "SUBSCRIPTION_NOT_FOUND"
     SUBSCRIPTION_EXISTS = "SUBSCRIPTION_EXISTS"
     BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RATE_LIMITED = "RATE_LIMITED"
     INTERNAL = "INTERNAL"
 
 
@@ -64,6 +67,9 @@ STATUS_FOR_REASON: Final[Mapping[Reason, grpc.StatusCode]] = {
     Reason.SUBSCRIPTION_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Reason.SUBSCRIPTION_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     Reason.BACKEND_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Reason.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -89,6 +95,9 @@ _MESSAGES: Final[Mapping[Reason, str]] = {
     Reason.SUBSCRIPTION_NOT_FOUND: "no subscription with this name",
     Reason.SUBSCRIPTION_EXISTS: "a subscription with this name exists with another definition",
     Reason.BACKEND_UNAVAILABLE: "the stock store (Redis) is unavailable; retry",
+    Reason.UNAUTHENTICATED: "no valid credentials",
+    Reason.PERMISSION_DENIED: "the caller's roles do not allow this call",
+    Reason.RATE_LIMITED: "the caller is over its rate limit; nothing was done, retry later",
     Reason.INTERNAL: "internal error",
 }
 

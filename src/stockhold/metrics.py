@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
     from stockhold.settings import Settings
+    from stockhold.tls import ContextTLS
 
 log = logging.getLogger(__name__)
 
@@ -374,10 +375,14 @@ class ContentionCollector:
         target: str,
         top_n: int = DEFAULT_CONTENTION_TOP_N,
         timeout: float = CONTENTION_TIMEOUT_SECONDS,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.top_n = max(1, top_n)
         self.timeout = timeout
+        # The server's own internal token (auth.internal_token): its calls pass the auth
+        # interceptor as stockhold-internal (role operator).
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channel: grpc.Channel | None = None
         self._lock = threading.Lock()
 
@@ -412,7 +417,9 @@ class ContentionCollector:
         )
         try:
             reply = self._stub().GetContentionStats(
-                pb.GetContentionStatsRequest(top_n=self.top_n), timeout=self.timeout
+                pb.GetContentionStatsRequest(top_n=self.top_n),
+                timeout=self.timeout,
+                metadata=self.metadata,
             )
         except grpc.RpcError as err:
             log.debug("contention scrape failed: %s", err.code())
@@ -484,7 +491,9 @@ class SubscriptionLagCollector:
             if self._cached is not None and now - self._cached[0] < LAG_CACHE_SECONDS:
                 return self._cached[1]
             reply = self.server._stub().GetSubscriptionLag(
-                pb.GetSubscriptionLagRequest(), timeout=self.server.timeout
+                pb.GetSubscriptionLagRequest(),
+                timeout=self.server.timeout,
+                metadata=self.server.metadata,
             )
             self._cached = (now, reply)
             return reply
@@ -589,13 +598,20 @@ def mark_process_dead(pid: int, path: str) -> None:
 
 
 class MetricsEndpoint:
-    """`GET /metrics` over HTTP, served by prometheus_client in a daemon thread."""
+    """`GET /metrics` over HTTP, served by prometheus_client in a daemon thread; over TLS
+    (HTTPS, client certificates required with a client CA) when given `tls`."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, tls: ContextTLS | None = None
+    ) -> None:
         from prometheus_client import start_http_server
 
+        self.tls = tls
         try:
-            server, thread = start_http_server(port, host, registry)
+            if tls is None:
+                server, thread = start_http_server(port, host, registry)
+            else:
+                server, thread = _start_https(host, port, registry, tls)
         except OSError as err:
             raise OSError(f"cannot serve metrics on {host}:{port}: {err}") from err
         self._server: WSGIServer = server
@@ -609,15 +625,73 @@ class MetricsEndpoint:
         self._thread.join(timeout=5)
 
 
-class ProcessMetrics:
-    """One server process's endpoint and contention collector (single-process serve)."""
+# A TLS client that connects and never finishes its handshake frees its thread after this.
+HANDSHAKE_TIMEOUT_SECONDS: Final = 10.0
 
-    def __init__(self, settings: Settings, grpc_port: int) -> None:
+
+def _start_https(
+    host: str, port: int, registry: CollectorRegistry, tls: ContextTLS
+) -> tuple[WSGIServer, threading.Thread]:
+    """prometheus_client's WSGI server over TLS. Unlike its own certfile option, each
+    accepted connection is wrapped with the context of the last reload (`tls.context`), and
+    the handshake runs in the connection's thread, not in the accept loop (where one silent
+    client would stall every scrape)."""
+    import socket
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """No access log."""
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            sock, addr = self.socket.accept()
+            sock.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
+            wrapped = tls.context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+            return wrapped, addr
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A refused handshake (no or a wrong client certificate, plaintext): no traceback.
+            log.debug("metrics connection from %s failed", client_address, exc_info=True)
+
+    server = make_server(host, port, make_wsgi_app(registry), Server, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
+class ProcessMetrics:
+    """One server process's endpoint and contention collector (single-process serve). The
+    collectors call `target` (default: the gRPC port on this host; with gRPC TLS the
+    server's plaintext loopback port for its own callers)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        grpc_port: int,
+        token: str | None = None,
+        target: str | None = None,
+    ) -> None:
+        from stockhold.tls import ContextTLS
+
         self.contention = ContentionCollector(
-            local_target(settings.listen, grpc_port), settings.metrics_contention_top_n
+            target or local_target(settings.listen, grpc_port),
+            settings.metrics_contention_top_n,
+            token=token,
         )
+        files = settings.tls_files("metrics")
         self.endpoint = MetricsEndpoint(
-            settings.metrics_host, settings.metrics_port, process_registry(self.contention)
+            settings.metrics_host,
+            settings.metrics_port,
+            process_registry(self.contention),
+            ContextTLS("metrics", files) if files else None,
         )
         log.info(
             "metrics serving",
@@ -630,11 +704,14 @@ class ProcessMetrics:
         self.contention.close()
 
 
-def start_process_metrics(settings: Settings, grpc_port: int) -> ProcessMetrics | None:
-    """Serve this process's metrics when `metrics_port` is set; None otherwise."""
+def start_process_metrics(
+    settings: Settings, grpc_port: int, token: str | None = None, target: str | None = None
+) -> ProcessMetrics | None:
+    """Serve this process's metrics when `metrics_port` is set (its collectors calling
+    `target` with `token`, the server's internal one); None otherwise."""
     if settings.metrics_port == 0:
         return None
-    return ProcessMetrics(settings, grpc_port)
+    return ProcessMetrics(settings, grpc_port, token, target)
 
 
 __all__ = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -18,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from stockhold import auth, metrics
 from stockhold.constants import ACTOR_SWEEPER, SERVICE_NAME
 from stockhold.contention_store import ContentionStore
+from stockhold.decoding import DecodeInterceptor
 from stockhold.delivery.deliverer import Deliverer
 from stockhold.delivery.subscriptions import SubscriptionStore
 from stockhold.delivery.wake import HintPublisher
@@ -95,6 +97,8 @@ def load_payments(
     """The configured payment providers; ConfigError for a configuration serve cannot use."""
     try:
         payments = load_providers(settings, client)
+    except ConfigError:  # a secret file refused (its path and mode): as it is
+        raise
     except (ValueError, OSError) as err:  # an incomplete configuration, a missing key file
         raise ConfigError(
             "wechatpay_mchid", settings.wechatpay_mchid, f"a complete WeChat Pay set-up ({err})"
@@ -171,6 +175,8 @@ class StockholdServer:
         interceptors = metrics.server_interceptors(settings)
         if settings.auth_file or settings.reflection == "loopback":
             interceptors.append(self.auth)  # inside the timer: refusals are timed too
+        # Innermost: a request that does not parse is INVALID_ARGUMENT, not UNKNOWN.
+        interceptors.append(DecodeInterceptor())
         self.server = grpc.aio.server(
             options=[
                 ("grpc.server.max_pending_requests", pending),
@@ -424,6 +430,8 @@ async def serve(settings: Settings) -> int:
     if url is None:
         embedded = EmbeddedRedis(settings.data_dir)
         url = embedded.start()
+        # Every client of this process logs in with the embedded Redis's own password.
+        settings = dataclasses.replace(settings, redis_password_file=str(embedded.password_path))
         log.info("embedded redis started", extra={"url": url, "data_dir": str(settings.data_dir)})
     try:
         server = StockholdServer(settings, url)

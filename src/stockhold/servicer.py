@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from stockhold import constants as c
 from stockhold import counts
+from stockhold.auth import current_caller
 from stockhold.contention import KeyReport, sku_hints
 from stockhold.contention_store import ContentionStore
 from stockhold.delivery.rpc import SubscriptionRpc
@@ -171,11 +172,13 @@ def _raise_if(out: list[FieldViolation]) -> None:
 def actor_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """Who is calling: the actor recorded on every event the call writes (Event.actor).
 
-    Every RPC that writes asks here, once. There is no authentication yet, so every caller is
-    ACTOR_ANONYMOUS; issue 13 (authentication) makes this return the caller's authenticated
-    identity instead, and nothing else changes.
+    Every RPC that writes asks here, once. It is the identity auth.AuthInterceptor
+    authenticated for this call (a token's name or a client certificate's identity, set in a
+    contextvar before the handler ran); ACTOR_ANONYMOUS when the server runs without an auth
+    file (loopback only, or --allow-unauthenticated). `context` is not read: the identity is
+    the call's, whichever task of the call asks.
     """
-    return c.ACTOR_ANONYMOUS
+    return current_caller()
 
 
 class InventoryServicer(SubscriptionRpc, pb_grpc.InventoryServicer):

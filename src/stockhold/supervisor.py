@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Final
 
-from stockhold import metrics
+from stockhold import auth, metrics
 from stockhold.embedded import EmbeddedRedis, parent_death_argv
 from stockhold.server import BindError
 from stockhold.settings import Settings
@@ -57,12 +57,21 @@ class Supervisor:
         self.stopping = False
         # The workers' prometheus_client multiprocess directory (None: metrics off).
         self.metrics_dir: str | None = None
+        # The workers' redis_password_file (the embedded Redis's once it started).
+        self.redis_password_file = settings.redis_password_file
+        # The workers accept it from the metrics collector here (auth.internal_token).
+        self.internal_token = auth.new_token()
 
     def _spawn(self, slot: int, redis_url: str) -> None:
         # A worker never serves metrics itself (it would fight its siblings for the port);
-        # with metrics on it records into the supervisor's directory.
+        # with metrics on it records into the supervisor's directory. It logs in to Redis as
+        # the supervisor does: the password file of the settings or of the embedded Redis.
         env = dict(os.environ, STOCKHOLD_REDIS_URL=redis_url, STOCKHOLD_METRICS_PORT="0")
+        env.pop("STOCKHOLD_REDIS_PASSWORD_FILE", None)
+        if self.redis_password_file:
+            env["STOCKHOLD_REDIS_PASSWORD_FILE"] = self.redis_password_file
         env.pop(metrics.MULTIPROC_ENV, None)
+        env[auth.INTERNAL_TOKEN_ENV] = self.internal_token
         if self.metrics_dir is not None:
             env[metrics.MULTIPROC_ENV] = self.metrics_dir
         cmd = [sys.executable, "-m", "stockhold.cli", "serve", *self.argv, "--workers", "1"]
@@ -80,13 +89,21 @@ class Supervisor:
         def on_signal(signum: int, frame: FrameType | None) -> None:
             self.stopping = True
 
+        def on_hangup(signum: int, frame: FrameType | None) -> None:
+            # SIGHUP reloads (the auth file, certificates): every worker reloads its own.
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGHUP)
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hangup)
         embedded: EmbeddedRedis | None = None
         url = self.settings.redis_url
         if url is None:
             embedded = EmbeddedRedis(self.settings.data_dir)
             url = embedded.start()
+            self.redis_password_file = str(embedded.password_path)
             log.info("embedded redis started", extra={"url": url})
         code = 0
         endpoint: metrics.MetricsEndpoint | None = None
@@ -97,6 +114,7 @@ class Supervisor:
                 contention = metrics.ContentionCollector(
                     metrics.local_target(self.settings.listen),
                     self.settings.metrics_contention_top_n,
+                    token=self.internal_token,
                 )
                 try:
                     endpoint = metrics.MetricsEndpoint(

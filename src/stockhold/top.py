@@ -22,6 +22,9 @@ from google.protobuf.duration_pb2 import Duration
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
+# Makes the channel to an address (the CLI passes client.connector: credentials, TLS).
+Connect = Callable[[str], grpc.Channel]
+
 _CLEAR: Final = "\x1b[H\x1b[2J"  # cursor home, clear the screen
 _ELLIPSIS: Final = "…"
 # Text columns (sku, spec, barcode) never grow past this nor shrink below MIN_TEXT; when the
@@ -212,6 +215,7 @@ def run(
     iterations: int | None = None,
     timeout: float = 5.0,
     out: TextIO | None = None,
+    connect: Connect = grpc.insecure_channel,
 ) -> int:
     """Poll and draw until `iterations` frames are drawn (None: until Ctrl-C).
 
@@ -224,6 +228,7 @@ def run(
         interval,
         iterations,
         out,
+        connect=connect,
     )
 
 
@@ -234,10 +239,12 @@ def refresh(
     iterations: int | None = None,
     out: TextIO | None = None,
     title: str = "stockhold top",
+    connect: Connect = grpc.insecure_channel,
 ) -> int:
     """The refreshing loop of `top` and its sibling views: `frame_of(stub, width)` makes one
     frame (a failed call becomes an error frame, and polling goes on), drawn in place on a
     terminal, separated by a blank line otherwise, until `iterations` frames (None: Ctrl-C).
+    `connect(address)` makes the channel (the CLI's client.connector: credentials, TLS).
 
     Returns 0 when the last frame had data or on Ctrl-C, 1 when the last call failed.
     """
@@ -253,7 +260,7 @@ def refresh(
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        with grpc.insecure_channel(address) as channel:
+        with connect(address) as channel:
             stub = pb_grpc.InventoryStub(channel)
             while (iterations is None or drawn < iterations) and not stop.is_set():
                 if drawn and stop.wait(interval):
@@ -347,6 +354,7 @@ def run_lag(
     interval: float | None = None,
     timeout: float = 5.0,
     out: TextIO | None = None,
+    connect: Connect = grpc.insecure_channel,
 ) -> int:
     """`stockhold events lag`: one frame, or a frame every `interval` seconds until Ctrl-C."""
     request = pb.GetSubscriptionLagRequest(name=name)
@@ -357,6 +365,7 @@ def run_lag(
         None if interval else 1,
         out,
         "stockhold events lag",
+        connect=connect,
     )
 
 
