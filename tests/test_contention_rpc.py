@@ -84,6 +84,10 @@ async def test_hot_unit_ranks_first_with_exact_counts_in_one_process(
         (pb.GetContentionStatsRequest(window=Duration(seconds=61)), "window"),
         (pb.GetContentionStatsRequest(window=Duration(seconds=0)), "window"),
         (pb.GetContentionStatsRequest(window=Duration(seconds=5), since_start=True), "window"),
+        # beyond timedelta's range: was UNKNOWN (OverflowError), found by tests/test_fuzz.py
+        (pb.GetContentionStatsRequest(window=Duration(seconds=2**63 - 1)), "window"),
+        (pb.GetContentionStatsRequest(window=Duration(seconds=-(2**63))), "window"),
+        (pb.GetContentionStatsRequest(window=Duration(seconds=1, nanos=-(2**31))), "window"),
     ],
 )
 async def test_bad_stats_request_is_refused_with_field_details(

@@ -526,7 +526,9 @@ class InventoryServicer(SubscriptionRpc, pb_grpc.InventoryServicer):
         if request.HasField("window"):
             if request.since_start:
                 out.append(FieldViolation("window", "give a window or since_start, not both"))
-            window_s = request.window.ToTimedelta().total_seconds()
+            # Not ToTimedelta(): a Duration beyond timedelta's range (any int64 seconds on
+            # the wire) would raise OverflowError (UNKNOWN) instead of being refused.
+            window_s = request.window.seconds + request.window.nanos / 1e9
             if not 0 < window_s <= configured:
                 out.append(FieldViolation("window", f"must be within (0, {configured:g}] seconds"))
         _raise_if(out)
