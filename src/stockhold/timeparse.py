@@ -26,6 +26,7 @@ _RFC3339: Final = re.compile(
 _MAX_LEN: Final = 40
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
+_MAX_MS: Final = (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - _EPOCH) // _MS
 _EXAMPLE: Final = "2026-11-26T14:28:16.527+08:00"
 
 
@@ -83,10 +84,16 @@ def parse_rfc3339(text: str, field: str = "timestamp") -> int:
     except ValueError as exc:
         raise _refuse(field, f"not a valid date/time in {_shown(text)}: {exc}") from None
     # Integer arithmetic throughout: floats would round some millisecond values.
-    ms = (local - offset - _EPOCH) // _MS + (1000 if leap else 0)
+    try:
+        utc = local - offset
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-05:00 is in the year 10000 in UTC
+        raise _refuse(field, f"out of range (years 0001..9999 in UTC): {_shown(text)}") from None
+    ms = (utc - _EPOCH) // _MS + (1000 if leap else 0)
     frac = m["frac"]
     if frac and not leap:
         ms += int(frac[:3].ljust(3, "0"))
+    if ms > _MAX_MS:  # a leap second at the very end: format_rfc3339 could not write it
+        raise _refuse(field, f"out of range (years 0001..9999 in UTC): {_shown(text)}")
     return ms
 
 
