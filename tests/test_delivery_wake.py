@@ -24,6 +24,7 @@ from test_delivery import SECRET, _create, _events, _per_partition, _sub, _until
 
 from stockhold.delivery import wake
 from stockhold.delivery.deliverer import Deliverer
+from stockhold.settings import ConfigError, Settings
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.stores("standalone", "cluster")
@@ -137,3 +138,40 @@ async def test_delivery_falls_back_to_polling_while_the_listener_is_down(
 
     await _until("listener back", connected)
     assert running.server.hints.published > 0  # the writes published all along
+
+
+async def test_aiohttp_client_delivers_every_event_in_order_with_its_headers(
+    make_stockhold: Factory, wms: FakeWMS
+) -> None:
+    """delivery_http_client = "aiohttp": the same requests, retries and order as the builtin."""
+    running = await make_stockhold(
+        delivery_http_client="aiohttp",
+        delivery_lease_seconds=1.0,
+        delivery_poll_interval_seconds=0.2,
+    )
+    sub = _sub("via-aiohttp", wms.url("/in"), max_attempts=5)
+    await _create(running, sub)
+    wms.fail_next(2)  # retried by the policy, same key and body
+    async with running.channel() as channel:
+        stub = pb_grpc.InventoryStub(channel)
+        for i in range(10):
+            await add_stock(stub, f"A{i % 3}", "wh-1", 1)
+
+    async def all_in() -> bool:
+        return set(_wanted(await _events(running), sub)) <= set(wms.keys())
+
+    await _until("delivered over aiohttp", all_in)
+    wanted = _wanted(await _events(running), sub)
+    assert Counter(wms.keys()) == Counter(wanted)
+    assert _per_partition(wms.keys()) == _per_partition(wanted)
+    assert [r.status for r in wms.received[:2]] == [500, 500]
+    for r in wms.received:
+        assert r.signature_ok and r.key == r.headers["X-Stockhold-Event-Id"] == r.event["id"]
+        assert r.headers["X-Stockhold-Subscription"] == "via-aiohttp"
+
+
+def test_delivery_http_client_is_validated() -> None:
+    chosen = Settings.from_env({"STOCKHOLD_DELIVERY_HTTP_CLIENT": "aiohttp"})
+    assert chosen.delivery_http_client == "aiohttp"
+    with pytest.raises(ConfigError, match="STOCKHOLD_DELIVERY_HTTP_CLIENT"):
+        Settings.from_env({"STOCKHOLD_DELIVERY_HTTP_CLIENT": "curl"})

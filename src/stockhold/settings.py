@@ -133,6 +133,10 @@ class Settings:
     delivery_lease_seconds: float = 5.0
     delivery_poll_interval_seconds: float = 0.5
     delivery_batch: int = 100
+    # the deliverer's POST: "builtin" (wire.Connection, one keep-alive connection per owned
+    # partition: about 2x less CPU per POST, bench/webhook_clients.py) or "aiohttp" (one
+    # ClientSession per subscription)
+    delivery_http_client: str = "builtin"
     event_retention_seconds: int = 7 * DAY
     event_trim_interval_seconds: float = 10.0
     # Subscription lag (issue 12, docs/events.md "Lag and alerts"): a backlog below
@@ -621,6 +625,7 @@ _RULES: Final[Mapping[str, Rule]] = {
     ),
     "delivery_poll_interval_seconds": _POSITIVE,
     "delivery_batch": _within(1, 10_000),
+    "delivery_http_client": (lambda v: v in ("builtin", "aiohttp"), "builtin or aiohttp"),
     "event_retention_seconds": _at_least(1),
     "event_trim_interval_seconds": _POSITIVE,
     "lag_warn_events": _at_least(1),

@@ -41,6 +41,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import aiohttp
 import orjson
 
 from stockhold import constants as c
@@ -146,6 +147,9 @@ class Deliverer:
         self._over = 0  # consecutive rounds above the fair share
         self._warned: dict[str, float] = {}
         self.hints = HintListener(calls, self._wake, lambda: bool(self.parts))
+        self.builtin_http = settings.delivery_http_client == "builtin"
+        # delivery_http_client "aiohttp": one session per subscription (its URL and timeout)
+        self.sessions: dict[str, tuple[StoredSubscription, aiohttp.ClientSession]] = {}
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -166,6 +170,9 @@ class Deliverer:
         self._tasks = []
         parts = list(self.parts.values())
         await asyncio.gather(*(self._drop(p, release=True) for p in parts))
+        for _, session in self.sessions.values():
+            await session.close()
+        self.sessions.clear()
         with contextlib.suppress(DomainError):
             await self._write_stats(parts)  # the last second's figures
             await self.calls.call_script(
@@ -202,6 +209,8 @@ class Deliverer:
         for part in list(self.parts.values()):
             if part.name not in self.subs:
                 await self._drop(part, release=False)
+        for name in [n for n in self.sessions if n not in self.subs]:
+            await self.sessions.pop(name)[1].close()
         if not self.subs:
             return
         live = int(
@@ -428,12 +437,7 @@ class Deliverer:
         attempt = 0
         while True:
             attempt += 1
-            conn = part.conn
-            if conn is None or conn.url != stored.sub.url:
-                if conn is not None:
-                    conn.close()
-                conn = part.conn = wire.Connection(stored.sub.url)
-            result = await conn.post(stored, key, body)
+            result = await self._send(part, stored, key, body)
             part.stats.attempt(result.seconds)
             if result.ok:
                 part.acks.append(entry_id)
@@ -457,6 +461,34 @@ class Deliverer:
             if latest is None or part.lost:
                 raise _Lost
             stored = latest
+
+    async def _send(
+        self, part: _Partition, stored: StoredSubscription, key: str, body: bytes
+    ) -> wire.PostResult:
+        """One POST by the configured client (delivery_http_client)."""
+        if self.builtin_http:
+            conn = part.conn
+            if conn is None or conn.url != stored.sub.url:
+                if conn is not None:
+                    conn.close()
+                conn = part.conn = wire.Connection(stored.sub.url)
+            return await conn.post(stored, key, body)
+        session = await self._session(stored)
+        return await wire.post(session, stored, key, body, session.timeout)
+
+    async def _session(self, stored: StoredSubscription) -> aiohttp.ClientSession:
+        """The subscription's aiohttp session, new when its URL or timeout changed."""
+        name = stored.sub.name
+        known = self.sessions.get(name)
+        if known is not None:
+            old, session = known
+            if (old.sub.url, old.sub.timeout_ms) == (stored.sub.url, stored.sub.timeout_ms):
+                return session
+        session = wire.client_session(stored, self.store.partitions)
+        self.sessions[name] = (stored, session)
+        if known is not None:
+            await known[1].close()
+        return session
 
     async def _fail(
         self,

@@ -92,12 +92,27 @@ def headers(stored: StoredSubscription, key: str, body: bytes) -> dict[str, str]
     }
 
 
+def client_session(stored: StoredSubscription, connections: int) -> aiohttp.ClientSession:
+    """A keep-alive session for one subscription's POSTs: up to `connections` at once (one per
+    owned partition), the subscription's timeout as the session's (see `post`)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max(connections, 1), keepalive_timeout=30),
+        timeout=aiohttp.ClientTimeout(total=stored.sub.timeout_ms / 1000),
+        auto_decompress=False,
+    )
+
+
 async def post(
-    session: aiohttp.ClientSession, stored: StoredSubscription, event_key: str, body: bytes
+    session: aiohttp.ClientSession,
+    stored: StoredSubscription,
+    event_key: str,
+    body: bytes,
+    client_timeout: aiohttp.ClientTimeout | None = None,
 ) -> PostResult:
     """POST one event to the subscription's URL; never raises for what the WMS or the network
-    does (cancellation apart)."""
-    timeout = aiohttp.ClientTimeout(total=stored.sub.timeout_ms / 1000)
+    does (cancellation apart). `client_timeout`: the subscription's, when the caller has it
+    made already (a session of `client_session`: `session.timeout`)."""
+    timeout = client_timeout or aiohttp.ClientTimeout(total=stored.sub.timeout_ms / 1000)
     started = time.monotonic()
     try:
         async with session.post(
@@ -120,7 +135,16 @@ async def post(
     return PostResult(False, seconds, f"HTTP {status}", status)
 
 
-__all__ = ["Connection", "PostResult", "event_body", "event_key", "headers", "post", "sign"]
+__all__ = [
+    "Connection",
+    "PostResult",
+    "client_session",
+    "event_body",
+    "event_key",
+    "headers",
+    "post",
+    "sign",
+]
 
 
 # -- the deliverer's connection ------------------------------------------------------------------
