@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     cannot be bound), then serve: one process, or a supervisor and its workers."""
     import uvloop
 
-    from stockhold import logs
+    from stockhold import logs, tls
     from stockhold.auth import check_auth_settings
     from stockhold.secretfile import check_secret_files
     from stockhold.server import BindError, check_listen, check_payments, serve
@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         check_payments(settings)
         check_secret_files(settings)
         check_auth_settings(settings)
+        tls.check(settings)
         check_listen(settings)
         logs.configure(settings.log_level)
         if workers > 1:
@@ -126,6 +127,21 @@ _WORKER_FLAGS: tuple[tuple[str, str, str], ...] = (
     ),
     ("--reflection", "reflection", "loopback (default: loopback callers and admin), on, off"),
     ("--max-message-bytes", "max_message_bytes", "largest message either way (default 1 MiB)"),
+    # TLS (docs/security.md "TLS"); SIGHUP reloads the files.
+    ("--tls-cert", "tls_cert", "gRPC certificate chain, PEM (with --tls-key: TLS)"),
+    ("--tls-key", "tls_key", "its private key, PEM, mode 0600"),
+    ("--tls-client-ca", "tls_client_ca", "CA of client certificates: required (mTLS)"),
+    (
+        "--payment-webhook-tls-cert",
+        "payment_webhook_tls_cert",
+        "webhook certificate (default: --tls-cert)",
+    ),
+    ("--payment-webhook-tls-key", "payment_webhook_tls_key", "its key (default: --tls-key)"),
+    (
+        "--payment-webhook-tls-client-ca",
+        "payment_webhook_tls_client_ca",
+        "CA of the webhook's client certificates (mTLS; never inherited)",
+    ),
 )
 # Serve flags without a value (the setting is then "1").
 _SWITCHES: Final = frozenset({"--redis-cluster", "--allow-unauthenticated"})
@@ -140,6 +156,13 @@ _METRICS_FLAGS: tuple[tuple[str, str, str], ...] = (
     ),
     ("--metrics-host", "metrics_host", "address the metrics endpoint binds (default 127.0.0.1)"),
     ("--metrics-top-n", "metrics_contention_top_n", "top contended keys exported as gauges"),
+    ("--metrics-tls-cert", "metrics_tls_cert", "metrics certificate (default: --tls-cert)"),
+    ("--metrics-tls-key", "metrics_tls_key", "its key (default: --tls-key)"),
+    (
+        "--metrics-tls-client-ca",
+        "metrics_tls_client_ca",
+        "CA of scrapers' client certificates (mTLS; never inherited)",
+    ),
 )
 _SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
     (

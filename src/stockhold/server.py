@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import grpc
 import redis.asyncio
@@ -32,12 +34,38 @@ from stockhold.payments.sync import notification_handler
 from stockhold.payments.webhook import make_app, start_webhook
 from stockhold.servicer import InventoryServicer
 from stockhold.settings import ConfigError, Settings, mask_url, split_listen
+from stockhold.tls import ContextTLS, GrpcTLS, TlsError
 from stockhold.v1 import inventory_pb2, inventory_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# `serve --workers N`: the supervisor names the plaintext loopback port its workers' internal
+# callers use with gRPC TLS on (one port, SO_REUSEPORT, like the main one).
+INTERNAL_LISTEN_ENV: Final = "STOCKHOLD_INTERNAL_LISTEN"
+
+
+def warn_plaintext(settings: Settings) -> None:
+    """A WARNING at start for each listener serving plaintext on a non-loopback address."""
+    listeners = [("gRPC", settings.listen, settings.tls_files())]
+    if settings.metrics_port:
+        address = f"{settings.metrics_host}:{settings.metrics_port}"
+        listeners.append(("metrics", address, settings.tls_files("metrics")))
+    if settings.payment_webhook_listen:
+        files = settings.tls_files("payment_webhook")
+        listeners.append(("payment webhook", settings.payment_webhook_listen, files))
+    for name, address, files in listeners:
+        host = address.rpartition(":")[0]
+        if files is None and not auth.is_loopback_host(host):
+            log.warning(
+                "%s listener on %s serves plaintext (no TLS) on a non-loopback address; "
+                "see docs/security.md TLS",
+                name,
+                address,
+            )
 
 
 class BindError(OSError):
@@ -160,6 +188,18 @@ class StockholdServer:
             )
         self.webhook_port = 0
         self._webhook: web.AppRunner | None = None  # while the notification endpoint runs
+        # TLS (docs/security.md "TLS"): each listener's files, read and checked here;
+        # reload() reads them again (SIGHUP).
+        files = settings.tls_files()
+        self.tls = GrpcTLS(files) if files else None
+        files = settings.tls_files("payment_webhook")
+        self.webhook_tls: ContextTLS | None = None
+        if files and settings.payment_webhook_listen:
+            self.webhook_tls = ContextTLS("payment_webhook", files)
+        # With gRPC TLS, this process's own callers (the metrics collectors) call a
+        # plaintext port on 127.0.0.1 (INTERNAL_LISTEN_ENV, default any free port); else
+        # the gRPC port.
+        self.internal_port = 0
         self.health = health.aio.HealthServicer()
         # grpc core cancels calls beyond its pending-request limit with a bare CANCELLED; keep
         # that limit above our own admission limit, so overload is an explicit
@@ -224,16 +264,16 @@ class StockholdServer:
 
     async def start(self) -> int:
         """Bind, start serving (NOT_SERVING until Redis answers) and start background tasks."""
-        try:
-            self.port = self.server.add_insecure_port(self.settings.listen)
-        except RuntimeError as err:  # grpc: "Failed to bind to address ...; set GRPC_..."
-            cause = RuntimeError(str(err).split(";")[0])
-            raise _bind_error("--listen", self.settings.listen, cause) from None
-        if self.port == 0:
-            raise _bind_error("--listen", self.settings.listen, OSError("grpc bound no port"))
+        self.port = self._add_port("--listen", self.settings.listen, self.tls)
+        target = None
+        if self.tls is not None:
+            internal = os.environ.get(INTERNAL_LISTEN_ENV) or "127.0.0.1:0"
+            self.internal_port = self._add_port(INTERNAL_LISTEN_ENV, internal, None)
+            target = f"127.0.0.1:{self.internal_port}"
+        warn_plaintext(self.settings)
         try:
             self.metrics = metrics.start_process_metrics(
-                self.settings, self.port, self.internal_token
+                self.settings, self.port, self.internal_token, target
             )
         except OSError as err:
             raise BindError(str(err)) from None
@@ -300,10 +340,33 @@ class StockholdServer:
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.close)
 
+    def _add_port(self, setting: str, listen: str, tls: GrpcTLS | None) -> int:
+        """Bind a gRPC address (TLS with `tls`); the port bound, or BindError."""
+        try:
+            if tls is None:
+                port = self.server.add_insecure_port(listen)
+            else:
+                port = self.server.add_secure_port(listen, tls.credentials())
+        except RuntimeError as err:  # grpc: "Failed to bind to address ...; set GRPC_..."
+            cause = RuntimeError(str(err).split(";")[0])
+            raise _bind_error(setting, listen, cause) from None
+        if port == 0:
+            raise _bind_error(setting, listen, OSError("grpc bound no port"))
+        return port
+
     def reload(self) -> None:
         """SIGHUP: read again what may change without a restart; what cannot be read is
-        logged (ERROR) and the previous one stays in force. The auth file."""
+        logged (ERROR) and the previous one stays in force. The auth file; every listener's
+        TLS files (new connections get them, open ones go on)."""
         self.auth.reload()
+        endpoint = self.metrics.endpoint if self.metrics is not None else None
+        for part in (self.tls, self.webhook_tls, endpoint.tls if endpoint else None):
+            if part is None:
+                continue
+            try:
+                part.reload()
+            except TlsError as err:
+                log.error("tls reload failed; the previous files stay in force: %s", err)
 
     async def _set_serving(self, ok: bool) -> None:
         if ok == self._serving:
@@ -405,8 +468,11 @@ class StockholdServer:
             verifier, notification_handler(self.engine), path=self.settings.payment_webhook_path
         )
         listen = self.settings.payment_webhook_listen
+        ssl_context = self.webhook_tls.live if self.webhook_tls is not None else None
         try:
-            self._webhook, self.webhook_port = await start_webhook(listen, app, reuse_port=True)
+            self._webhook, self.webhook_port = await start_webhook(
+                listen, app, reuse_port=True, ssl_context=ssl_context
+            )
         except OSError as err:
             raise _bind_error("--payment-webhook-listen", listen, err) from None
         log.info(

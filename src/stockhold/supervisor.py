@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,8 +27,9 @@ from typing import Final
 
 from stockhold import auth, metrics
 from stockhold.embedded import EmbeddedRedis, parent_death_argv
-from stockhold.server import BindError
+from stockhold.server import INTERNAL_LISTEN_ENV, BindError, warn_plaintext
 from stockhold.settings import Settings
+from stockhold.tls import ContextTLS, TlsError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,12 @@ class Supervisor:
         self.redis_password_file = settings.redis_password_file
         # The workers accept it from the metrics collector here (auth.internal_token).
         self.internal_token = auth.new_token()
+        # With gRPC TLS: the workers' plaintext loopback port for the collector here
+        # (server.INTERNAL_LISTEN_ENV), held by _internal_socket.
+        self.internal_listen = ""
+        self._internal_socket: socket.socket | None = None
+        self.endpoint: metrics.MetricsEndpoint | None = None
+        self.reload_requested = False
 
     def _spawn(self, slot: int, redis_url: str) -> None:
         # A worker never serves metrics itself (it would fight its siblings for the port);
@@ -72,6 +80,9 @@ class Supervisor:
             env["STOCKHOLD_REDIS_PASSWORD_FILE"] = self.redis_password_file
         env.pop(metrics.MULTIPROC_ENV, None)
         env[auth.INTERNAL_TOKEN_ENV] = self.internal_token
+        env.pop(INTERNAL_LISTEN_ENV, None)
+        if self.internal_listen:
+            env[INTERNAL_LISTEN_ENV] = self.internal_listen
         if self.metrics_dir is not None:
             env[metrics.MULTIPROC_ENV] = self.metrics_dir
         cmd = [sys.executable, "-m", "stockhold.cli", "serve", *self.argv, "--workers", "1"]
@@ -90,7 +101,9 @@ class Supervisor:
             self.stopping = True
 
         def on_hangup(signum: int, frame: FrameType | None) -> None:
-            # SIGHUP reloads (the auth file, certificates): every worker reloads its own.
+            # SIGHUP reloads (the auth file, certificates): every worker reloads its own;
+            # the metrics endpoint here reloads its TLS files in the watch loop.
+            self.reload_requested = True
             for proc in self.procs.values():
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGHUP)
@@ -109,18 +122,25 @@ class Supervisor:
         endpoint: metrics.MetricsEndpoint | None = None
         contention: metrics.ContentionCollector | None = None
         try:
+            target = metrics.local_target(self.settings.listen)
+            if self.settings.tls_files() is not None:
+                # gRPC TLS: the collector calls the workers' plaintext loopback port.
+                target = self.internal_listen = self._reserve_internal_port()
+            warn_plaintext(self.settings)
             if self.settings.metrics_port:
                 self.metrics_dir = tempfile.mkdtemp(prefix="stockhold-metrics-")
                 contention = metrics.ContentionCollector(
-                    metrics.local_target(self.settings.listen),
+                    target,
                     self.settings.metrics_contention_top_n,
                     token=self.internal_token,
                 )
                 try:
-                    endpoint = metrics.MetricsEndpoint(
+                    files = self.settings.tls_files("metrics")
+                    endpoint = self.endpoint = metrics.MetricsEndpoint(
                         self.settings.metrics_host,
                         self.settings.metrics_port,
                         metrics.supervisor_registry(self.metrics_dir, contention),
+                        ContextTLS("metrics", files) if files else None,
                     )
                 except OSError as err:
                     raise BindError(str(err)) from None
@@ -139,14 +159,37 @@ class Supervisor:
                 contention.close()
             if self.metrics_dir is not None:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            if self._internal_socket is not None:
+                self._internal_socket.close()
             if embedded is not None:
                 embedded.stop()
         log.info("supervisor stopped")
         return code
 
+    def _reserve_internal_port(self) -> str:
+        """A free 127.0.0.1 port for the workers' internal callers, held (bound with
+        SO_REUSEPORT, never listening) so that no other program takes it meanwhile."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", 0))
+        self._internal_socket = sock
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+    def _reload(self) -> None:
+        """SIGHUP here: the metrics endpoint's TLS files (the workers reload their own)."""
+        self.reload_requested = False
+        if self.endpoint is None or self.endpoint.tls is None:
+            return
+        try:
+            self.endpoint.tls.reload()
+        except TlsError as err:
+            log.error("tls reload failed; the previous files stay in force: %s", err)
+
     def _watch(self, url: str) -> int:
         while not self.stopping:
             time.sleep(0.1)
+            if self.reload_requested:
+                self._reload()
             for slot, proc in list(self.procs.items()):
                 rc = proc.poll()
                 if rc is None or self.stopping:

@@ -9,6 +9,7 @@ NotificationVerifier reaches `on_result`.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -92,13 +93,17 @@ def make_app(
 
 
 async def start_webhook(
-    listen: str, app: web.Application, reuse_port: bool = False
+    listen: str,
+    app: web.Application,
+    reuse_port: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Serve `app` on `listen` (`HOST:PORT`, `[::1]:PORT`; port 0 picks a free one).
 
     Returns the runner (`await runner.cleanup()` stops it) and the port actually bound.
     `reuse_port`: SO_REUSEPORT, so that the worker processes of `serve --workers N` all bind
-    the same port (the kernel spreads connections over them).
+    the same port (the kernel spreads connections over them). `ssl_context`: HTTPS (the
+    server's tls.ContextTLS.live, reloaded in place on SIGHUP).
     """
     try:
         host, port = split_listen(listen)
@@ -110,7 +115,9 @@ async def start_webhook(
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+        site = web.TCPSite(
+            runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_context
+        )
         await site.start()
         bound: int = runner.addresses[0][1]
     except BaseException:
