@@ -625,3 +625,41 @@ def test_the_security_doc_table_is_role_methods() -> None:
     expected = {r: set(ms) for r, ms in ROLE_METHODS.items() if r != "admin"}
     assert {r: ms for r, ms in table.items() if r != "admin"} == expected
     assert "admin" in table
+
+
+# -- the certificate identity over the wire (mTLS) ----------------------------------------------
+
+
+async def test_a_client_certificate_is_an_identity_with_roles(
+    make_stockhold: Factory, tmp_path: Path
+) -> None:
+    from test_tls import Pki, tls_settings
+
+    pki = Pki(tmp_path / "pki")
+    path = tmp_path / "auth.toml"
+    text = auth_toml({"ops": ["admin"]})
+    text += '\n[[client]]\nidentity = "spiffe://shop/checkout"\nroles = ["checkout"]\n'
+    await asyncio.to_thread(path.write_text, text)
+    running = await make_stockhold(auth_file=str(path), **tls_settings(pki, mtls=True), **QUIET)
+
+    def channel(client: Any) -> grpc.aio.Channel:
+        creds = grpc.ssl_channel_credentials(pki.ca.pem, client.key_pem, client.cert_pem)
+        return grpc.aio.secure_channel(running.address, creds)
+
+    async with channel(pki.client) as ch:
+        stub = pb_grpc.InventoryStub(ch)
+        # A token wins over the certificate.
+        await stub.AdjustStock(request_for("AdjustStock", 1), metadata=bearer("ops"))
+        await stub.Reserve(
+            pb.ReserveRequest(order_id="cert-1", lines=[line("TBL", 1, "wh-east")]), timeout=10
+        )
+        err = await expect_error(stub.AdjustStock(request_for("AdjustStock", 2)))
+        assert err.code is grpc.StatusCode.PERMISSION_DENIED
+        assert err.metadata["identity"] == "spiffe://shop/checkout"
+    assert actor_of_event(running, "ORDER_RESERVED", "cert-1") == "spiffe://shop/checkout"
+    # A certificate the CA signed for an identity the auth file does not know.
+    async with channel(pki.ca.issue("stranger")) as ch:
+        err = await expect_error(
+            pb_grpc.InventoryStub(ch).GetAvailability(request_for("GetAvailability", 1))
+        )
+        assert err.code is grpc.StatusCode.UNAUTHENTICATED
