@@ -102,6 +102,8 @@ HASH_PREFIX: Final = "sha256:"
 # Distinct (identity, method, reason) refusals remembered so that each is logged once; past
 # this many the memory starts afresh (bounded, whatever callers do).
 _LOGGED_MAX: Final = 10_000
+# Authorization headers remembered after they matched a token (a few per identity at most).
+_KNOWN_MAX: Final = 4096
 
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar(
     "stockhold_caller", default=ACTOR_ANONYMOUS
@@ -357,7 +359,8 @@ class RateLimiter:
         if bucket is None:
             bucket = self._buckets[who] = [rate.burst, now]
         else:
-            bucket[0] = min(rate.burst, bucket[0] + (now - bucket[1]) * rate.per_second)
+            tokens = bucket[0] + (now - bucket[1]) * rate.per_second
+            bucket[0] = tokens if tokens < rate.burst else rate.burst
             bucket[1] = now
         if bucket[0] >= 1.0:
             bucket[0] -= 1.0
@@ -414,10 +417,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates, authorizes and rate-limits every Inventory call before its handler runs
     (and gates reflection per the `reflection` setting); health passes untouched.
 
-    Per allowed call: one metadata scan, one SHA-256 of the token (or one auth_context read
-    for a certificate), two dict lookups, one bucket update, one contextvar set. Handlers are
-    wrapped once per method. Each grpc.aio call runs in its own task, so the contextvar set
-    for a call is never seen by another and needs no reset.
+    Per allowed call: one metadata scan, a dict lookup of the authorization header (a
+    SHA-256 of the token the first time; for a certificate, one auth_context read), a set
+    lookup of the method, one bucket update when the role is limited, one contextvar set.
+    Handlers are wrapped once per method. Each grpc.aio call runs in its own task, so the
+    contextvar set for a call is never seen by another and needs no reset.
     """
 
     def __init__(
@@ -435,6 +439,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             self._internal_digest = hashlib.sha256(internal_token.encode()).hexdigest()
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
         self._logged: set[tuple[str, str, Reason]] = set()
+        # authorization header -> principal, for headers that matched (see _by_header)
+        self._known: dict[str | bytes, Principal] = {}
 
     def reload(self) -> bool:
         """Read the auth file again; a bad one keeps the old in force (ERROR logged). True
@@ -449,6 +455,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.config = config
         self.limiter = RateLimiter()  # limits may have changed: buckets start full
         self._logged.clear()
+        self._known.clear()  # removed tokens must stop working
         log.info(
             "auth file reloaded",
             extra={"auth_file": config.path, "tokens": len(config.tokens)},
@@ -482,20 +489,34 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         nothing (a bad token, an unknown certificate)."""
         config = self.config
         assert config is not None
-        token = bearer(context.invocation_metadata())
-        if token is not None:
-            if not token:
-                return ""
-            digest = hashlib.sha256(token.encode()).hexdigest()
-            found = config.tokens.get(digest)
-            if found is None and digest == self._internal_digest:
-                found = self._internal
-            return found or ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                known = self._known.get(value)
+                return known if known is not None else self._by_header(value)
         if config.clients:
             ident = cert_identity(context.auth_context())
             if ident is not None:
                 return config.clients.get(ident) or ""
         return None
+
+    def _by_header(self, header: str | bytes) -> Principal | str:
+        """The principal of an authorization header seen for the first time ("" if none).
+        A header that matched is remembered (bounded, forgotten on reload), so a caller's
+        later calls cost one dict lookup instead of a parse and a SHA-256."""
+        assert self.config is not None
+        token = bearer((("authorization", header),))
+        if not token:
+            return ""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        found = self.config.tokens.get(digest)
+        if found is None and digest == self._internal_digest:
+            found = self._internal
+        if found is None:
+            return ""  # never remembered: unknown headers must not fill memory
+        if len(self._known) >= _KNOWN_MAX:
+            self._known.clear()
+        self._known[header] = found
+        return found
 
     def _guard(self, name: str) -> Callable[[_Context], Awaitable[None]]:
         async def guard(context: _Context) -> None:
@@ -630,6 +651,14 @@ def _wrap_call(inner: Any, guard: Callable[[_Context], Awaitable[None]]) -> Any:
                 yield item
 
         return guarded_stream
+
+    if inspect.iscoroutinefunction(inner):
+
+        async def guarded_coroutine(request: Any, context: _Context) -> Any:
+            await guard(context)
+            return await inner(request, context)
+
+        return guarded_coroutine
 
     async def guarded(request: Any, context: _Context) -> Any:
         await guard(context)
