@@ -55,6 +55,8 @@ def fake_config(fake: FakeWeChatPay, directory: Path) -> dict[str, Any]:
     }
     for name, content in files.items():
         (directory / name).write_bytes(content)
+    for secret in ("apiclient_key.pem", "apiv3.key"):  # refused if group/world-readable
+        (directory / secret).chmod(0o600)
     return {
         "wechatpay_mchid": fake.mchid,
         "wechatpay_merchant_serial": fake.merchant_serial,

@@ -62,7 +62,7 @@ def _s(v: object) -> str:
 
 
 def _client(er: EmbeddedRedis) -> redis.Redis:
-    return redis.Redis.from_url(er.url)
+    return redis.Redis.from_url(er.url, password=er.password)
 
 
 def test_find_redis_server() -> None:
@@ -170,13 +170,13 @@ def test_second_instance_on_same_dir_is_refused(embedded: EmbeddedRedis, data_di
     other.stop()
 
 
-def _run_redis(argv: list[str], sock: Path) -> subprocess.Popen[bytes]:
+def _run_redis(argv: list[str], sock: Path, password: str | None = None) -> subprocess.Popen[bytes]:
     """Start a redis-server the test owns (no stockhold lock) and wait until it answers."""
     proc = subprocess.Popen(
         argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.monotonic() + 15
-    c = redis.Redis(unix_socket_path=str(sock))
+    c = redis.Redis(unix_socket_path=str(sock), password=password)
     try:
         while True:
             try:
@@ -196,7 +196,8 @@ def _orphan(data_dir: Path, binary: str) -> subprocess.Popen[bytes]:
     """A redis-server exactly as EmbeddedRedis runs it, left without its owner (lock free)."""
     data_dir.mkdir(mode=0o700, exist_ok=True)
     er = EmbeddedRedis(data_dir, binary=binary)
-    return _run_redis(er._command(binary), er.socket_path)
+    er._new_password()  # its password file, as the start that left it wrote it
+    return _run_redis(er._command(binary), er.socket_path, er.password)
 
 
 def _stopped_orphan_record(caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
@@ -212,7 +213,8 @@ def test_orphan_of_this_data_dir_is_shut_down_and_replaced(
     # its redis-server still runs on the data dir, and nobody holds the lock.
     orphan = _orphan(data_dir, binary)
     try:
-        c = redis.Redis(unix_socket_path=str(data_dir / "redis.sock"))
+        password = (data_dir / "redis.pass").read_text().strip()
+        c = redis.Redis(unix_socket_path=str(data_dir / "redis.sock"), password=password)
         try:
             c.set(b"k", b"v")  # acknowledged, so in the AOF once SHUTDOWN has flushed it
         finally:
@@ -400,7 +402,7 @@ def test_missing_binary(data_dir: Path) -> None:
 async def test_async_client_over_socket(embedded: EmbeddedRedis) -> None:
     # What the service does: redis.asyncio on the unix:// URL.
     embedded.start()
-    client = redis.asyncio.Redis.from_url(embedded.url)
+    client = redis.asyncio.Redis.from_url(embedded.url, password=embedded.password)
     try:
         await client.set(b"a", b"1")
         assert await client.get(b"a") == b"1"

@@ -153,7 +153,7 @@ er = EmbeddedRedis(Path(sys.argv[1]), binary=sys.argv[2])
 starter = threading.Thread(target=er.start)
 starter.start()
 starter.join()
-client = redis.Redis.from_url(er.url)
+client = redis.Redis.from_url(er.url, password=er.password)
 client.set(b"k", b"v")
 client.close()
 print(er.pid, flush=True)
@@ -182,7 +182,8 @@ def test_redis_exits_cleanly_when_its_owner_is_killed(
         pid = int(out.read_text().split()[0])
         # The thread that started it has ended; Redis still serves its owner.
         assert _alive(pid)
-        client = redis.Redis(unix_socket_path=str(data_dir / "redis.sock"))
+        password = (data_dir / "redis.pass").read_text().strip()
+        client = redis.Redis(unix_socket_path=str(data_dir / "redis.sock"), password=password)
         try:
             assert client.get(b"k") == b"v"
         finally:
@@ -208,7 +209,7 @@ def test_redis_exits_cleanly_when_its_owner_is_killed(
         er.start()
     try:
         assert not [r for r in caplog.records if getattr(r, "stopped_with", None)]
-        client = redis.Redis.from_url(er.url)
+        client = redis.Redis.from_url(er.url, password=er.password)
         try:
             assert client.get(b"k") == b"v"
         finally:

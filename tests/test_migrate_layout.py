@@ -272,7 +272,7 @@ async def test_the_embedded_redis_of_a_data_directory_is_migrated(tmp_path: Path
     old = layout1_key(new)
     assert old != new
     with EmbeddedRedis(tmp_path / "data") as embedded:
-        r = redis.Redis.from_url(embedded.url)
+        r = redis.Redis.from_url(embedded.url, password=embedded.password)
         r.mset({f"sh:{c.META_PARTITIONS}": P})
         r.hset(old, mapping={"a:w1": 7, "r:w1": 0})
         r.close()
@@ -280,7 +280,7 @@ async def test_the_embedded_redis_of_a_data_directory_is_migrated(tmp_path: Path
     assert code == 0, err
     assert "1 moved" in out
     with EmbeddedRedis(tmp_path / "data") as embedded:
-        r = redis.Redis.from_url(embedded.url, decode_responses=True)
+        r = redis.Redis.from_url(embedded.url, password=embedded.password, decode_responses=True)
         assert r.get(f"sh:{c.META_LAYOUT}") == c.LAYOUT
         assert r.hgetall(new) == {"a:w1": "7", "r:w1": "0"} and not r.exists(old)
         r.close()

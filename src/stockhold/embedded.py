@@ -8,6 +8,12 @@ The child must not outlive its owner: on Linux it gets SIGTERM (a clean shutdown
 flushes the AOF) when the owner dies, even by SIGKILL. Should one survive anyway (another OS,
 or a Redis stopped or stuck when its owner died), the next start on the same data directory
 recognises that orphan, stops it cleanly and takes over; see :meth:`EmbeddedRedis.start`.
+
+Every start gives Redis a new random ``requirepass`` (issue 13, docs/security.md "Redis"): it
+is written, mode ``0600``, to ``<data_dir>/redis.pass`` (what every client of the process and
+its workers read, as their ``redis_password_file``) and to ``redis-auth.conf``, the config
+file Redis is started with, so it never shows in ``ps``. The password of the previous start
+is used once more only to stop an orphan of it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -46,6 +53,8 @@ __all__ = [
 SOCKET_NAME = "redis.sock"
 LOG_NAME = "redis.log"
 PID_NAME = "redis.pid"
+PASSWORD_NAME = "redis.pass"
+AUTH_CONF_NAME = "redis-auth.conf"
 LOCK_NAME = "stockhold.lock"
 
 # The oldest Redis stockhold's Lua scripts are written for.
@@ -155,7 +164,7 @@ def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text) if text else "(log is empty)"
 
 
-def _probe_client(sock: Path, timeout: float) -> redis.Redis:
+def _probe_client(sock: Path, timeout: float, password: str | None = None) -> redis.Redis:
     # No retries: redis-py >= 6 retries connection errors with exponential backoff by
     # default, which would turn each readiness probe (and the expected disconnect after
     # SHUTDOWN) into seconds of sleeping.
@@ -164,16 +173,17 @@ def _probe_client(sock: Path, timeout: float) -> redis.Redis:
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
+        password=password,
     )
 
 
-def _ready(sock: Path, timeout: float) -> bool:
+def _ready(sock: Path, timeout: float, password: str | None = None) -> bool:
     """True when a Redis on ``sock`` answers PING and has finished loading its data.
 
     PING alone is not enough: while Redis replays a large AOF it already accepts connections
     but answers most commands with -LOADING, which the service would see as errors.
     """
-    client = _probe_client(sock, timeout)
+    client = _probe_client(sock, timeout, password)
     try:
         if not client.ping():
             return False
@@ -182,20 +192,20 @@ def _ready(sock: Path, timeout: float) -> bool:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
         # BusyLoadingError is a ConnectionError subclass: still loading, not ready yet.
         return False
-    except redis.exceptions.ResponseError:
+    except (redis.exceptions.ResponseError, redis.exceptions.AuthenticationError):
         # Something answers but refuses us (e.g. requires AUTH): it is alive, not ours.
         return True
     finally:
         client.close()
 
 
-def _shutdown(sock: Path, timeout: float) -> bool:
+def _shutdown(sock: Path, timeout: float, password: str | None = None) -> bool:
     """Ask the Redis on ``sock`` to SHUTDOWN (fsync AOF, remove socket and pidfile).
 
     True if it accepted; False if it could not be asked or refused (the caller falls back to
     SIGTERM, which Redis handles as the same graceful shutdown).
     """
-    client = _probe_client(sock, timeout)
+    client = _probe_client(sock, timeout, password)
     try:
         # redis-py swallows the ConnectionError that a successful SHUTDOWN produces.
         client.shutdown()
@@ -205,6 +215,17 @@ def _shutdown(sock: Path, timeout: float) -> bool:
     finally:
         client.close()
     return True
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `path` with mode 0600 from its first byte: a new file renamed over the old."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def parent_death_argv(argv: list[str]) -> list[str]:
@@ -286,9 +307,11 @@ def _is_redis_of(pid: int, data_dir: Path) -> bool:
         return False
 
 
-def _redis_identity(sock: Path, timeout: float) -> tuple[int, str] | None:
+def _redis_identity(
+    sock: Path, timeout: float, password: str | None = None
+) -> tuple[int, str] | None:
     """(process_id, dir) of the Redis answering on ``sock``, or None if none answers us."""
-    client = _probe_client(sock, timeout)
+    client = _probe_client(sock, timeout, password)
     try:
         pid = int(client.info("server")["process_id"])
         # Keys come back as bytes (no decode_responses), though redis-py types them as str.
@@ -309,7 +332,7 @@ class EmbeddedRedis:
     Usage::
 
         with EmbeddedRedis(Path("/var/lib/stockhold")) as er:
-            client = redis.asyncio.Redis.from_url(er.url)
+            client = redis.asyncio.Redis.from_url(er.url, password=er.password)
 
     Data persists in ``data_dir`` through the append-only file (fsynced every second and on
     shutdown). A lock file in ``data_dir`` guarantees one owner per data directory.
@@ -335,6 +358,10 @@ class EmbeddedRedis:
         self._lock_fd: int | None = None
         # The pid the lock file named when we took the lock: the owner that is gone.
         self._previous_owner: int | None = None
+        # This start's requirepass (None until started), and the previous start's (read
+        # from the password file under the lock, to stop an orphan of it).
+        self.password: str | None = None
+        self._old_password: str | None = None
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -342,6 +369,12 @@ class EmbeddedRedis:
     def socket_path(self) -> Path:
         """Absolute path of the unix socket Redis listens on."""
         return self.data_dir / SOCKET_NAME
+
+    @property
+    def password_path(self) -> Path:
+        """The file (mode 0600) holding this start's requirepass: every client's
+        ``redis_password_file``."""
+        return self.data_dir / PASSWORD_NAME
 
     @property
     def log_path(self) -> Path:
@@ -391,8 +424,10 @@ class EmbeddedRedis:
         binary = self.binary or find_redis_server()
         self._acquire_lock()
         try:
+            self._old_password = self._read_password()
             self._stop_orphan()
             self._clear_stale_socket()
+            self._new_password()
             self._spawn(binary)
             self._wait_ready()
         except BaseException:
@@ -474,7 +509,7 @@ class EmbeddedRedis:
                 return pid
         if pidfile is None or not self.socket_path.exists():
             return None
-        identity = _redis_identity(self.socket_path, timeout=1.0)
+        identity = _redis_identity(self.socket_path, timeout=1.0, password=self._old_password)
         if identity is None or identity[0] != pidfile:
             return None
         with contextlib.suppress(OSError):
@@ -489,7 +524,9 @@ class EmbeddedRedis:
             return
         t0 = time.monotonic()
         how = "SHUTDOWN"
-        stopped = _shutdown(self.socket_path, timeout=2.0) and _wait_gone(pid, self.orphan_timeout)
+        stopped = _shutdown(self.socket_path, 2.0, self._old_password) and _wait_gone(
+            pid, self.orphan_timeout
+        )
         if not stopped:
             # Not answering (stopped, stuck, still loading) or not exiting: SIGTERM is the
             # same graceful shutdown, and SIGCONT lets a stopped process act on it.
@@ -536,7 +573,7 @@ class EmbeddedRedis:
             return
         if not stat.S_ISSOCK(st.st_mode):
             raise EmbeddedRedisError(f"{sock} exists and is not a socket; refusing to touch it")
-        if _ready(sock, timeout=1.0):
+        if _ready(sock, timeout=1.0, password=self._old_password):
             # Not an orphan of ours (_stop_orphan ran first): a Redis of another directory,
             # or one that will not say who it is. Binding our own would steal its socket.
             pid = self._read_pidfile()
@@ -549,6 +586,20 @@ class EmbeddedRedis:
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
 
+    def _read_password(self) -> str | None:
+        try:
+            return (self.data_dir / PASSWORD_NAME).read_text().strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def _new_password(self) -> None:
+        """A new random requirepass, written (0600, replacing the old one atomically) to
+        the password file and to the config file Redis reads it from (never its argv)."""
+        password = secrets.token_hex(32)
+        _write_private(self.password_path, f"{password}\n")
+        _write_private(self.data_dir / AUTH_CONF_NAME, f"requirepass {password}\n")
+        self.password = password
+
     def _read_pidfile(self) -> int | None:
         try:
             return int((self.data_dir / PID_NAME).read_text().strip())
@@ -560,6 +611,7 @@ class EmbeddedRedis:
         # quote argv values themselves, so paths with spaces are fine.
         return [
             binary,
+            str(self.data_dir / AUTH_CONF_NAME),  # requirepass, out of sight of ps
             "--port",
             "0",  # no TCP listener at all
             "--unixsocket",
@@ -644,7 +696,7 @@ class EmbeddedRedis:
                     f"redis-server exited with status {rc} during startup; "
                     f"{self.log_path}:\n{_tail(self.log_path)}"
                 )
-            if self.socket_path.exists() and _ready(self.socket_path, timeout=1.0):
+            if self.socket_path.exists() and _ready(self.socket_path, 1.0, self.password):
                 return
             if time.monotonic() >= deadline:
                 raise EmbeddedRedisError(
@@ -676,4 +728,4 @@ class EmbeddedRedis:
 
     def _shutdown_command(self) -> bool:
         """Ask Redis to SHUTDOWN (fsync AOF, remove socket and pidfile); True if sent."""
-        return _shutdown(self.socket_path, timeout=2.0)
+        return _shutdown(self.socket_path, 2.0, self.password)

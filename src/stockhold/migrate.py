@@ -43,7 +43,8 @@ from redis.commands.core import Script
 from stockhold import constants as c
 from stockhold.embedded import EmbeddedRedis, EmbeddedRedisError
 from stockhold.resolver import KeyResolver, escape, partition_tag
-from stockhold.settings import Settings, mask_url
+from stockhold.secretfile import redis_kwargs
+from stockhold.settings import ConfigError, Settings, mask_url
 
 # `{meta}:layout` while a migration runs: not LAYOUT, so every server still refuses.
 MIGRATING: Final = "1->2"
@@ -315,8 +316,12 @@ def _report(summary: Summary, where: str, dry_run: bool, took: float, out: TextI
 def migrate(settings: Settings, url: str, dry_run: bool, out: TextIO) -> int:
     """Migrate the Redis at `url` (standalone); the exit status. Refused for what cannot."""
     where = f"{mask_url(url)}, key prefix {settings.key_prefix!r}, {settings.partitions} partitions"
+    try:
+        auth = redis_kwargs(settings)  # the password of redis_password_file
+    except ConfigError as err:
+        raise Refused(str(err), code=2) from None
     client = redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=5.0, socket_timeout=60.0
+        url, decode_responses=True, socket_connect_timeout=5.0, socket_timeout=60.0, **auth
     )
     try:
         layout = _check_redis(client, settings)
@@ -365,7 +370,8 @@ def run(settings: Settings, dry_run: bool = False, out: TextIO = sys.stdout) -> 
             raise Refused(f"no data directory {data_dir}: nothing to migrate")
         try:
             with EmbeddedRedis(data_dir) as embedded:
-                return migrate(settings, embedded.url, dry_run, out)
+                own = dataclasses.replace(settings, redis_password_file=str(embedded.password_path))
+                return migrate(own, embedded.url, dry_run, out)
         except EmbeddedRedisError as err:
             raise Refused(str(err), code=1) from None
     except Refused as err:

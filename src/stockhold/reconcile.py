@@ -41,7 +41,8 @@ from redis.cluster import RedisCluster
 from stockhold import constants as c
 from stockhold.events import StreamId, decode_cursor, encode_cursor, parse_entry, parse_id
 from stockhold.resolver import KeyResolver
-from stockhold.settings import Settings, mask_url
+from stockhold.secretfile import redis_kwargs
+from stockhold.settings import ConfigError, Settings, mask_url
 
 SNAPSHOT_VERSION: Final = 1
 SCAN_COUNT: Final = 500
@@ -168,7 +169,11 @@ class Store:
         self.cluster = settings.redis_cluster
         self.resolver = KeyResolver(settings.key_prefix, settings.partitions)
         self.partitions = settings.partitions
-        kw: dict[str, Any] = {"socket_connect_timeout": 5.0, "socket_timeout": 60.0}
+        kw: dict[str, Any] = {
+            "socket_connect_timeout": 5.0,
+            "socket_timeout": 60.0,
+            **redis_kwargs(settings),  # the password of redis_password_file
+        }
         self.client: redis.Redis | RedisCluster = (
             RedisCluster.from_url(url, **kw) if self.cluster else redis.Redis.from_url(url, **kw)
         )
@@ -513,7 +518,10 @@ def drifts(old: Cut | None, new: Cut, expected: dict[Counter, list[int]] | None)
 def _open(settings: Settings) -> Store:
     if settings.redis_url is None:
         raise Refused("--redis-url is required (the Redis of the running deployment)")
-    return Store(settings, settings.redis_url)
+    try:
+        return Store(settings, settings.redis_url)
+    except ConfigError as err:  # a password file refused: its path and mode
+        raise Refused(str(err), 2) from None
 
 
 def snapshot(settings: Settings, path: Path, out: TextIO = sys.stdout) -> int:

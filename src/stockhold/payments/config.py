@@ -4,13 +4,16 @@ Nothing is loaded unless configured: WeChat Pay when `wechatpay_mchid` is set. T
 merchant serial and key give the order-query client (active channel), and an APIv3 key (file
 or STOCKHOLD_WECHATPAY_API_V3_KEY) gives the notification verifier (callback channel); both
 need the platform certificate(s) and/or public key. See docs/payments.md.
+
+The merchant private key and the APIv3 key are secrets: their files must not be readable by
+group or others (stockhold.secretfile: ConfigError with the path and the mode). Platform
+certificates and public keys are public and read as they are.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import redis.asyncio
 
@@ -22,6 +25,7 @@ from stockhold.payments.wechatpay import (
     RedisNonceGuard,
     WeChatPayClient,
 )
+from stockhold.secretfile import read_secret
 from stockhold.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,14 +69,16 @@ def load_providers(
     providers.clients[PROVIDER] = WeChatPayClient(
         mchid=s.wechatpay_mchid,
         merchant_serial=s.wechatpay_merchant_serial,
-        merchant_private_key=Path(s.wechatpay_merchant_key_path).read_bytes(),
+        merchant_private_key=read_secret(
+            s.wechatpay_merchant_key_path, "wechatpay_merchant_key_path"
+        ),
         platform_keys=keys,
         base_url=s.wechatpay_base_url,
         timeout_seconds=s.wechatpay_timeout_seconds,
     )
     api_v3_key = s.wechatpay_api_v3_key.encode()
     if s.wechatpay_api_v3_key_path:
-        api_v3_key = Path(s.wechatpay_api_v3_key_path).read_bytes().strip()
+        api_v3_key = read_secret(s.wechatpay_api_v3_key_path, "wechatpay_api_v3_key_path").strip()
     if api_v3_key:
         providers.verifier = NotificationVerifier(
             keys, api_v3_key=api_v3_key, nonce_guard=RedisNonceGuard(client, s.key_prefix)

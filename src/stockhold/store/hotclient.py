@@ -27,7 +27,9 @@ What it guarantees (each pinned by tests/test_hotclient.py):
 - Errors are redis-py's classes, built by redis-py's own reply parser (ResponseError,
   NoScriptError, BusyLoadingError, ...), plus ConnectionError / TimeoutError /
   AuthenticationError / InvalidResponse, so `store.calls.redis_errors()` maps them unchanged.
-- URLs: redis://, rediss:// (TLS) and unix://, with username/password (AUTH) and db (SELECT).
+- URLs: redis://, rediss:// (TLS, with a client certificate if given) and unix://, with
+  username/password (AUTH; the password may come from `redis_password_file` instead) and db
+  (SELECT).
   Connecting never blocks the event loop (the loop's own connect, TLS handshake and, for host
   names, getaddrinfo in its executor), and is bounded by `connect_timeout`.
 
@@ -56,6 +58,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stockhold import scripts
+from stockhold.secretfile import redis_password
 from stockhold.settings import Settings
 
 Arg = str | bytes | int | float
@@ -158,18 +161,45 @@ class Options:
 
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+# The TLS query parameters of a rediss:// URL, read as redis-py reads them (same names, same
+# defaults: certificates required, host name checked), so one URL means the same to both.
+_TLS_PARAMS: Final = frozenset(
+    {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
+)
+_BOOL = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def tls_context(query: dict[str, str]) -> ssl.SSLContext:
+    """The client TLS context of a rediss:// URL's query: `ssl_ca_certs` (CA file; default:
+    the system's), `ssl_certfile`/`ssl_keyfile` (a client certificate, for Redis's
+    tls-auth-clients), `ssl_cert_reqs` (required, optional, none) and `ssl_check_hostname`
+    (true unless ssl_cert_reqs=none)."""
+    ctx = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+    reqs = query.get("ssl_cert_reqs", "required").lower()
+    check = _BOOL.get(query.get("ssl_check_hostname", "true").lower())
+    if reqs not in _CERT_REQS or check is None:
+        raise ValueError(
+            "ssl_cert_reqs must be none, optional or required; ssl_check_hostname true or false"
+        )
+    ctx.check_hostname = check and reqs != "none"
+    ctx.verify_mode = _CERT_REQS[reqs]
+    if query.get("ssl_certfile"):
+        ctx.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile") or None)
+    return ctx
 
 
 def parse_url(url: str) -> tuple[Address, dict[str, Any]]:
     """The address and the connection options (username, password, db, ssl) of a Redis URL.
 
-    redis://[[user]:password@]host[:port][/db], rediss://... (TLS; query `ssl_cert_reqs=none|
-    optional|required`, `ssl_ca_certs=PATH`), unix://[[user]:password@]/path/to.sock[?db=N].
-    `db` may also be given as a query parameter. Anything else in the query is refused.
+    redis://[[user]:password@]host[:port][/db], rediss://... (TLS; query parameters
+    `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`, `ssl_check_hostname`:
+    see `tls_context`), unix://[[user]:password@]/path/to.sock[?db=N]. `db` may also be given
+    as a query parameter. Anything else in the query is refused. No message names the
+    password.
     """
     parsed = urlparse(url)
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-    unknown = set(query) - {"db", "ssl_cert_reqs", "ssl_ca_certs"}
+    unknown = set(query) - {"db"} - (_TLS_PARAMS if parsed.scheme == "rediss" else set())
     if unknown:
         raise ValueError(f"unsupported Redis URL parameters: {', '.join(sorted(unknown))}")
     opts: dict[str, Any] = {}
@@ -188,14 +218,7 @@ def parse_url(url: str) -> tuple[Address, dict[str, Any]]:
         if path and db_text is None:
             db_text = path
         if parsed.scheme == "rediss":
-            ctx = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
-            reqs = query.get("ssl_cert_reqs", "required").lower()
-            if reqs not in _CERT_REQS:
-                raise ValueError("ssl_cert_reqs must be none, optional or required")
-            if reqs != "required":
-                ctx.check_hostname = False
-                ctx.verify_mode = _CERT_REQS[reqs]
-            opts["ssl"] = ctx
+            opts["ssl"] = tls_context(query)
     else:
         raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
     if db_text is not None:
@@ -587,12 +610,16 @@ class HotClient:
         """A client for `url` with the pool and timeouts of `settings` (connects lazily).
 
         `settings` gives redis_max_connections, redis_connect_timeout_seconds,
-        redis_socket_timeout_seconds and redis_pool_timeout_seconds (defaults: Settings()).
+        redis_socket_timeout_seconds and redis_pool_timeout_seconds (defaults: Settings()),
+        and the password of redis_password_file when set.
         `ssl_context` replaces the one a rediss:// URL would build. With `cluster=True` the URL
         names any node of a Redis Cluster (the seed of its topology); db must be 0.
         """
         settings = settings or Settings()
         address, url_opts = parse_url(url)
+        password = redis_password(settings)
+        if password is not None:
+            url_opts["password"] = password
         if ssl_context is not None:
             url_opts["ssl"] = ssl_context
         if settings.redis_max_connections < 1 or pipeline_depth < 1 or max_pending < 1:
