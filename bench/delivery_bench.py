@@ -28,6 +28,17 @@ One run:
     .venv/bin/python bench/delivery_bench.py                      # 2,000/s for 30 s
     .venv/bin/python bench/delivery_bench.py --rate 500 --seconds 5
     .venv/bin/python bench/delivery_bench.py --env STOCKHOLD_DELIVERY_BATCH=500
+    .venv/bin/python bench/delivery_bench.py --producer xadd --rate 3000   # delivery alone
+
+`--producer xadd` measures delivery apart from what a Reserve costs: instead of the drivers,
+one cheap producer process (redis-py, no gRPC, no scripts) appends the events itself at the
+rate, straight to the partitions' streams: each one a copy of a real ORDER_RESERVED entry (the
+fields of one real Reserve's event, read back from its stream) with its own order id, in that
+order id's partition as a Reserve would put it, `ts` the producer's clock (same host) and the
+unit spread over `--units`, with the MAXLEN ~ cap the scripts use; each ~1 ms tick goes out
+as one pipeline with one PUBLISH of the partitions touched on the events-hint channel, as a
+server's HintPublisher does. The server, the WMS and the checks are the same; the "answer"
+time of an event is when its XADD pipeline returned.
 
 Exit status: 1 when a correctness check failed (an event or an order's event missing at the
 WMS, a bad signature, a process that did not start) or the run aborted; the targets (the rate
@@ -188,6 +199,91 @@ async def driver_main(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- the xadd producer process (--producer xadd) -------------------------------------------------
+def producer_main(a: argparse.Namespace) -> dict[str, Any]:
+    """Append `a.count` copies of the template ORDER_RESERVED entry (`a.template`: its fields
+    as JSON) at `a.rate`/s from wall time `a.start_at`, ~1 ms ticks, one pipeline a tick (the
+    XADDs and one PUBLISH of the partitions touched); the same result shape as a driver's."""
+    import redis
+
+    from stockhold.constants import DEFAULT_KEY_PREFIX
+    from stockhold.delivery.wake import hint_channel
+    from stockhold.settings import Settings
+
+    template: dict[str, str] = orjson.loads(a.template)
+    client = redis.Redis.from_url(a.target, socket_timeout=30)
+    resolver = KeyResolver(partitions=a.partitions)
+    maxlen = Settings().event_stream_maxlen
+    channel = hint_channel(DEFAULT_KEY_PREFIX)
+    rng = random.Random(a.seed)
+    data0, sku0, bc0 = template["data"], sku(0), barcode(0)
+    plan = []  # (order id, stream key, partition, data) of each event, made before the clock
+    for i in range(a.count):
+        oid = f"{a.prefix}-{i:07d}"
+        keys = resolver.order(oid)
+        u = rng.randrange(a.units)
+        data = data0.replace(sku0, sku(u)).replace(bc0, barcode(u))
+        plan.append((oid, keys.events_key, keys.partition, data))
+    answers: list[list[Any]] = []
+    lateness: list[float] = []
+    interval = 1.0 / a.rate
+    t0 = time.monotonic() + (a.start_at - time.time())
+    time.sleep(max(0.0, t0 - time.monotonic()))
+    first_sent = time.time()
+    i = 0
+    pipe = client.pipeline(transaction=False)
+    while i < a.count:
+        now = time.monotonic()
+        due = min(a.count, int((now - t0) * a.rate) + 1)
+        touched: set[int] = set()
+        batch = []
+        ts = str(int(time.time() * 1000))
+        while i < due:
+            lateness.append(now - (t0 + i * interval))
+            oid, stream, partition, data = plan[i]
+            fields = {**template, "order_id": oid, "ts": ts, "data": data}
+            pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+            touched.add(partition)
+            batch.append(oid)
+            i += 1
+        if batch:
+            pipe.publish(channel, ",".join(map(str, sorted(touched))))
+            pipe.execute()
+            done = time.time()
+            answers.extend([oid, "OK", done] for oid in batch)
+        time.sleep(max(0.0, min(0.001, t0 + i * interval - time.monotonic())))
+    last_sent = time.time()
+    client.close()
+    return {
+        "orders": answers,
+        "sent": a.count,
+        "first_sent": first_sent,
+        "last_sent": last_sent,
+        "late": sum(1 for x in lateness if x > LATE_S),
+        "lateness_p50_ms": ms(pct(lateness, 0.5)),
+        "lateness_p99_ms": ms(pct(lateness, 0.99)),
+        "lateness_max_ms": ms(max(lateness, default=None)),
+        "unanswered": 0,
+    }
+
+
+def template_event(stub: pb_grpc.InventoryStub, red: lb.PrivateRedis, partitions: int) -> str:
+    """One real Reserve of unit 0; its ORDER_RESERVED entry's fields, as JSON text."""
+    oid = "db-template"
+    line = pb.ReserveLine(
+        unit=pb.SalesUnit(sku=sku(0), spec=SPEC, barcode=barcode(0)),
+        warehouse=WAREHOUSE,
+        quantity=1,
+    )
+    stub.Reserve(pb.ReserveRequest(order_id=oid, lines=[line]), timeout=CALL_TIMEOUT_S)
+    stream = KeyResolver(partitions=partitions).order(oid).events_key
+    for _, raw in red.client.xrevrange(stream, count=10) or []:
+        fields = {lb_text(k): lb_text(v) for k, v in raw.items()}
+        if fields.get("type") == EVENT_RESERVED and fields.get("order_id") == oid:
+            return orjson.dumps(fields).decode()
+    raise lb.Abort("the template Reserve's event is not in its stream")
+
+
 # -- the orchestrator -------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -342,22 +438,35 @@ def run_bench(run: Run) -> dict[str, Any]:
     stub = pb_grpc.InventoryStub(channel)
     subscribe(stub, wms_port)
     t = time.monotonic()
-    asyncio.run(load_stock(target, a.units))
+    xadd = a.producer == "xadd"
+    asyncio.run(load_stock(target, 1 if xadd else a.units))
+    partitions = int(env.get("STOCKHOLD_PARTITIONS", DEFAULT_PARTITIONS))
+    template = template_event(stub, run.red, partitions) if xadd else ""
     # (a run with STOCKHOLD_DELIVERY_ENABLED=false, for reference, delivers nothing)
     delivering = env["STOCKHOLD_DELIVERY_ENABLED"].strip().lower() in ("1", "true", "yes", "on")
     drained = wait_drained(stub, 120) if delivering else 0.0
     print(
-        f"stock: {a.units} receipts in {time.monotonic() - t:.1f} s; their events delivered "
-        + ("(drained)" if drained is not None else "NOT drained in 120 s")
+        f"stock: {1 if xadd else a.units} receipt(s) in {time.monotonic() - t:.1f} s; "
+        "their events delivered " + ("(drained)" if drained is not None else "NOT drained in 120 s")
     )
     if drained is None:
         raise lb.Abort("the stock load's events did not drain within 120 s")
 
-    # drivers: each its share of the rate, starting together
+    # drivers: each its share of the rate, starting together (or the xadd producer)
     count = round(a.rate * a.seconds)
-    shares = [count // a.drivers + (1 if k < count % a.drivers else 0) for k in range(a.drivers)]
-    start_at = time.time() + 3.0 + 0.5 * a.drivers
+    n_drivers = 1 if xadd else a.drivers
+    shares = [count // n_drivers + (1 if k < count % n_drivers else 0) for k in range(n_drivers)]
+    start_at = time.time() + 3.0 + 0.5 * n_drivers
     outs = []
+    if xadd:
+        out = run.workdir / "producer.json"
+        outs.append(out)
+        args = ["--producer-child", "--target", run.red.url, "--rate", str(a.rate)]
+        args += ["--count", str(count), "--start-at", repr(start_at), "--prefix", "db-x"]
+        args += ["--units", str(a.units), "--partitions", str(partitions), "--out", str(out)]
+        args += ["--seed", str(a.seed), "--template", template]
+        run.drivers.append(child_python("producer", args, run.workdir))
+        shares = []
     for k, n in enumerate(shares):
         out = run.workdir / f"driver-{k}.json"
         outs.append(out)
@@ -370,7 +479,8 @@ def run_bench(run: Run) -> dict[str, Any]:
         time.sleep(0.01)
     t0 = time.monotonic()
     c0 = cpu_now(run)
-    print(f"offering {a.rate:g} Reserve/s for {a.seconds:g} s from {a.drivers} driver(s)")
+    what = "xadd producer" if xadd else f"{a.drivers} driver(s)"
+    print(f"offering {a.rate:g} events/s for {a.seconds:g} s from the {what}")
     while time.monotonic() - t0 < a.seconds:
         run.samples.append(sample(stub, t0, "load"))
         time.sleep(max(0.0, a.sample - (time.monotonic() - t0) % a.sample))
@@ -401,7 +511,7 @@ def run_bench(run: Run) -> dict[str, Any]:
     if not wms_out.exists():
         run.problems.append("the fake WMS wrote nothing")
     drv = [orjson.loads(p.read_bytes()) for p in outs if p.exists()]
-    streams = stream_keys(run.red, int(env.get("STOCKHOLD_PARTITIONS", DEFAULT_PARTITIONS)))
+    streams = stream_keys(run.red, partitions)
     result = analyse(a, drv, received, streams, run.samples)
     result["cpu"] = cpu_between(c0, c1)
     result["drain_after_window_s"] = drain_s
@@ -500,6 +610,7 @@ def analyse(
             "rate_per_s": a.rate,
             "seconds": a.seconds,
             "drivers": a.drivers,
+            "producer": a.producer,
             "sent": sent,
             "achieved_rate_per_s": round(sent / span, 1),
             "late_sends": sum(d["late"] for d in drivers),
@@ -605,6 +716,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="repeatable: more environment for the server (e.g. STOCKHOLD_DELIVERY_BATCH=500)",
     )
+    p.add_argument(
+        "--producer",
+        choices=("reserve", "xadd"),
+        default="reserve",
+        help="reserve: driver processes calling Reserve; xadd: one process appending the "
+        "events straight to the streams (delivery measured apart from Reserve)",
+    )
     p.add_argument("--seed", type=int, default=20261202)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument(
@@ -613,6 +731,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # the children: this script again
     p.add_argument("--wms-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--driver-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--producer-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--partitions", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--template", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
@@ -639,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.driver_child:
         a.out.write_bytes(orjson.dumps(asyncio.run(driver_main(a))))
+        return 0
+    if a.producer_child:
+        a.out.write_bytes(orjson.dumps(producer_main(a)))
         return 0
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     a.out_dir.mkdir(parents=True, exist_ok=True)
