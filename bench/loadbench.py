@@ -36,6 +36,10 @@ One run of this driver:
         --variant cluster:STOCKHOLD_REDIS_CLUSTER=1
                      # a variant whose environment sets STOCKHOLD_REDIS_CLUSTER runs on its own
                      # local 3-master Redis Cluster (its Redis CPU: the masters' sum)
+    .venv/bin/python bench/loadbench.py --quick --shapes unary --rows baseline,reserve-1line \
+        --security
+                     # + variants tls-token (TLS, a bearer token in an auth file) and mtls (a
+                     # client certificate in the auth file), certificates made in the workdir
 
 Exit status: 0 when the run completed and the correctness checks passed (targets are
 reported, not enforced, unless --strict-targets), 1 otherwise.
@@ -681,6 +685,7 @@ def run_loadgen(
     extra: Sequence[str] = (),
     idle: Sequence[int] = (),
     wms: Sequence[int] = (),
+    client: Sequence[str] = (),
 ) -> GenRun:
     """Run the generator to its end (it stops by itself; killed if it overruns).
 
@@ -689,6 +694,7 @@ def run_loadgen(
     arguments (--batch, --stream --streams S). `idle`: root pids of processes running beside
     the one under test (the other servers of a --variant group), their CPU reported apart.
     `wms`: the fake WMS the server under test delivers to (--delivery), reported apart.
+    `client`: the server's TLS / metadata arguments (ServerUnderTest.client_args).
     """
     cmd = [
         str(LOADGEN),
@@ -712,6 +718,7 @@ def run_loadgen(
     if mode:
         cmd.append(f"--{mode}")
     cmd += extra
+    cmd += client
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -768,6 +775,93 @@ class Variant:
 
     name: str
     env: dict[str, str]
+    security: str = ""  # --security: "tls-token" | "mtls" (see SECURITY_VARIANTS)
+
+    def describe(self) -> str:
+        """What the variant changes, for the tables."""
+        env = " ".join(f"{k}={x}" for k, x in self.env.items())
+        return " ".join(x for x in (SECURITY_VARIANTS.get(self.security, ""), env) if x) or (
+            "no extra variable"
+        )
+
+
+# --security: the variants it adds, and what each one's server and generator get.
+SECURITY_VARIANTS = {
+    "tls-token": "TLS (--tls-cert/--tls-key) + --auth-file; loadgen --tls-ca and a bearer token",
+    "mtls": "mTLS (+ --tls-client-ca), the client certificate's identity in the auth file",
+}
+# The rows' caller: Reserve and Commit (checkout), the stock load's AdjustStock (warehouse).
+SECURITY_ROLES = ("checkout", "warehouse")
+
+
+@dataclass(frozen=True)
+class SecurityKit:
+    """A run's certificates (tests/certs.py: a CA, a server certificate for 127.0.0.1, a
+    client certificate with a SAN URI), a random token and an auth file naming both, in the
+    workdir (keys and the auth file mode 0600)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    auth_file: Path
+    token: str = field(repr=False)
+
+    def serve_args(self, mode: str) -> list[str]:
+        """`stockhold serve` arguments of a --security variant."""
+        args = ["--tls-cert", str(self.server_cert), "--tls-key", str(self.server_key)]
+        args += ["--auth-file", str(self.auth_file)]
+        return args + (["--tls-client-ca", str(self.ca)] if mode == "mtls" else [])
+
+    def loadgen_args(self, mode: str) -> list[str]:
+        """bench/loadgen arguments of a --security variant."""
+        ca = ["--tls-ca", str(self.ca)]
+        if mode == "mtls":
+            return [*ca, "--tls-cert", str(self.client_cert), "--tls-key", str(self.client_key)]
+        return [*ca, "--metadata", f"authorization=Bearer {self.token}"]
+
+    def credentials(self, mode: str) -> grpc.ChannelCredentials:
+        """The same, for a Python channel (the start-up health checks)."""
+        mtls = mode == "mtls"
+        return grpc.ssl_channel_credentials(
+            self.ca.read_bytes(),
+            self.client_key.read_bytes() if mtls else None,
+            self.client_cert.read_bytes() if mtls else None,
+        )
+
+
+@functools.cache
+def security_kit(workdir: Path) -> SecurityKit:
+    """The run's SecurityKit, made once, in workdir/security."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from certs import CertAuthority  # tests/certs.py (cryptography)
+
+    from stockhold.auth import hash_token, new_token
+
+    d = workdir / "security"
+    ca = CertAuthority("loadbench CA")
+    server = ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1"], server=True)
+    client_id = "spiffe://loadbench/checkout"
+    srv_files = server.write(d / "server")
+    cli_files = ca.issue("loadbench-client", uris=[client_id]).write(d / "client")
+    token = new_token()
+    roles = ", ".join(f'"{r}"' for r in SECURITY_ROLES)
+    auth = d / "auth.toml"
+    fd = os.open(auth, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(
+            f'[[token]]\nname = "loadbench"\nhash = "{hash_token(token)}"\nroles = [{roles}]\n\n'
+            f'[[client]]\nidentity = "{client_id}"\nroles = [{roles}]\n'
+        )
+    return SecurityKit(
+        srv_files.ca, srv_files.cert, srv_files.key, cli_files.cert, cli_files.key, auth, token
+    )
+
+
+def security_variants(wanted: bool) -> list[Variant]:
+    """--security's variants (none without it)."""
+    return [Variant(name, {}, name) for name in SECURITY_VARIANTS] if wanted else []
 
 
 def parse_variant(spec: str) -> Variant:
@@ -798,6 +892,8 @@ class ServerUnderTest:
     target: str
     redis: PrivateRedis | PrivateCluster
     variant: Variant | None = None  # a --variant server (not the main one)
+    # --security variants: the generator's TLS / metadata arguments
+    client_args: tuple[str, ...] = ()
 
 
 def clean_env() -> dict[str, str]:
@@ -830,6 +926,13 @@ def start_server(
         cmd = [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--workers", str(workers)]
         cmd += ["--listen", listen, "--redis-url", red.url]
     env = clean_env() | (variant.env if variant else base_env or {})
+    creds: grpc.ChannelCredentials | None = None
+    client_args: tuple[str, ...] = ()
+    if variant and variant.security:
+        kit = security_kit(workdir)
+        cmd += kit.serve_args(variant.security)
+        client_args = tuple(kit.loadgen_args(variant.security))
+        creds = kit.credentials(variant.security)
     child = Child(name, cmd, workdir / f"{name}.log", env=env)
     deadline = time.monotonic() + 45
     while listeners(port) < workers:
@@ -842,7 +945,12 @@ def start_server(
     # Each new channel is a new connection to some worker: all must say SERVING.
     serving = 0
     while serving < 4 * workers:
-        with grpc.insecure_channel(listen, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with (
+            grpc.secure_channel(listen, creds, options=options)
+            if creds
+            else grpc.insecure_channel(listen, options=options)
+        ) as ch:
             try:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
                 serving = serving + 1 if r.status == health_pb2.HealthCheckResponse.SERVING else 0
@@ -853,7 +961,39 @@ def start_server(
             raise Abort(f"{name}: not SERVING within 45 s; see {child.log}")
         if serving == 0:
             time.sleep(0.1)
-    return ServerUnderTest(name, kind, workers, child, listen, red, variant)
+    if variant and variant.security:
+        try:
+            refuses_strangers(listen, variant.security, security_kit(workdir))
+        except Abort:
+            child.stop()
+            raise
+    return ServerUnderTest(name, kind, workers, child, listen, red, variant, client_args)
+
+
+def refuses_strangers(target: str, mode: str, kit: SecurityKit) -> None:
+    """A --security variant's server is what it claims: a plaintext client is refused, and
+    so is a TLS client without a token ("tls-token": Reserve UNAUTHENTICATED) or without a
+    certificate ("mtls": the handshake fails). Abort otherwise."""
+    no_client = grpc.ssl_channel_credentials(kit.ca.read_bytes())
+    cases: list[tuple[grpc.ChannelCredentials | None, str, set[grpc.StatusCode]]] = [
+        (None, METHOD_HEALTH, {grpc.StatusCode.UNAVAILABLE})
+    ]
+    if mode == "mtls":
+        cases.append((no_client, METHOD_HEALTH, {grpc.StatusCode.UNAVAILABLE}))
+    else:
+        cases.append((no_client, METHOD_RESERVE, {grpc.StatusCode.UNAUTHENTICATED}))
+    for creds, method, expected in cases:
+        ch = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
+        with ch:
+            call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(method)
+            try:
+                call(b"", timeout=5)
+                got = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                got = exc.code()
+        if got not in expected:
+            how = "plaintext" if creds is None else "TLS without client credentials"
+            raise Abort(f"{target} ({mode}): {how} {method} answered {got.name}, not refused")
 
 
 # -- delivery on (--delivery) -----------------------------------------------------------------
@@ -1164,6 +1304,7 @@ class Bench:
                 for p in (s.child.pid, *s.redis.pids, *self.wms_pids(s))
             ],
             wms=self.wms_pids(srv),
+            client=srv.client_args,
         )
         path.unlink()
         g = run.out
@@ -1236,7 +1377,16 @@ class Bench:
         path = self.workdir / f"{srv.name}-stock.bin"
         n = write_requests(path, adjust_bodies(f"{self.tag}-{srv.name}"))
         run = run_loadgen(
-            srv.target, METHOD_ADJUST, path, 64, self.args.channels, 0, 120, 30_000, "once"
+            srv.target,
+            METHOD_ADJUST,
+            path,
+            64,
+            self.args.channels,
+            0,
+            120,
+            30_000,
+            "once",
+            client=srv.client_args,
         )
         path.unlink()
         codes = run.out["all"]["by_code"]
@@ -1559,6 +1709,7 @@ class Bench:
             120,
             self.args.deadline_ms,
             "once",
+            client=srv.client_args,
         )
         path.unlink()
         codes = run.out["all"]["by_code"]
@@ -1690,6 +1841,7 @@ class Bench:
             a.deadline_ms,
             watch=(srv.child.pid, srv.redis.pids),
             during=start_profilers,
+            client=srv.client_args,
         )
         path.unlink()
         stacks: Counter[str] = Counter()
@@ -1934,7 +2086,13 @@ def variant_comparison(
             if ref is None:
                 ref = fig
             else:
-                for key in ("rps", "vs_baseline", "server_cpu_us_per_ok", "redis_cpu_us_per_ok"):
+                for key in (
+                    "rps",
+                    "vs_baseline",
+                    "p99_ms",
+                    "server_cpu_us_per_ok",
+                    "redis_cpu_us_per_ok",
+                ):
                     fig[f"{key}_x_main"] = _ratio(fig[key], ref[key])
             point["servers"].append(fig)
         out.append(point)
@@ -1945,11 +2103,11 @@ def print_comparison(points: list[dict[str, Any]], variants: list[Variant], widt
     """The --variant comparison table."""
     print("\nvariants (each server measured back to back at each point, in alternating order):")
     for v in variants:
-        env = " ".join(f"{k}={x}" for k, x in v.env.items()) or "no extra variable"
-        print(f"  {v.name}: {env}")
+        print(f"  {v.name}: {v.describe()}")
     print(
         f"{'row':<14} {'conc':>5} {'server':<{width}} {'RPS':>8} {'x base':>6} {'p99 ms':>7} "
-        f"{'srv us':>7} {'rds us':>7} {'RPS/main':>8} {'xb/main':>7} {'srv us/main':>11}"
+        f"{'srv us':>7} {'rds us':>7} {'RPS/main':>8} {'xb/main':>7} {'p99/main':>8} "
+        f"{'srv us/main':>11}"
     )
     for p in points:
         for i, f in enumerate(p["servers"]):
@@ -1961,6 +2119,7 @@ def print_comparison(points: list[dict[str, Any]], variants: list[Variant], widt
                 f"{_cell(f['redis_cpu_us_per_ok'], '>7.0f')} "
                 f"{_cell(f.get('rps_x_main'), '>8.3f')} "
                 f"{_cell(f.get('vs_baseline_x_main'), '>7.3f')} "
+                f"{_cell(f.get('p99_ms_x_main'), '>8.3f')} "
                 f"{_cell(f.get('server_cpu_us_per_ok_x_main'), '>11.3f')}"
                 + (" *" if f["busy_elsewhere"] else "")
             )
@@ -2214,6 +2373,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cluster:STOCKHOLD_REDIS_CLUSTER=1; Redis CPU: the masters' sum)",
     )
     p.add_argument(
+        "--security",
+        action="store_true",
+        help="the security variants side by side with the plaintext main server: 'tls-token' "
+        "(serve --tls-cert/--tls-key --auth-file; the generator checks the server against the "
+        "CA and sends authorization: Bearer <token>) and 'mtls' (+ --tls-client-ca; the "
+        "generator presents a client certificate whose identity is in the auth file), each "
+        "with its own Redis; certificates (tests/certs.py), token and auth file are made in "
+        "the run's workdir; Health stays open; the comparison table as for --variant",
+    )
+    p.add_argument(
         "--delivery",
         action="store_true",
         help="the Reserve path with event delivery on and off side by side: the main server "
@@ -2292,6 +2461,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             variants.append(parse_variant(spec))
         except ValueError as exc:
             p.error(f"--variant {spec!r}: {exc}")
+    variants += security_variants(a.security)
     if len({v.name for v in variants}) < len(variants):
         p.error("--variant: two variants of the same name")
     if variants:
@@ -2357,7 +2527,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["redis"] = {"version": red.version, "binary": red.binary}
         print(f"redis-server {red.version} on port {red.port} (pid {red.child.pid})")
         bench = Bench(a, stamp, workdir, red, random.Random(a.seed))
-        bench.variants = [parse_variant(v) for v in a.variant]
+        bench.variants = [parse_variant(v) for v in a.variant] + security_variants(a.security)
         bench.base_env = a.base_env
         main_name = f"stockhold-{a.workers}w"
         bench.width = max([13] + [len(f"{main_name}+{v.name}") for v in bench.variants])
@@ -2405,7 +2575,7 @@ def main(argv: list[str] | None = None) -> int:
         comparison = {
             "main": main_name,
             "variants": [
-                {"variant": v.name, "server": n, "env": v.env}
+                {"variant": v.name, "server": n, "env": v.env, "security": v.security}
                 for v, n in zip(bench.variants, servers, strict=True)
             ],
             "order": "each point (row, level) on every server back to back, order alternating",

@@ -20,6 +20,11 @@
 // generator's own CPU (getrusage). On stderr, "loadgen: window-start" and
 // "loadgen: window-end" mark the measured window, so the driver can sample server CPU there.
 //
+// Security (issue 13): --tls-ca FILE turns TLS on (the server's certificate checked against
+// that CA; --tls-server-name NAME checks it against NAME instead of the target's host);
+// --tls-cert FILE --tls-key FILE add a client certificate (mTLS). --metadata KEY=VALUE
+// (repeatable) sends that header with every call, e.g. "authorization=Bearer <token>".
+//
 // Every loop is bounded: issuing stops at the end of the window, every call has a deadline,
 // and after deadline + 5 s any call still outstanding is cancelled.
 //
@@ -55,6 +60,7 @@
 #include <sys/time.h>
 
 #include <algorithm>
+#include <cctype>
 #include <array>
 #include <chrono>
 #include <cinttypes>
@@ -115,6 +121,9 @@ struct Args {
   bool stream = false;  // bidirectional streams of one order per message
   int streams = 0;      // --stream: how many (0: min(channels, concurrency))
   int window = 0;       // --stream: unanswered messages per stream (0: concurrency / streams)
+  std::string tls_ca, tls_cert, tls_key, tls_server_name;  // files (PEM) / a name: TLS
+  std::vector<std::pair<std::string, std::string>> metadata;  // sent with every call
+  bool Tls() const { return !tls_ca.empty() || !tls_cert.empty() || !tls_server_name.empty(); }
 };
 
 [[noreturn]] void Usage(const std::string& why) {
@@ -124,7 +133,9 @@ struct Args {
             << "               [--deadline-ms MS] [--cycle | --once] [--batch]\n"
             << "       loadgen --stream --target HOST:PORT --method /pkg.Service/Method\n"
             << "               --requests FILE [--concurrency N] [--streams S] [--window K]\n"
-            << "               [--channels N] [--duration S] [--warmup S] [--deadline-ms MS]\n";
+            << "               [--channels N] [--duration S] [--warmup S] [--deadline-ms MS]\n"
+            << "       either: [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]\n"
+            << "               [--tls-server-name NAME] [--metadata KEY=VALUE]...\n";
   std::exit(2);
 }
 
@@ -164,6 +175,21 @@ Args ParseArgs(int argc, char** argv) {
       a.streams = std::atoi(value().c_str());
     } else if (k == "--window") {
       a.window = std::atoi(value().c_str());
+    } else if (k == "--tls-ca") {
+      a.tls_ca = value();
+    } else if (k == "--tls-cert") {
+      a.tls_cert = value();
+    } else if (k == "--tls-key") {
+      a.tls_key = value();
+    } else if (k == "--tls-server-name") {
+      a.tls_server_name = value();
+    } else if (k == "--metadata") {
+      const std::string kv = value();
+      const size_t eq = kv.find('=');
+      if (eq == 0 || eq == std::string::npos) Usage("--metadata wants KEY=VALUE, got " + kv);
+      std::string key = kv.substr(0, eq);
+      for (char& ch : key) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+      a.metadata.emplace_back(key, kv.substr(eq + 1));
     } else {
       Usage("unknown argument " + k);
     }
@@ -183,11 +209,37 @@ Args ParseArgs(int argc, char** argv) {
   if (!a.stream && (a.streams != 0 || a.window != 0)) Usage("--streams/--window need --stream");
   if (a.streams < 0 || a.streams > 10000) Usage("--streams must be 1..10000");
   if (a.window < 0 || a.window > 100000) Usage("--window must be 1..100000");
+  if (a.tls_cert.empty() != a.tls_key.empty()) Usage("--tls-cert and --tls-key go together");
   if (a.stream) {
     if (a.streams == 0) a.streams = std::min(a.channels, a.concurrency);
     if (a.window == 0) a.window = (a.concurrency + a.streams - 1) / a.streams;
   }
   return a;
+}
+
+// A whole (PEM) file, or exit 2 naming it.
+std::string ReadFile(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) Usage(std::string("cannot read ") + what + " " + path);
+  std::ostringstream buf;
+  buf << in.rdbuf();
+  return buf.str();
+}
+
+// Plaintext, or TLS with the --tls-* files (a client certificate when --tls-cert is given).
+std::shared_ptr<grpc::ChannelCredentials> Credentials(const Args& a) {
+  if (!a.Tls()) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions o;
+  if (!a.tls_ca.empty()) o.pem_root_certs = ReadFile(a.tls_ca, "--tls-ca");
+  if (!a.tls_cert.empty()) {
+    o.pem_cert_chain = ReadFile(a.tls_cert, "--tls-cert");
+    o.pem_private_key = ReadFile(a.tls_key, "--tls-key");
+  }
+  return grpc::SslCredentials(o);
+}
+
+void AddMetadata(const Args& a, grpc::ClientContext& ctx) {
+  for (const auto& [k, v] : a.metadata) ctx.AddMetadata(k, v);
 }
 
 // The requests file: 4-byte little-endian length, then that many bytes, repeated.
@@ -695,6 +747,7 @@ int RunStream(const Args& args, const Requests& reqs,
   for (int i = 0; i < args.streams; ++i) {
     auto s = std::make_unique<Stream>();
     s->ctx.set_deadline(stream_deadline);
+    AddMetadata(args, s->ctx);
     s->rw = stubs[size_t(i) % stubs.size()]->PrepareCall(&s->ctx, args.method, &cq);
     ++tags;
     s->rw->StartCall(&s->start);
@@ -876,12 +929,14 @@ int main(int argc, char** argv) {
   std::vector<std::unique_ptr<grpc::GenericStub>> stubs;
   // --stream: no more channels than streams (an idle connection would only cost).
   const int n_channels = args.stream ? std::min(args.channels, args.streams) : args.channels;
+  const auto creds = Credentials(args);
   for (int i = 0; i < n_channels; ++i) {
     grpc::ChannelArguments ca;
     ca.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     ca.SetInt("stockhold.loadgen.channel", i);
     ca.SetMaxReceiveMessageSize(64 * 1024 * 1024);
-    auto ch = grpc::CreateCustomChannel(args.target, grpc::InsecureChannelCredentials(), ca);
+    if (!args.tls_server_name.empty()) ca.SetSslTargetNameOverride(args.tls_server_name);
+    auto ch = grpc::CreateCustomChannel(args.target, creds, ca);
     const auto connect_by = std::chrono::system_clock::now() +
                             std::chrono::milliseconds(int64_t(args.connect_timeout * 1000));
     if (!ch->WaitForConnected(connect_by)) {
@@ -943,6 +998,7 @@ int main(int argc, char** argv) {
     }
     call->start = Clock::now();
     call->ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+    AddMetadata(args, call->ctx);
     grpc::Slice slice(reqs.data.data() + span.first, span.second);
     grpc::ByteBuffer request(&slice, 1);
     call->reader = stubs[next_chan]->PrepareUnaryCall(&call->ctx, args.method, request, &cq);
