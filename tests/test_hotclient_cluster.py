@@ -8,6 +8,9 @@ MOVED/ASK replies a node gave, INFO commandstats the ASKING commands it got).
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
+import signal
 import time
 from typing import Any
 
@@ -263,4 +266,38 @@ async def test_calls_follow_a_failover_to_the_promoted_replica(make_redis_cluste
             assert isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
             assert backend_error(exc).reason == Reason.BACKEND_UNAVAILABLE
     finally:
+        await client.aclose()
+
+
+async def test_a_pipeline_to_a_stuck_node_leaves_no_exception_unretrieved(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A pipeline to a master stalled past the socket timeout raises TimeoutError once; its
+    other commands' failures are not logged as "Future exception was never retrieved"."""
+    loop = asyncio.get_running_loop()
+    lost: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, ctx: lost.append(str(ctx.get("message"))))
+    settings = Settings(redis_connect_timeout_seconds=5.0, redis_socket_timeout_seconds=0.3)
+    client = HotClient.from_url(redis_cluster.url, settings, cluster=True)
+    node = redis_cluster.masters[0]
+    key = redis_cluster.key_in(node)
+    assert node.pid is not None
+    try:
+        await client.pipeline([("GET", key)])
+        os.kill(node.pid, signal.SIGSTOP)
+        try:
+            results = await asyncio.gather(
+                *(client.pipeline([("GET", key)] * 5) for _ in range(5)),
+                return_exceptions=True,
+            )
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+        assert all(isinstance(r, redis.exceptions.TimeoutError) for r in results), results
+        del results
+        gc.collect()  # an unretrieved exception is reported when its future is collected
+        await asyncio.sleep(0)
+        assert not [m for m in lost if "never retrieved" in m], lost
+    finally:
+        loop.set_exception_handler(previous)
         await client.aclose()

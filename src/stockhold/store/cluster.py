@@ -305,9 +305,9 @@ class ClusterHotClient(HotClient):
     async def _send(conn: Connection, packed: bytes, asking: bool) -> Any:
         if not asking:
             return await conn.send(packed)
-        ask, call = conn.send_many([_ASKING, packed])
-        await ask  # +OK; an error here shows up in the call's own reply
-        return await call
+        # +OK to ASKING; an error there shows up in the call's own reply
+        _, reply = await replies_of(conn.send_many([_ASKING, packed]))
+        return reply
 
     @staticmethod
     async def _send_wait(
@@ -359,8 +359,7 @@ class ClusterHotClient(HotClient):
                     batch.append(_ASKING)
                 batch.append(packed[i])
             try:
-                futs = conn.send_many(batch)
-                got = [await f for f in futs]
+                got = await replies_of(conn.send_many(batch))
             except (RedisConnectionError, RedisTimeoutError):
                 self._refresh_soon()
                 raise

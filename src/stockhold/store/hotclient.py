@@ -517,7 +517,7 @@ class NodePool:
                 if self._handshake:
                     # AUTH, SELECT, SETNAME in one write; a refused login is redis-py's
                     # AuthenticationError (its parser maps WRONGPASS, NOAUTH, ...).
-                    replies = [await f for f in conn.send_many(self._handshake)]
+                    replies = await replies_of(conn.send_many(self._handshake))
                     raise_first_error(replies)
         except TimeoutError:  # asyncio.timeout's (an OSError: caught before OSError)
             conn.fail(RedisTimeoutError(f"Timeout connecting to {addr}"))
@@ -677,9 +677,8 @@ class HotClient:
     async def _reload(self, pool: NodePool, script: ScriptDef, packed: bytes) -> Any:
         # SCRIPT LOAD, then the call again on whichever connection: the cache is per server.
         conn = pool.pick() or await pool.acquire()
-        load, call = conn.send_many([pack_command(("SCRIPT", "LOAD", script.source)), packed])
-        loaded = await load
-        reply = await call
+        load = pack_command(("SCRIPT", "LOAD", script.source))
+        loaded, reply = await replies_of(conn.send_many([load, packed]))
         if isinstance(loaded, RedisError):
             raise loaded
         if isinstance(reply, RedisError):
@@ -707,8 +706,7 @@ class HotClient:
             return []
         pool = self.pool
         conn = pool.pick() or await pool.acquire()
-        futs = conn.send_many([pack_command(tuple(c)) for c in cmds])
-        replies = [await f for f in futs]
+        replies = await replies_of(conn.send_many([pack_command(tuple(c)) for c in cmds]))
         if raise_on_error:
             raise_first_error(replies)
         return replies
