@@ -7,8 +7,11 @@ field violations for malformed requests) through `to_rpc_status`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -206,9 +209,62 @@ def rich_errors(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
 
 def log_refusal(method: str, err: DomainError) -> None:
-    """One warning per refusal that is not part of normal business (see _QUIET)."""
-    if err.reason not in _QUIET:
+    """One warning per refusal that is not part of normal business (see _QUIET); calls
+    answered UNAVAILABLE are summed up instead (`_unavailable`)."""
+    if err.reason is Reason.BACKEND_UNAVAILABLE:
+        _unavailable.note(method, err)
+    elif err.reason not in _QUIET:
         _refusals.warning("%s refused: %s", method, err, extra={"meta": err.metadata})
+
+
+UNAVAILABLE_WARN_EVERY: Final = 10.0  # s
+
+
+class _UnavailableSummary:
+    """Calls answered UNAVAILABLE (BACKEND_UNAVAILABLE) with Redis reachable raise no line of
+    their own (a Redis outage is logged once by the health loop), yet an operator must see
+    them: a Redis call past redis_socket_timeout_seconds (cause TimeoutError, a saturated box
+    or a slow Redis), a full pool (queued), replication. One WARNING at most every
+    UNAVAILABLE_WARN_EVERY seconds per process sums them up by method and cause since the
+    previous one; the first one of a burst at once, the rest of a burst when the period
+    ends."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.last = -UNAVAILABLE_WARN_EVERY
+        self.timer: asyncio.TimerHandle | None = None
+
+    def note(self, method: str, err: DomainError) -> None:
+        cause = str(err.metadata.get("cause", "")) or "unknown"
+        key = (method, cause)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        wait = self.last + UNAVAILABLE_WARN_EVERY - time.monotonic()
+        if wait <= 0:
+            self.flush()
+        elif self.timer is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: the next call logs
+                self.timer = asyncio.get_running_loop().call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        self.timer = None
+        if not self.counts:
+            return
+        now = time.monotonic()
+        counts, self.counts = self.counts, {}
+        since = min(now - self.last, 3600.0)
+        self.last = now
+        _refusals.warning(
+            "%d call(s) answered UNAVAILABLE in the last %.0f s (Redis calls failing or "
+            "timing out: Redis slow or down, or this process saturated); by method and cause: "
+            "%s",
+            sum(counts.values()),
+            since,
+            ", ".join(f"{m} {c} x{n}" for (m, c), n in sorted(counts.items())),
+            extra={"meta": {f"{m}:{c}": n for (m, c), n in counts.items()}},
+        )
+
+
+_unavailable = _UnavailableSummary()
 
 
 # Refusals that are part of normal business: not worth a log line each.
