@@ -207,10 +207,12 @@ def producer_main(a: argparse.Namespace) -> dict[str, Any]:
     import redis
 
     from stockhold.constants import DEFAULT_KEY_PREFIX
-    from stockhold.delivery.wake import hint_channel
+    from stockhold.delivery.wake import HINT_INTERVAL, hint_channel
     from stockhold.settings import Settings
 
     template: dict[str, str] = orjson.loads(a.template)
+    if a.hint_interval is None:
+        a.hint_interval = HINT_INTERVAL  # as a server's HintPublisher does
     client = redis.Redis.from_url(a.target, socket_timeout=30)
     resolver = KeyResolver(partitions=a.partitions)
     maxlen = Settings().event_stream_maxlen
@@ -232,10 +234,11 @@ def producer_main(a: argparse.Namespace) -> dict[str, Any]:
     first_sent = time.time()
     i = 0
     pipe = client.pipeline(transaction=False)
+    touched: set[int] = set()  # partitions not yet hinted (one PUBLISH per HINT_INTERVAL)
+    hinted = 0.0
     while i < a.count:
         now = time.monotonic()
         due = min(a.count, int((now - t0) * a.rate) + 1)
-        touched: set[int] = set()
         batch = []
         ts = str(int(time.time() * 1000))
         while i < due:
@@ -246,8 +249,10 @@ def producer_main(a: argparse.Namespace) -> dict[str, Any]:
             touched.add(partition)
             batch.append(oid)
             i += 1
-        if batch:
+        if touched and now - hinted >= a.hint_interval:
             pipe.publish(channel, ",".join(map(str, sorted(touched))))
+            touched, hinted = set(), now
+        if len(pipe):
             pipe.execute()
             done = time.time()
             answers.extend([oid, "OK", done] for oid in batch)
@@ -395,6 +400,7 @@ class Cpu:
     t: float
     parts: dict[str, float]
     busy: float
+    wall: float = field(default_factory=time.time)
 
 
 def cpu_now(run: Run) -> Cpu:
@@ -411,6 +417,22 @@ def cpu_now(run: Run) -> Cpu:
         },
         lb.machine_cpu_s()[0],
     )
+
+
+def server_workers(run: Run) -> list[int]:
+    """The pids of the server's processes that serve (the supervisor's children, or itself)."""
+    assert run.srv is not None
+    tree = lb.proc_tree(run.srv.child.pid, lb._children())
+    return [p for p in tree if p != run.srv.child.pid] or [run.srv.child.pid]
+
+
+def spy(pid: int, workdir: Path, a: argparse.Namespace) -> lb.Child:
+    """py-spy record of one server process over the window (--profile): collapsed stacks."""
+    out = workdir / f"profile-{pid}.txt"
+    cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid)]
+    cmd += ["--duration", str(int(a.seconds)), "--rate", "200", "--format", "raw"]
+    cmd += ["--output", str(out), "--nonblocking"]
+    return lb.Child(f"py-spy-{pid}", cmd, workdir / f"py-spy-{pid}.log")
 
 
 def cpu_between(a: Cpu, b: Cpu) -> dict[str, float]:
@@ -465,6 +487,8 @@ def run_bench(run: Run) -> dict[str, Any]:
         args += ["--count", str(count), "--start-at", repr(start_at), "--prefix", "db-x"]
         args += ["--units", str(a.units), "--partitions", str(partitions), "--out", str(out)]
         args += ["--seed", str(a.seed), "--template", template]
+        if a.hint_interval is not None:
+            args += ["--hint-interval", str(a.hint_interval)]
         run.drivers.append(child_python("producer", args, run.workdir))
         shares = []
     for k, n in enumerate(shares):
@@ -481,10 +505,14 @@ def run_bench(run: Run) -> dict[str, Any]:
     c0 = cpu_now(run)
     what = "xadd producer" if xadd else f"{a.drivers} driver(s)"
     print(f"offering {a.rate:g} events/s for {a.seconds:g} s from the {what}")
+    spies = [spy(pid, run.workdir, a) for pid in server_workers(run)] if a.profile else []
     while time.monotonic() - t0 < a.seconds:
         run.samples.append(sample(stub, t0, "load"))
         time.sleep(max(0.0, a.sample - (time.monotonic() - t0) % a.sample))
     c1 = cpu_now(run)
+    for child in spies:
+        with contextlib.suppress(Exception):
+            child.proc.wait(15)
     drain_t0 = time.monotonic()
     drain_s = None
     while time.monotonic() - drain_t0 < a.drain_timeout:
@@ -514,6 +542,14 @@ def run_bench(run: Run) -> dict[str, Any]:
     streams = stream_keys(run.red, partitions)
     result = analyse(a, drv, received, streams, run.samples)
     result["cpu"] = cpu_between(c0, c1)
+    # what the server spent per event the WMS took within the window (delivery alone with
+    # --producer xadd: the server does nothing else then)
+    in_window = sum(1 for r in received if 200 <= r[4] < 300 and c0.wall <= r[3] < c1.wall)
+    server_s = c1.parts["server"] - c0.parts["server"]
+    result["cpu"]["delivered_in_window"] = in_window
+    result["cpu"]["server_us_per_delivered"] = (
+        round(1e6 * server_s / in_window, 1) if in_window else None
+    )
     result["drain_after_window_s"] = drain_s
     result["final_lag"] = final
     result["redis_slowlog"] = slowlog  # the slowest calls (>10 ms), if any
@@ -690,6 +726,10 @@ def print_report(r: dict[str, Any]) -> None:
         f"WMS {c['wms_pct']}, drivers {c['drivers_pct']}; machine {c['machine_busy_pct']} of "
         f"{100 * (os.cpu_count() or 1)}, other {c['other_pct']}"
     )
+    print(
+        f"server CPU per event delivered in the window: {c['server_us_per_delivered']} µs "
+        f"({c['delivered_in_window']} events)"
+    )
     if g["failed_samples"]:
         print(f"GetSubscriptionLag samples that failed: {dict(g['failed_samples'])}")
     if r["redis_slowlog"]:
@@ -723,6 +763,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="reserve: driver processes calling Reserve; xadd: one process appending the "
         "events straight to the streams (delivery measured apart from Reserve)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy record each server process over the window (`pip install py-spy`): "
+        "collapsed stacks in the work folder, profile-<pid>.txt",
+    )
     p.add_argument("--seed", type=int, default=20261202)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument(
@@ -734,6 +780,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--producer-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--partitions", type=int, help=argparse.SUPPRESS)
     p.add_argument("--template", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--hint-interval",
+        type=float,
+        default=None,
+        help="--producer xadd: s between two hint PUBLISHes (default: the server's, "
+        "delivery.wake.HINT_INTERVAL; 0.001 is how often a server published before it)",
+    )
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)

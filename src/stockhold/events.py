@@ -59,6 +59,7 @@ class StreamEvent:
     ts_ms: int
     data_json: str
     actor: str  # who caused it (field "actor"; "" in entries written before actors existed)
+    data_valid: bool = True  # data_json is "" or JSON text (what a WMS body may embed as is)
 
     @property
     def id_text(self) -> str:
@@ -73,8 +74,8 @@ def parse_id(raw: bytes | str) -> StreamId:
     return int(ms), int(seq or 0)
 
 
-def _text(fields: dict[bytes, bytes], name: str) -> str:
-    value = fields.get(name.encode())
+def _text(fields: dict[bytes, bytes], name: bytes) -> str:
+    value = fields.get(name)
     return value.decode("utf-8", "replace") if value is not None else ""
 
 
@@ -85,11 +86,12 @@ def _distinct(values: Sequence[Any]) -> tuple[str, ...]:
 def parse_entry(partition: int, entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEvent:
     """A raw stream entry -> StreamEvent. Data that is not the JSON the scripts write touches
     nothing (the event is still delivered, as stored)."""
-    data_json = _text(fields, "data")
+    data_json = _text(fields, b"data")
+    valid = True
     try:
         data = orjson.loads(data_json) if data_json else {}
     except orjson.JSONDecodeError:
-        data = {}
+        data, valid = {}, False
     if not isinstance(data, dict):
         data = {}
     skus: list[Any] = []
@@ -103,25 +105,26 @@ def parse_entry(partition: int, entry_id: bytes | str, fields: dict[bytes, bytes
     for key, out in (("sku", skus), ("warehouse", warehouses)):
         if isinstance(data.get(key), str):  # STOCK_ADJUSTED
             out.append(data[key])
-    sku = _text(fields, "sku")  # SKU_POLICY_CHANGED
+    sku = _text(fields, b"sku")  # SKU_POLICY_CHANGED
     if sku:
         skus.append(sku)
     try:
-        ts_ms = int(_text(fields, "ts") or 0)
+        ts_ms = int(_text(fields, b"ts") or 0)
     except ValueError:
         ts_ms = 0
     return StreamEvent(
         partition=partition,
         id=parse_id(entry_id),
-        type=_text(fields, "type"),
-        order_id=_text(fields, "order_id"),
-        adjustment_id=_text(fields, "adjustment_id"),
+        type=_text(fields, b"type"),
+        order_id=_text(fields, b"order_id"),
+        adjustment_id=_text(fields, b"adjustment_id"),
         sku=sku,
         skus=_distinct(skus),
         warehouses=_distinct(warehouses),
         ts_ms=ts_ms,
         data_json=data_json,
-        actor=_text(fields, "actor"),
+        actor=_text(fields, b"actor"),
+        data_valid=valid,
     )
 
 

@@ -5,7 +5,11 @@ Writers (`HintPublisher`, one per server process, delivery on or off): while at 
 subscription exists, every script call of the process that can append an event (a script with
 an XADD) notes the partitions whose event stream is among its keys, after Redis answered; the
 partitions noted within HINT_DELAY are published as one message, the partition numbers joined
-by commas ("3,17,42"), on `<prefix>:{meta}:events-hint`, through ScriptCalls.pipeline (a
+by commas ("3,17,42"), on `<prefix>:{meta}:events-hint`, and a process publishes at most one
+message every HINT_INTERVAL (what is noted meanwhile waits for the next one: at most 200
+messages a second per process however many events it appends; each message costs every
+listener a redis-py parse, measured ~40 % of a server process's CPU at 1,000 messages a second
+in docs/events.md "Measured"), through ScriptCalls.pipeline (a
 classic PUBLISH: on a cluster every node forwards it to its own subscribers). With no
 subscription the hook is not installed (a script call tests one attribute) and nothing is
 published. Writers that are not server processes (`stockhold reconcile --repair`) publish
@@ -39,6 +43,7 @@ from stockhold.store.calls import ScriptCalls
 log = logging.getLogger(__name__)
 
 HINT_DELAY: Final = 0.001  # s: partitions noted within it go out in one PUBLISH
+HINT_INTERVAL: Final = 0.005  # s: at least this between two PUBLISHes of one process
 RECONNECT_MIN: Final = 0.2  # s: first pause after the listener's connection failed
 RECONNECT_MAX: Final = 5.0
 PING_EVERY: Final = 5.0  # s: the listener pings; silent for 3 pings: reconnect
@@ -74,6 +79,7 @@ class HintPublisher:
         self.pending: set[int] = set()
         self.published = 0  # messages, for tests and curiosity
         self._timer: asyncio.TimerHandle | None = None
+        self._last = -HINT_INTERVAL  # loop time of the last PUBLISH
         self._sending: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -118,12 +124,15 @@ class HintPublisher:
                 self.pending.add(p)
                 found = True
         if found and self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(HINT_DELAY, self._flush)
+            loop = asyncio.get_running_loop()
+            at = max(loop.time() + HINT_DELAY, self._last + HINT_INTERVAL)
+            self._timer = loop.call_at(at, self._flush)
 
     def _flush(self) -> None:
         self._timer = None
         if not self.pending:
             return
+        self._last = asyncio.get_running_loop().time()
         parts, self.pending = self.pending, set()
         task = asyncio.create_task(self._publish(",".join(map(str, sorted(parts)))))
         self._sending.add(task)
