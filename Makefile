@@ -52,6 +52,20 @@ test-cluster: install
 	bash scripts/ensure-redis.sh
 	$(BIN)/python -m pytest -m cluster_long -s tests/test_cluster_failover.py $(PYTEST_ARGS)
 
+# The long fuzz run of every Inventory RPC (tests/test_fuzz.py, docs/security.md "Fuzzing"):
+# FUZZ_EXAMPLES generated calls per method and input kind on a standalone Redis (a fifth of
+# them on a Redis Cluster); `make test` runs a few hundred per method. One line per method
+# and kind (calls, seconds) goes to FUZZ_REPORT.
+FUZZ_EXAMPLES ?= 3000
+FUZZ_REPORT ?= fuzz-report.txt
+.PHONY: fuzz
+fuzz: install
+	bash scripts/ensure-redis.sh
+	rm -f $(FUZZ_REPORT)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_REPORT=$(abspath $(FUZZ_REPORT)) \
+		$(BIN)/python -m pytest -m fuzz_long -p no:logging tests/test_fuzz.py $(PYTEST_ARGS)
+	cat $(FUZZ_REPORT)
+
 # Micro-benchmarks (pytest-benchmark), saved under .benchmarks/; compare with the last saved
 # run: make bench BENCH_ARGS=--benchmark-compare
 bench: install
