@@ -74,8 +74,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the fake WMS
 import loadbench as lb  # noqa: E402
 from fake_wms import FakeWMS  # noqa: E402
 
-from stockhold.constants import DEFAULT_PARTITIONS, EVENT_RESERVED  # noqa: E402
-from stockhold.resolver import KeyResolver  # noqa: E402
+from stockhold.constants import DEFAULT_PARTITIONS, EVENT_RESERVED, SUB_LEASE  # noqa: E402
+from stockhold.resolver import KeyResolver, partition_tag  # noqa: E402
 from stockhold.v1 import inventory_pb2 as pb  # noqa: E402
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -373,6 +373,23 @@ def wait_drained(stub: pb_grpc.InventoryStub, seconds: float) -> float | None:
     return None
 
 
+def wait_balanced(red: lb.PrivateRedis, partitions: int, workers: int) -> list[int]:
+    """Wait (at most 30 s) until every partition's lease is held and the processes share
+    them evenly, as the deliverers settle a few lease rounds after the subscription appears
+    (a partition handed over meanwhile waits up to a round, ~1.7 s): the leases per owner."""
+    resolver = KeyResolver(partitions=partitions)
+    keys = [f"{partition_tag(resolver, p)}{SUB_LEASE}:{SUBSCRIPTION}" for p in range(partitions)]
+    counts: list[int] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        owners = Counter(lb_text(v) for v in red.client.mget(keys) or [] if v is not None)
+        counts = sorted(owners.values())
+        if sum(counts) == partitions and len(counts) == workers and counts[-1] - counts[0] <= 1:
+            break
+        time.sleep(0.2)
+    return counts
+
+
 async def load_stock(target: str, units: int) -> None:
     """One receipt per unit through AdjustStock, 64 at a time."""
     async with grpc.aio.insecure_channel(target) as ch:
@@ -473,6 +490,8 @@ def run_bench(run: Run) -> dict[str, Any]:
     )
     if drained is None:
         raise lb.Abort("the stock load's events did not drain within 120 s")
+    if delivering:
+        print(f"leases per process: {wait_balanced(run.red, partitions, a.workers)}")
 
     # drivers: each its share of the rate, starting together (or the xadd producer)
     count = round(a.rate * a.seconds)
