@@ -25,8 +25,9 @@ deliverer (delivery_enabled false; a subscription created here is never pushed).
 
 `make test` runs SHORT_EXAMPLES per method and kind on a standalone Redis and a few on a
 Redis Cluster; `make fuzz` (marker fuzz_long) runs FUZZ_EXAMPLES (default 3000) per method and
-kind on a standalone Redis and a fifth of that on a cluster. The server runs in its own thread and event loop, so that Hypothesis drives
-plain synchronous calls. docs/security.md, section Fuzzing.
+kind on a standalone Redis and a fifth of that on a cluster. The server runs in its own thread
+and event loop, so that Hypothesis drives plain synchronous calls. docs/security.md, section
+Fuzzing.
 """
 
 from __future__ import annotations
