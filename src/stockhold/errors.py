@@ -233,10 +233,13 @@ class _UnavailableSummary:
         self.counts: dict[tuple[str, str], int] = {}
         self.last = -UNAVAILABLE_WARN_EVERY
         self.timer: asyncio.TimerHandle | None = None
+        self.first = 0.0  # when the first call of those counted now was answered
 
     def note(self, method: str, err: DomainError) -> None:
         cause = str(err.metadata.get("cause", "")) or "unknown"
         key = (method, cause)
+        if not self.counts:
+            self.first = time.monotonic()
         self.counts[key] = self.counts.get(key, 0) + 1
         wait = self.last + UNAVAILABLE_WARN_EVERY - time.monotonic()
         if wait <= 0:
@@ -251,10 +254,10 @@ class _UnavailableSummary:
             return
         now = time.monotonic()
         counts, self.counts = self.counts, {}
-        since = min(now - self.last, 3600.0)
+        since = now - self.first
         self.last = now
         _refusals.warning(
-            "%d call(s) answered UNAVAILABLE in the last %.0f s (Redis calls failing or "
+            "%d call(s) answered UNAVAILABLE within %.1f s (Redis calls failing or "
             "timing out: Redis slow or down, or this process saturated); by method and cause: "
             "%s",
             sum(counts.values()),
