@@ -391,23 +391,31 @@ def wait_balanced(red: lb.PrivateRedis, partitions: int, workers: int) -> list[i
 
 
 async def load_stock(target: str, units: int) -> None:
-    """One receipt per unit through AdjustStock, 64 at a time."""
+    """One receipt per unit through AdjustStock, 64 at a time. UNAVAILABLE is retried (at
+    most 5 times; the same adjustment id, so at most once applied): with delivery on, a
+    connection's bursts are refused now and then by grpc-core ("RST_STREAM with error code
+    7", REFUSED_STREAM) under the default max_streams_per_connection."""
     async with grpc.aio.insecure_channel(target) as ch:
         stub = pb_grpc.InventoryStub(ch)
         sem = asyncio.Semaphore(64)
 
         async def one(i: int) -> None:
-            async with sem:
-                await stub.AdjustStock(
-                    pb.AdjustStockRequest(
-                        adjustment_id=f"db-stock-{i:05d}",
-                        unit=pb.SalesUnit(sku=sku(i), spec=SPEC, barcode=barcode(i)),
-                        warehouse=WAREHOUSE,
-                        delta=UNIT_STOCK,
-                        reason="delivery bench",
-                    ),
-                    timeout=CALL_TIMEOUT_S,
-                )
+            request = pb.AdjustStockRequest(
+                adjustment_id=f"db-stock-{i:05d}",
+                unit=pb.SalesUnit(sku=sku(i), spec=SPEC, barcode=barcode(i)),
+                warehouse=WAREHOUSE,
+                delta=UNIT_STOCK,
+                reason="delivery bench",
+            )
+            for attempt in range(6):
+                async with sem:
+                    try:
+                        await stub.AdjustStock(request, timeout=CALL_TIMEOUT_S)
+                        return
+                    except grpc.aio.AioRpcError as err:
+                        if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == 5:
+                            raise
+                await asyncio.sleep(0.05 * 2**attempt)
 
         await asyncio.gather(*(one(i) for i in range(units)))
 
