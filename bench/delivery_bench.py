@@ -163,6 +163,9 @@ async def driver_main(a: argparse.Namespace) -> dict[str, Any]:
             code = "OK"
         except grpc.aio.AioRpcError as err:
             code = err.code().name
+            if "RST_STREAM with error code 7" in (err.details() or ""):
+                # refused by grpc-core (per-connection stream limit), never seen by a handler
+                code += " (REFUSED_STREAM)"
         answers.append([req.order_id, code, time.time()])
 
     tasks: set[asyncio.Task[None]] = set()
