@@ -88,7 +88,9 @@ class Settings:
     # max_ping_strikes its connection is closed (GOAWAY); pings without a call under way count
     # too unless keepalive_permit_without_calls.
     max_message_bytes: int = 1024 * 1024
-    max_streams_per_connection: int = 100
+    # High on purpose: grpc-core refuses (REFUSED_STREAM, UNAVAILABLE) part of a burst beyond
+    # the limit instead of queueing it in the client (bench/streams_limit.py).
+    max_streams_per_connection: int = 10_000
     keepalive_min_ping_interval_ms: int = 10_000
     keepalive_max_ping_strikes: int = 2
     keepalive_permit_without_calls: bool = False
