@@ -1025,11 +1025,7 @@ def _stock_commands(sub: Any, client: Callable[..., argparse.ArgumentParser]) ->
 
 # `snapshot` / `reconcile` find the data as `migrate-layout` does, plus the cluster switch.
 _RECONCILE_FLAGS: tuple[tuple[str, str, str], ...] = (
-    *(
-        f
-        for f in _SERVE_FLAGS
-        if f[0] in ("--redis-url", "--redis-password-file", "--partitions")
-    ),
+    *(f for f in _SERVE_FLAGS if f[0] in ("--redis-url", "--redis-password-file", "--partitions")),
     _KEY_PREFIX_FLAG,
     ("--redis-cluster", "redis_cluster", "the URL is a node of a Redis Cluster"),
 )

@@ -652,9 +652,7 @@ def _start_https(
         def get_request(self) -> tuple[socket.socket, Any]:
             sock, addr = self.socket.accept()
             sock.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
-            wrapped = tls.context.wrap_socket(
-                sock, server_side=True, do_handshake_on_connect=False
-            )
+            wrapped = tls.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             return wrapped, addr
 
         def handle_error(self, request: Any, client_address: Any) -> None:
