@@ -216,8 +216,15 @@ def test_a_port_in_use_is_one_line_naming_it_and_exit_1(workers: str, held_port:
 
 def test_an_address_not_of_this_host_is_one_line_and_exit_1() -> None:
     address = f"192.0.2.1:{free_port()}"  # TEST-NET-1 (RFC 5737): never a local address
+    # not loopback: refused at once without authentication (issue 13)
     done = _serve("--listen", address, "--redis-url", _dead_redis_url(), "--workers", "2")
-    assert address in _one_line(done, 1)
+    assert "--allow-unauthenticated" in _one_line(done, 2)
+    done = _serve(
+        *("--listen", address, "--redis-url", _dead_redis_url(), "--workers", "2"),
+        "--allow-unauthenticated",
+    )
+    assert address in done.stderr.splitlines()[-1]
+    assert done.returncode == 1, done.stderr
 
 
 def test_a_metrics_port_in_use_is_one_line_and_exit_1(held_port: int) -> None:
