@@ -286,18 +286,22 @@ class CrossSlot:
         now, *entries = orjson.loads(await self._script(self.scripts.reserve, keys, args))
         return [(now, e) for e in entries]
 
-    async def claim_payment(self, order_id: str, payment: PendingPayment, key: str) -> None:
+    async def claim_payment(self, order_id: str, payment: PendingPayment, key: str) -> bool:
         """Claim a payment's out_trade_no (its map `key`, in its own slot) for an order
         (claim.lua), for as long as the map would live (scripts.poll_schedule's ttl); raises
-        PAYMENT_CONFLICT when another order holds it."""
+        PAYMENT_CONFLICT when another order holds it. True when claimed by this call (the
+        order did not hold it before)."""
         ttl = str(scripts.poll_schedule(self.settings)["ttl"])
         other = await self._script(self.scripts.claim, (key,), (order_id, ttl))
+        if isinstance(other, int):
+            return bool(other)
         if other:
             other_id = other.decode() if isinstance(other, bytes) else str(other)
             raise DomainError(
                 Reason.PAYMENT_CONFLICT,
                 metadata={"out_trade_no": payment.out_trade_no, "order_id": other_id},
             )
+        return False
 
     async def _hold(
         self, part: _Part, actor: str

@@ -729,7 +729,7 @@ class Engine:
             # adjustment under the same id conflicts), the record kept beside the stock.
             retention = str(self.settings.record_retention_seconds * 1000)
             other = await self._call(self.scripts.claim, (k.record_key,), (fp, retention))
-            if other:
+            if other and not isinstance(other, int):  # 1: claimed now
                 raise DomainError(
                     Reason.ADJUSTMENT_CONFLICT, metadata={"adjustment_id": adjustment_id}
                 )
@@ -939,9 +939,10 @@ class Engine:
             k.events_key,
             self.payment_map_key(*payment),
         )
+        claimed_now = False
         if self.cross is not None and self._payment_partition(*payment) != k.partition:
             # the map is in another slot: claimed there first, then the script goes without it
-            await self.cross.claim_payment(order_id, payment, keys[3])
+            claimed_now = await self.cross.claim_payment(order_id, payment, keys[3])
             keys = keys[:3]
         arg = orjson.dumps(
             {
@@ -956,8 +957,19 @@ class Engine:
         result = orjson.loads(await self._call(self.scripts.payment_mark, keys, (arg,)))
         if result.get("due"):  # payment_mark.lua has no stock keys: transition.lua expires
             await self._expire_held(k, actor)
+        if claimed_now and result.get("err"):
+            await self._unclaim_payment(k, payment, self.payment_map_key(*payment))
         _raise_for(result)
         return Reservation.from_record(result["rec"])
+
+    async def _unclaim_payment(self, k: OrderKeys, payment: PendingPayment, map_key: str) -> None:
+        """A refused MarkPaymentPending gives back the out_trade_no it claimed in another slot
+        (Redis Cluster), as one node writes nothing: unless the order's record names this
+        payment by now (a concurrent call for the same order and payment that succeeded)."""
+        pprov, potn = await self.run(self.client.hmget(k.order_key, "pprov", "potn"))
+        if pprov == payment.provider.encode() and potn == payment.out_trade_no.encode():
+            return
+        await self._call(self.scripts.claim, (map_key,), (k.order_id, "release"))
 
     async def order_for_payment(self, provider: str, out_trade_no: str) -> str:
         """The order id paid under a provider's out_trade_no: the one recorded by Reserve or

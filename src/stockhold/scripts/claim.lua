@@ -4,8 +4,8 @@
 --
 -- KEYS[1] the name's key   ARGV[1] the value (an order id, a fingerprint)
 -- ARGV[2] lifetime (ms), or "release": give the name back if this value holds it
--- Returns false when claimed (now, or before by the same value: idempotent), else the value
--- that holds it (nothing written). "release" returns false.
+-- Returns 1 when claimed now, false when claimed before by the same value (idempotent), else
+-- the value that holds it (nothing written). "release" returns false.
 
 local other = redis.call('GET', KEYS[1])
 if ARGV[2] == 'release' then
@@ -14,4 +14,5 @@ if ARGV[2] == 'release' then
 end
 if other and other ~= ARGV[1] then return other end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
+if other then return false end
+return 1
