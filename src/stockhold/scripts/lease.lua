@@ -7,7 +7,9 @@
 -- ARGV[2] the deliverer's owner id "<host>:<pid>:<random>"
 -- ARGV[3] (acquire, renew) the lease length (ms); (register) how long the entry lives (ms)
 -- Returns: acquire 1 when the lease is (now) the owner's, 0 when another holds it;
---   renew / release 1 when it was the owner's (renewed / deleted), else 0 (nothing changed);
+--   renew 1 when it is the owner's (renewed; or taken again when it had expired and nobody
+--   took it meanwhile: the owner's pending entries and order are intact), 0 when another
+--   holds it (nothing changed); release 1 when it was the owner's (deleted), else 0;
 --   register: the number of live deliverers, this one included; unregister: 1|0.
 
 local op, key, owner = ARGV[1], KEYS[1], ARGV[2]
@@ -23,8 +25,13 @@ if op == 'acquire' then
   end
   return 0
 elseif op == 'renew' then
-  if redis.call('GET', key) == owner then
+  local holder = redis.call('GET', key)
+  if holder == owner then
     redis.call('PEXPIRE', key, ARGV[3])
+    return 1
+  end
+  if not holder then
+    redis.call('SET', key, owner, 'PX', ARGV[3])
     return 1
   end
   return 0
