@@ -32,6 +32,7 @@ from grpc_status import rpc_status
 
 from stockhold.constants import ACTOR_ANONYMOUS
 from stockhold.errors import DomainError, Reason, to_rpc_status
+from stockhold.interceptor import WrappingInterceptor
 from stockhold.settings import ConfigError, Settings, split_listen
 from stockhold.v1 import inventory_pb2
 
@@ -413,7 +414,7 @@ def _status(reason: Reason, message: str, **meta: object) -> grpc.Status:
     )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Authenticates, authorizes and rate-limits every Inventory call before its handler runs
     (and gates reflection per the `reflection` setting); health passes untouched.
 
@@ -427,6 +428,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self, config: AuthConfig | None, reflection: str, internal_token: str | None = None
     ) -> None:
+        super().__init__()
         self.config = config
         self.reflection = reflection
         self.limiter = RateLimiter()
@@ -437,7 +439,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 INTERNAL_IDENTITY, (INTERNAL_ROLE,), ROLE_METHODS[INTERNAL_ROLE], None
             )
             self._internal_digest = hashlib.sha256(internal_token.encode()).hexdigest()
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
         self._logged: set[tuple[str, str, Reason]] = set()
         # authorization header -> principal, for headers that matched (see _by_header)
         self._known: dict[str | bytes, Principal] = {}
@@ -462,27 +463,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         )
         return True
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        """The method's handler, wrapped with the checks (once per method)."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        result = handler
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler with the checks: every Inventory method (when an auth file is
+        configured), reflection per the setting; health as it is."""
         if method.startswith(_PREFIX):
             if self.config is not None:
-                result = _wrap(handler, self._guard(method[len(_PREFIX) :]))
+                return _wrap(handler, self._guard(method[len(_PREFIX) :]))
         elif method.startswith(_REFLECTION_PREFIX) and self.reflection == "loopback":
-            result = _wrap(handler, self._reflection_guard(method))
-        self._wrapped[method] = (handler, result)
-        return result
+            return _wrap(handler, self._reflection_guard(method))
+        return handler
 
     def _principal(self, context: _Context) -> Principal | str | None:
         """The caller's principal; None without credentials; "" for credentials that match

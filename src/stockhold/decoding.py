@@ -17,7 +17,7 @@ Per call: one dict lookup (the method's wrapped handler is built once) and one t
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from stockhold.errors import DomainError, Reason, to_rpc_status
+from stockhold.interceptor import WrappingInterceptor
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -155,27 +156,12 @@ def _tolerant_handler(handler: Handler) -> Handler:
     return grpc.stream_stream_rpc_method_handler(_checked_stream(handler.stream_stream), parse, out)
 
 
-class DecodeInterceptor(grpc.aio.ServerInterceptor):
+class DecodeInterceptor(WrappingInterceptor):
     """Every method (Inventory, Health, reflection) refuses a request that does not parse
     with INVALID_ARGUMENT; see the module docstring."""
 
-    def __init__(self) -> None:
-        # method path -> (the handler, its tolerant twin); bounded by the services' methods
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        """The method's handler with a tolerant deserializer (built once per method)."""
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler with a tolerant deserializer."""
+        if handler.request_deserializer is None:
             return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        result = _tolerant_handler(handler)
-        self._wrapped[method] = (handler, result)
-        return result
+        return _tolerant_handler(handler)

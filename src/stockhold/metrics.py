@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import grpc
 
 from stockhold.constants import SERVICE_NAME
+from stockhold.interceptor import WrappingInterceptor
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -265,7 +266,7 @@ if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(WrappingInterceptor):
     """Times every unary stockhold.v1.Inventory call into `stockhold_rpc_duration_seconds`.
 
     The code is the one the client gets: the context's code after the handler returned or
@@ -279,30 +280,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._histogram = _metrics().rpc_duration
-        # method path -> (handler from the service, its timed twin). Only methods the server
-        # has a handler for are kept, so the map is bounded by the service definition.
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        """Return the method's handler, timed when it is a unary Inventory method."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        result = handler
-        inner = handler.unary_unary
-        if method.startswith(_METHOD_PREFIX) and inspect.iscoroutinefunction(inner):
-            result = self._timed(method[len(_METHOD_PREFIX) :], handler)
-        self._wrapped[method] = (handler, result)
-        return result
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler, timed when it is a unary Inventory method."""
+        if method.startswith(_METHOD_PREFIX) and inspect.iscoroutinefunction(handler.unary_unary):
+            return self._timed(method[len(_METHOD_PREFIX) :], handler)
+        return handler
 
     def _timed(self, method: str, handler: Handler) -> Handler:
         # intercept_service checked: an async unary-unary handler.
