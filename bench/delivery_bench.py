@@ -189,16 +189,28 @@ async def driver_main(a: argparse.Namespace) -> dict[str, Any]:
         await asyncio.wait(set(tasks), timeout=CALL_TIMEOUT_S + 5)
     for ch in channels:
         await ch.close()
+    return sender_report(answers, a.count, first_sent, last_sent, lateness)
+
+
+def sender_report(
+    answers: list[list[Any]],
+    sent: int,
+    first_sent: float,
+    last_sent: float,
+    lateness: list[float],
+) -> dict[str, Any]:
+    """What a sender (driver or xadd producer) reports: its answers, how many it sent, when,
+    and how late against the schedule; unanswered = sent without an answer."""
     return {
         "orders": answers,
-        "sent": a.count,
+        "sent": sent,
         "first_sent": first_sent,
         "last_sent": last_sent,
         "late": sum(1 for x in lateness if x > LATE_S),
         "lateness_p50_ms": ms(pct(lateness, 0.5)),
         "lateness_p99_ms": ms(pct(lateness, 0.99)),
         "lateness_max_ms": ms(max(lateness, default=None)),
-        "unanswered": a.count - len(answers),
+        "unanswered": sent - len(answers),
     }
 
 
@@ -262,17 +274,7 @@ def producer_main(a: argparse.Namespace) -> dict[str, Any]:
         time.sleep(max(0.0, min(0.001, t0 + i * interval - time.monotonic())))
     last_sent = time.time()
     client.close()
-    return {
-        "orders": answers,
-        "sent": a.count,
-        "first_sent": first_sent,
-        "last_sent": last_sent,
-        "late": sum(1 for x in lateness if x > LATE_S),
-        "lateness_p50_ms": ms(pct(lateness, 0.5)),
-        "lateness_p99_ms": ms(pct(lateness, 0.99)),
-        "lateness_max_ms": ms(max(lateness, default=None)),
-        "unanswered": 0,
-    }
+    return sender_report(answers, a.count, first_sent, last_sent, lateness)
 
 
 def template_event(stub: pb_grpc.InventoryStub, red: lb.PrivateRedis, partitions: int) -> str:
