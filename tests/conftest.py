@@ -86,4 +86,4 @@ def redis_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisP
 
 
 # -- stockhold servers (tests/stockhold_fixtures.py) ----------------------------------------------
-pytest_plugins = ["redis_cluster", "stockhold_fixtures"]  # the second imports the first
+pytest_plugins = ["redis_cluster", "stockhold_fixtures", "payment_helpers"]  # in import order

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio
 from fake_wechatpay import FakeWeChatPay
 from stockhold_fixtures import TEST_SETTINGS, Running, store_settings
@@ -104,6 +105,30 @@ async def events(
             if oid is not None:
                 out[oid.decode()].append((fields[b"type"].decode(), orjson.loads(fields[b"data"])))
     return out
+
+
+# Fixtures (registered through conftest.py's pytest_plugins).
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeWeChatPay]:
+    """A fake WeChat Pay API on a free port."""
+    async with FakeWeChatPay() as f:
+        yield f
+
+
+@pytest.fixture
+async def servers(redis_proc: Any) -> AsyncIterator[Start]:
+    """Start stockhold servers with payment providers: `await servers(payments, **settings)`;
+    all stopped at the end."""
+    started: list[StockholdServer] = []
+
+    async def start(payments: PaymentProviders | None = None, **overrides: Any) -> Any:
+        return await start_server(redis_proc, started, payments, **overrides)
+
+    yield start
+    for server in started:
+        await server.stop(grace=0)
 
 
 def report(

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fake_wechatpay import FakeWeChatPay
-from payment_helpers import Start, fake_config, pending, start_server
+from payment_helpers import Start, fake_config, pending
 from stockhold_fixtures import Factory, Running, add_stock, line, wait_settled
 from test_reconcile import cli
 from test_watch_events import stream_entries, watching
@@ -26,7 +25,6 @@ from test_watch_events import stream_entries, watching
 from stockhold import constants as c
 from stockhold.events import parse_entry
 from stockhold.payments.config import PaymentProviders
-from stockhold.server import StockholdServer
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
@@ -145,24 +143,6 @@ async def test_the_sweeper_expires_as_sweeper(make_stockhold: Factory) -> None:
         async with watching(stub, cursor="earliest", types=[c.EVENT_EXPIRED]) as watch:
             events = await watch.take(3)
         assert [e.actor for e in events] == [c.ACTOR_SWEEPER] * 3
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeWeChatPay]:
-    async with FakeWeChatPay() as f:
-        yield f
-
-
-@pytest.fixture
-async def servers(redis_proc: Any) -> AsyncIterator[Start]:
-    started: list[StockholdServer] = []
-
-    async def start(payments: PaymentProviders | None = None, **overrides: Any) -> Any:
-        return await start_server(redis_proc, started, payments, **overrides)
-
-    yield start
-    for server in started:
-        await server.stop(grace=0)
 
 
 async def hold_paid(stub: pb_grpc.InventoryStub, order_id: str, out_trade_no: str) -> None:

@@ -10,9 +10,8 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -24,7 +23,6 @@ from payment_helpers import (
     fake_config,
     pending,
     report,
-    start_server,
     state_of,
     wait_for,
 )
@@ -32,7 +30,6 @@ from redis_proc import free_port
 from stockhold_fixtures import add_stock, async_client, levels, line, unit
 
 from stockhold.payments.config import PaymentProviders
-from stockhold.server import StockholdServer
 from stockhold.v1 import inventory_pb2 as pb
 from stockhold.v1 import inventory_pb2_grpc as pb_grpc
 
@@ -42,24 +39,6 @@ HELD = pb.RESERVATION_STATE_HELD
 COMMITTED = pb.RESERVATION_STATE_COMMITTED
 EXPIRED = pb.RESERVATION_STATE_EXPIRED
 FAST = {"payment_poll_interval_seconds": 0.02, "sweep_interval_seconds": 0.05}
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeWeChatPay]:
-    async with FakeWeChatPay() as f:
-        yield f
-
-
-@pytest.fixture
-async def servers(redis_proc: Any) -> AsyncIterator[Start]:
-    started: list[StockholdServer] = []
-
-    async def start(payments: PaymentProviders | None = None, **overrides: Any) -> Any:
-        return await start_server(redis_proc, started, payments, **overrides)
-
-    yield start
-    for server in started:
-        await server.stop(grace=0)
 
 
 def polled(fake: FakeWeChatPay) -> PaymentProviders:
