@@ -29,6 +29,8 @@ import redis.exceptions
 from certs import CertAuthority, CertFiles
 from fake_wms import FakeWMS
 from google.protobuf import duration_pb2
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis_proc import RedisProc, free_port
 from stockhold_fixtures import (
     TEST_SETTINGS,
@@ -108,6 +110,7 @@ class TlsRedis(RedisProc):
             port=self.port,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # as RedisProc's: no backoff after SHUTDOWN's disconnect
             **self._tls(),
         )
 
@@ -337,7 +340,11 @@ async def test_serving_through_redis_over_tls_as_an_acl_user(
     assert acl_refusals(admin) == []
     # Every connection of the server is TLS: a plaintext client cannot even connect.
     plain = redis.Redis(
-        host="127.0.0.1", port=tls_redis.port, socket_timeout=2, socket_connect_timeout=2
+        host="127.0.0.1",
+        port=tls_redis.port,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        retry=Retry(NoBackoff(), 0),  # the refusal is expected: no seconds of backoff
     )
     with pytest.raises(redis.exceptions.ConnectionError):
         plain.ping()
@@ -347,7 +354,12 @@ async def test_serving_through_redis_over_tls_as_an_acl_user(
 async def test_a_client_without_a_certificate_is_refused(tls_redis: TlsRedis) -> None:
     c = tls_redis.client_files
     no_cert = redis.Redis(
-        host="127.0.0.1", port=tls_redis.port, ssl=True, ssl_ca_certs=str(c.ca), socket_timeout=3
+        host="127.0.0.1",
+        port=tls_redis.port,
+        ssl=True,
+        ssl_ca_certs=str(c.ca),
+        socket_timeout=3,
+        retry=Retry(NoBackoff(), 0),  # the refusal is expected: no seconds of backoff
     )
     with pytest.raises((redis.exceptions.ConnectionError, ssl.SSLError)):
         no_cert.ping()
@@ -483,6 +495,12 @@ def test_wechatpay_secret_files_open_to_others_are_refused(tmp_path: Path) -> No
 
 
 # -- the embedded Redis ---------------------------------------------------------------------------
+def _on_socket(er: EmbeddedRedis, **kwargs: Any) -> redis.Redis:
+    """A client of the embedded Redis's socket. No retries: redis-py >= 6 retries a refused
+    AUTH with backoff, seconds per expected refusal."""
+    return redis.Redis(unix_socket_path=str(er.socket_path), retry=Retry(NoBackoff(), 0), **kwargs)
+
+
 def test_embedded_redis_has_its_own_password_in_a_private_file(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     er = EmbeddedRedis(data_dir)
@@ -495,15 +513,15 @@ def test_embedded_redis_has_its_own_password_in_a_private_file(tmp_path: Path) -
         assert er.password_path.read_text().strip() == first
         cmdline = Path(f"/proc/{er.pid}/cmdline").read_bytes()
         assert first.encode() not in cmdline  # never in ps
-        anonymous = redis.Redis(unix_socket_path=str(er.socket_path), protocol=2)
+        anonymous = _on_socket(er, protocol=2)
         with pytest.raises(redis.exceptions.AuthenticationError):
             anonymous.ping()
         anonymous.close()
-        wrong = redis.Redis(unix_socket_path=str(er.socket_path), password="nope")
+        wrong = _on_socket(er, password="nope")
         with pytest.raises(redis.exceptions.AuthenticationError):
             wrong.ping()
         wrong.close()
-        good = redis.Redis(unix_socket_path=str(er.socket_path), password=first)
+        good = _on_socket(er, password=first)
         assert good.ping()
         good.set("sh:k", "v")
         good.close()
@@ -513,11 +531,11 @@ def test_embedded_redis_has_its_own_password_in_a_private_file(tmp_path: Path) -
     er.start()
     try:
         assert er.password and er.password != first
-        old = redis.Redis(unix_socket_path=str(er.socket_path), password=first)
+        old = _on_socket(er, password=first)
         with pytest.raises(redis.exceptions.AuthenticationError):
             old.ping()
         old.close()
-        new = redis.Redis(unix_socket_path=str(er.socket_path), password=er.password)
+        new = _on_socket(er, password=er.password)
         assert new.get("sh:k") == b"v"
         new.close()
     finally:
