@@ -51,15 +51,19 @@ def _parent_of(pid: int) -> int:
 class Served:
     """One `stockhold serve` child process."""
 
-    def __init__(self, workdir: Path, args: list[str]) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
+    def __init__(self, workdir: Path, args: list[str], host: str = "127.0.0.1") -> None:
+        """``host``: the address it listens on (--listen host:port); it is called on
+        127.0.0.1 (``address``) whatever the host."""
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        listen = f"{host}:{port}"
         workdir.mkdir(parents=True, exist_ok=True)
         n = len(list(workdir.glob("serve-*.stderr")))
         self.stderr_path = workdir / f"serve-{n}.stderr"
         self.stdout_path = workdir / f"serve-{n}.stdout"
         with self.stderr_path.open("wb") as err, self.stdout_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                [*STOCKHOLD, "serve", "--listen", self.address, *args],
+                [*STOCKHOLD, "serve", "--listen", listen, *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,

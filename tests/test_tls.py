@@ -326,8 +326,8 @@ def served(tmp_path: Path) -> Any:
     """Start `stockhold serve` processes: `served(*args)`; all are gone after the test."""
     started: list[Served] = []
 
-    def start(*args: str) -> Served:
-        process = Served(tmp_path / "serve", list(args))
+    def start(*args: str, host: str = "127.0.0.1") -> Served:
+        process = Served(tmp_path / "serve", list(args), host)
         started.append(process)
         return process
 
@@ -403,6 +403,35 @@ def test_plaintext_on_a_non_loopback_address_is_a_warning(caplog: pytest.LogCapt
     warn_plaintext(Settings(listen="127.0.0.1:50051"))
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "0.0.0.0:50051" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_start_up_warnings_are_logged_once_whatever_the_workers(
+    served: Any, redis_proc: RedisProc, workers: str
+) -> None:
+    """`serve --listen 0.0.0.0:P --allow-unauthenticated` (called on 127.0.0.1 only): the
+    plaintext and the no-authentication WARNINGs once each, by the one process or by the
+    supervisor, not again by each of its workers."""
+    process = served(
+        *("--redis-url", redis_proc.url, "--workers", workers, "--allow-unauthenticated"),
+        host="0.0.0.0",
+    )
+    process.wait_serving()
+
+    def records(msg: str) -> list[dict[str, Any]]:
+        return [r for r in process.log_records() if msg in str(r.get("msg"))]
+
+    deadline = time.monotonic() + 30
+    while len(records("stockhold serving")) < int(workers) and time.monotonic() < deadline:
+        time.sleep(0.1)  # every worker has started (and would have warned by now)
+    assert len(records("stockhold serving")) == int(workers)
+    rc, _ = process.terminate()
+    assert rc == 0
+    plaintext = records("serves plaintext (no TLS)")
+    assert [r["level"] for r in plaintext] == ["WARNING"], plaintext
+    assert "0.0.0.0:" in str(plaintext[0]["msg"])
+    unauthenticated = records("serving without authentication")
+    assert [r["level"] for r in unauthenticated] == ["WARNING"], unauthenticated
 
 
 __all__ = ["Running"]

@@ -61,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
                 if value is not None:
                     argv += [flag] if flag in _SWITCHES else [flag, value]
             return Supervisor(settings, workers, argv).run()
-        code = uvloop.run(serve(settings))
+        code = uvloop.run(serve(settings, supervised=args.supervised))
     except ConfigError as err:
         err.flag = err.flag or flags.get(err.field)
         print(f"stockhold: {err}", file=sys.stderr)

@@ -68,6 +68,13 @@ def warn_plaintext(settings: Settings) -> None:
             )
 
 
+def warn_at_start(settings: Settings) -> None:
+    """The start-up WARNINGs (plaintext on a non-loopback address, no authentication there),
+    once per `stockhold serve`: by the supervisor with --workers N, not again by each worker."""
+    warn_plaintext(settings)
+    auth.warn_unauthenticated(settings)
+
+
 class BindError(OSError):
     """An address stockhold cannot listen on; str() is one line naming it and the cause
     (`stockhold serve` prints it and exits 1)."""
@@ -270,7 +277,6 @@ class StockholdServer:
             internal = os.environ.get(INTERNAL_LISTEN_ENV) or "127.0.0.1:0"
             self.internal_port = self._add_port(INTERNAL_LISTEN_ENV, internal, None)
             target = f"127.0.0.1:{self.internal_port}"
-        warn_plaintext(self.settings)
         try:
             self.metrics = metrics.start_process_metrics(
                 self.settings, self.port, self.internal_token, target
@@ -489,8 +495,10 @@ class StockholdServer:
                 log.exception("background step failed")
 
 
-async def serve(settings: Settings) -> int:
-    """Run one server until SIGTERM/SIGINT; starts an embedded Redis when no URL is given."""
+async def serve(settings: Settings, *, supervised: bool = False) -> int:
+    """Run one server until SIGTERM/SIGINT; starts an embedded Redis when no URL is given.
+    ``supervised``: a worker of `serve --workers N`, whose supervisor gave the start-up
+    warnings."""
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url
     if url is None:
@@ -507,7 +515,8 @@ async def serve(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, server.reload)
-        auth.warn_unauthenticated(settings)
+        if not supervised:
+            warn_at_start(settings)
         try:
             port = await server.start()
         except BaseException:

@@ -27,7 +27,7 @@ from typing import Final
 
 from stockhold import auth, metrics
 from stockhold.embedded import EmbeddedRedis, parent_death_argv
-from stockhold.server import INTERNAL_LISTEN_ENV, BindError, warn_plaintext
+from stockhold.server import INTERNAL_LISTEN_ENV, BindError, warn_at_start
 from stockhold.settings import Settings
 from stockhold.tls import ContextTLS, TlsError
 
@@ -126,7 +126,7 @@ class Supervisor:
             if self.settings.tls_files() is not None:
                 # gRPC TLS: the collector calls the workers' plaintext loopback port.
                 target = self.internal_listen = self._reserve_internal_port()
-            warn_plaintext(self.settings)
+            warn_at_start(self.settings)
             if self.settings.metrics_port:
                 self.metrics_dir = tempfile.mkdtemp(prefix="stockhold-metrics-")
                 contention = metrics.ContentionCollector(
