@@ -233,6 +233,19 @@ async def test_many_processes_poll_each_order_once_per_step(
         assert [t for t, _ in evs[oid]] == ["ORDER_RESERVED", "PAYMENT_FLAGGED"], oid
 
 
+async def _deliver_until_taken(fake: FakeWeChatPay, url: str, out_trade_no: str) -> tuple[int, str]:
+    """Deliver a notification, and again with a fresh nonce (as WeChat redelivers) while the
+    webhook answers 500 TEMPORARILY_UNAVAILABLE: on a loaded box 100 simultaneous callers can
+    outlast the 0.25 s Redis connect timeout, and the answer then is that one, by design.
+    Bounded: 5 deliveries; the last answer."""
+    for _ in range(5):
+        status, text = await fake.deliver(url, fake.notification(out_trade_no))
+        if (status, text) != (500, '{"code":"FAIL","message":"TEMPORARILY_UNAVAILABLE"}'):
+            break
+        await asyncio.sleep(0.2)
+    return status, text
+
+
 async def test_webhook_duplicates_commit_once(
     servers: Start, fake: FakeWeChatPay, tmp_path: Path
 ) -> None:
@@ -247,9 +260,8 @@ async def test_webhook_duplicates_commit_once(
     async with running.channel() as ch:
         stub = pb_grpc.InventoryStub(ch)
         await hold(stub, "order-6001", "NO-6001")
-        notes = [fake.notification("NO-6001") for _ in range(50)]
         answers, replies = await asyncio.gather(
-            asyncio.gather(*(fake.deliver(url, n) for n in notes)),
+            asyncio.gather(*(_deliver_until_taken(fake, url, "NO-6001") for _ in range(50))),
             asyncio.gather(*(stub.ReportPayment(report("order-6001", tx)) for _ in range(50))),
         )
         assert answers == [(204, "")] * 50
