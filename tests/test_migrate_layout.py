@@ -21,7 +21,7 @@ import orjson
 import pytest
 import redis
 from redis_proc import RedisProc
-from stockhold_fixtures import TEST_SETTINGS, Running, add_stock, line, unit
+from stockhold_fixtures import TEST_SETTINGS, Running, add_stock, line, unit, without_heartbeat
 
 from stockhold import constants as c
 from stockhold.embedded import EmbeddedRedis
@@ -74,7 +74,7 @@ async def migrate_cli(*argv: str) -> tuple[int, str, str]:
 
 def state(proc: RedisProc) -> dict[bytes, object]:
     """Every key and value, less the contention figures each server publishes as it stops."""
-    return {k: v for k, v in proc.dump().items() if b"{meta}:contention" not in k}
+    return without_heartbeat(proc.dump())
 
 
 async def snapshot(stub: pb_grpc.InventoryStub) -> tuple[Any, ...]:

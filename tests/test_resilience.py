@@ -18,7 +18,16 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stockhold_fixtures import Factory, Running, add_stock, expect_error, levels, line, unit
+from stockhold_fixtures import (
+    Factory,
+    Running,
+    add_stock,
+    expect_error,
+    levels,
+    line,
+    snapshot,
+    unit,
+)
 
 from stockhold.constants import SERVICE_NAME
 from stockhold.v1 import inventory_pb2 as pb
@@ -168,14 +177,14 @@ async def test_redis_restart_from_aof_loses_nothing_and_clients_see_no_error(
         held = await _hold_two_units(stub)
         before = await stub.GetReservation(pb.GetReservationRequest(order_id="o-1"))
         before_levels = await levels(stub, unit("tee", "M"), unit("cap"))
-        before_dump = redis_proc_aof.dump()
+        before_dump = await snapshot(redis_proc_aof)
         port = redis_proc_aof.port
         await open_several_connections(stub)
 
         redis_proc_aof.restart()  # SHUTDOWN fsyncs the AOF; start() reloads it
 
         assert redis_proc_aof.port == port
-        assert redis_proc_aof.dump() == before_dump
+        assert await snapshot(redis_proc_aof) == before_dump
         # Connections broken by the restart are retried on fresh ones: no client error.
         assert await read_back_concurrently(stub) == [before] * POOL_WIDTH
         after = await stub.GetReservation(pb.GetReservationRequest(order_id="o-1"))
@@ -209,7 +218,7 @@ async def test_redis_crash_after_the_aof_fsync_window_loses_nothing(
         stub = pb_grpc.InventoryStub(channel)
         await _hold_two_units(stub)
         before = await stub.GetReservation(pb.GetReservationRequest(order_id="o-1"))
-        before_dump = redis_proc_aof.dump()
+        before_dump = await snapshot(redis_proc_aof)
         port = redis_proc_aof.port
         await open_several_connections(stub)
         await asyncio.sleep(1.2)  # appendfsync everysec
@@ -218,7 +227,7 @@ async def test_redis_crash_after_the_aof_fsync_window_loses_nothing(
         redis_proc_aof.start()
 
         assert redis_proc_aof.port == port
-        assert redis_proc_aof.dump() == before_dump
+        assert await snapshot(redis_proc_aof) == before_dump
         assert await read_back_concurrently(stub) == [before] * POOL_WIDTH
         release = await stub.Release(pb.ReleaseRequest(order_id="o-1"))
         assert release.reservation.state == RELEASED
