@@ -189,7 +189,8 @@ def async_client(store: Any) -> redis.asyncio.Redis | redis.asyncio.RedisCluster
 
 # Each server publishes its contention figures every contention_flush_seconds (2 s) whatever
 # the calls (contention_store.py: a heartbeat score and its head): not a write by any call.
-_HEARTBEAT = b"{meta}:contention"
+# The prefix of META_CONTENTION, META_CONTENTION_SEEN and META_CONTENTION_SLOTS.
+_HEARTBEAT = c.META_CONTENTION.encode()
 
 
 async def snapshot(store: Any, with_ttl: bool = False) -> dict[bytes, object]:
